@@ -1,0 +1,6 @@
+"""`python -m lmforge ...` is the same as the `lmforge` command (and what torchrun launches)."""
+
+from lmforge.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

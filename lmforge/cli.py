@@ -1,0 +1,158 @@
+"""The `lmforge` command: one entry point, one sub-command (verb) per job.
+
+Each verb parses its arguments and calls one function. Mistakes the user can fix raise
+LmforgeError and are printed here as one line (`error: ...`) with exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+
+EPILOG_CONFIG = """\
+config: start from the defaults, then --config FILE.yaml, then any number of dotted overrides,
+later ones winning, e.g.
+  lmforge pretrain --config configs/bert-tiny.yaml train.max_steps=50 optim.lr=5e-4
+`lmforge pretrain --print-config` shows the resolved config; `--list-keys` every valid key.
+"""
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.corpora import open_corpus
+    from lmforge.data.shards import prepare
+    from lmforge.data.tokenizers import load_tokenizer, train_wordpiece
+
+    corpus = open_corpus(args.corpus)
+    if args.train_tokenizer:
+        print(f"lmforge: training a {args.train_tokenizer}-entry WordPiece vocabulary on {args.corpus}")
+        tokenizer = train_wordpiece((text for _, text in corpus.documents()), args.train_tokenizer)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    out = prepare(corpus, tokenizer, args.out, val_frac=args.val_frac, split_seed=args.split_seed, force=args.force)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        print(f"{split:>10}: {info['documents']:,} documents, {info['tokens']:,} tokens")
+    print(f"prepared {out} (tokenizer {tokenizer.name}, vocab {tokenizer.vocab_size:,}, "
+          f"{manifest['prepare_seconds']} s)")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from lmforge.config import all_keys, dump_yaml, load_config
+
+    if args.list_keys:
+        print("\n".join(all_keys()))
+        return 0
+    if args.resume:
+        if args.config:
+            raise LmforgeError("--resume takes its config from the run directory; drop --config")
+        from lmforge.pretrain import resume
+
+        run_dir, summary = resume(Path(args.resume), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        from lmforge.pretrain import pretrain
+
+        run_dir, summary = pretrain(cfg)
+    print()
+    print(f"held-out MLM loss {summary['val_loss']:.4f} vs unigram baseline {summary['unigram_val_loss']:.4f} "
+          f"(accuracy {summary['val_accuracy']:.1%}); {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+          f"{summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lmforge.eval.predict import fill_mask
+    from lmforge.pretrain import load_run
+
+    _, tokenizer, model = load_run(args.run_dir)
+    results = fill_mask(model, tokenizer, args.texts, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([{"text": t, "masks": r} for t, r in zip(args.texts, results)], indent=2))
+        return 0
+    for text, masks in zip(args.texts, results):
+        print(text)
+        for i, candidates in enumerate(masks):
+            shown = "  ".join(f"{c['token']} ({c['prob']:.3f})" for c in candidates)
+            print(f"  [MASK] #{i + 1}: {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Pretrain and fine-tune transformer language models (BERT-style masked LMs for now).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `lmforge <verb> --help` for each verb's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="<verb>")
+
+    p = verbs.add_parser("prepare", help="tokenize a corpus once into memmap shards",
+                         description="Tokenize a corpus into uint16/uint32 memmap shards with a manifest, a "
+                                     "seeded document-level train/validation split and train unigram counts.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="sotu",
+                   help="registry name (sotu), a text file, a folder of .txt files, a .jsonl file with a "
+                        "'text' field, or hf:NAME[:CONFIG] (default: sotu)")
+    p.add_argument("--tokenizer", default="bert-base-uncased",
+                   help="bert-base-uncased (bundled), or a tokenizer.json / vocab.txt path (default: %(default)s)")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                   help="train a new lowercase WordPiece vocabulary of this size on the corpus instead")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--val-frac", type=float, default=0.05, help="share of documents held out (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=1234, help="seed of the document split (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=_prepare)
+
+    p = verbs.add_parser("pretrain", help="pretrain a BERT with masked-language modelling",
+                         description="Pretrain a model; every run gets its own directory under out_dir "
+                                     "(config, provenance, metrics, TensorBoard, checkpoints, report).",
+                         epilog=EPILOG_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file, e.g. configs/bert-tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint (overrides limited to train.max_steps, "
+                        "train.max_time_s and other train.* bookkeeping keys)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
+    p.set_defaults(func=_pretrain)
+
+    p = verbs.add_parser("predict", help="fill in [MASK] tokens with a trained model",
+                         description="Print the top tokens and probabilities for each [MASK] in each text.")
+    p.add_argument("run_dir", help="an lmforge run directory")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help='text with [MASK], e.g. "The capital of France is [MASK]."')
+    p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK] (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

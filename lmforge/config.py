@@ -1,0 +1,266 @@
+"""Typed configuration: dataclasses, a YAML file, and dotted `key=value` overrides.
+
+A run is described entirely by one `Config`. It is built in three layers, later ones winning:
+the dataclass defaults, then `--config FILE.yaml`, then `section.key=value` overrides from the
+command line. Every layer goes through the same checks, so a typo in a YAML file gets the same
+"did you mean" message as a typo on the command line. The resolved config is written into the
+run directory, and `load_config(run_dir / "config.yaml")` rebuilds exactly the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape. `vocab_size: null` means "take it from the tokenizer"."""
+
+    arch: str = "bert"
+    vocab_size: Optional[int] = None
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from. `corpus` is a registry name (`sotu`), a local text file or
+    folder, a Hugging Face `datasets` name (`hf:wikitext:wikitext-2-raw-v1`), or a directory
+    already made by `lmforge prepare`."""
+
+    corpus: str = "sotu"
+    tokenizer: str = "bert-base-uncased"
+    train_tokenizer_vocab: Optional[int] = None  # train a new WordPiece of this size instead
+    seq_len: int = 128
+    val_frac: float = 0.05
+    split_seed: int = 1234
+    cache_dir: Optional[str] = None  # default: $LMFORGE_CACHE or ~/.cache/lmforge
+
+
+@dataclass
+class TaskConfig:
+    """What is learned. For `mlm`: the BERT masking recipe, all fractions configurable."""
+
+    name: str = "mlm"
+    mask_prob: float = 0.15  # share of maskable tokens that are selected for prediction
+    mask_token_frac: float = 0.8  # of the selected: replaced by [MASK]
+    random_token_frac: float = 0.1  # of the selected: replaced by a random token (rest unchanged)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with two parameter groups and a warmup/decay schedule (seed MLAB W2D2)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.01
+    schedule: str = "linear"  # linear | cosine | constant
+    min_lr_frac: float = 0.1  # schedule starts and ends at lr * min_lr_frac
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    max_grad_norm: Optional[float] = None  # clip at this norm; null = no clipping (norm still logged)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big, how often to evaluate, log and checkpoint."""
+
+    max_steps: int = 1000
+    max_time_s: Optional[float] = None  # stop cleanly (checkpoint, eval, summary) after this
+    seed: int = 0
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    samples_every: Optional[int] = None  # decoded table to samples.md; null = at each evaluation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    num_threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from dicts and overrides, with type checks and "did you mean".
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. ['model.arch', ..., 'out_dir']."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += all_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key_error(key: str) -> LmforgeError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a wrong section with a right leaf ("training.max_steps"): match the leaf
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `lmforge pretrain --help-config`"
+    return LmforgeError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, t: Any) -> Any:
+    """Check `value` against the annotated type `t`, converting int->float where harmless."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif t is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        raise TypeError(f"unsupported config type {t!r} for {key}")
+    name = getattr(t, "__name__", str(t))
+    raise LmforgeError(f"config key '{key}' wants {name}, got {value!r}")
+
+
+def _update(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise LmforgeError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise _unknown_key_error(key)
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            _update(getattr(obj, k), v if v is not None else {}, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, t))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.max_steps=50' -> ('train.max_steps', 50). The value is read as YAML scalar."""
+    if "=" not in text:
+        raise LmforgeError(f"override '{text}' is not of the form key=value (e.g. train.max_steps=50)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Reject configs that cannot train, with a message that says what to change."""
+    m, t, o, d, k = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.task
+    checks = [
+        (m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
+         f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; pick a divisor"),
+        (m.num_layers >= 1, f"model.num_layers={m.num_layers} must be at least 1"),
+        (m.intermediate_size >= 1, f"model.intermediate_size={m.intermediate_size} must be positive"),
+        (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)"),
+        (d.seq_len >= 4, f"data.seq_len={d.seq_len} is too short; use at least 4"),
+        (d.seq_len <= m.max_position_embeddings,
+         f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}"),
+        (0.0 < d.val_frac < 1.0, f"data.val_frac={d.val_frac} must be in (0, 1)"),
+        (t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
+        (t.batch_size >= 1, f"train.batch_size={t.batch_size} must be at least 1"),
+        (t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be at least 1"),
+        (t.eval_every >= 1 and t.checkpoint_every >= 1 and t.log_every >= 1,
+         "train.eval_every, train.checkpoint_every and train.log_every must be at least 1"),
+        (t.max_time_s is None or t.max_time_s > 0, f"train.max_time_s={t.max_time_s} must be positive"),
+        (t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r}: use auto, fp32 or bf16"),
+        (o.lr > 0, f"optim.lr={o.lr} must be positive"),
+        (0.0 <= o.warmup_frac <= 1.0, f"optim.warmup_frac={o.warmup_frac} must be in [0, 1]"),
+        (o.schedule in ("linear", "cosine", "constant"),
+         f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
+        (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
+        (k.name in ("mlm",), f"task.name={k.name!r} is not a known task; known: mlm"),
+        (0.0 < k.mask_prob < 1.0, f"task.mask_prob={k.mask_prob} must be in (0, 1)"),
+        (0.0 <= k.mask_token_frac and 0.0 <= k.random_token_frac
+         and k.mask_token_frac + k.random_token_frac <= 1.0,
+         "task.mask_token_frac + task.random_token_frac must be in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LmforgeError(message)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- overrides, validated. Raises LmforgeError on any bad input."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LmforgeError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LmforgeError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        _update(cfg, data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key not in all_keys():
+            raise _unknown_key_error(key)
+        _update(cfg, _nest(key, value))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

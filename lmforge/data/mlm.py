@@ -1,0 +1,61 @@
+"""Masked-language-model data: BERT's masking recipe and the loss over the selected positions.
+
+The recipe (Devlin et al. 2019, seed MLAB W2D2): select `mask_prob` (15%) of the tokens that may
+be predicted (never [CLS]/[SEP]/[PAD] or other special tokens); of the selected, replace 80% by
+[MASK], 10% by a random non-special token and leave 10% unchanged, so that the model cannot
+learn that only [MASK] positions matter. The loss is computed on the selected positions only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Tensor, mask_prob: float = 0.15,
+                mask_token_frac: float = 0.8, random_token_frac: float = 0.1,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply BERT masking to a whole batch at once.
+
+    input_ids:    (batch, seq) int64 token ids (padding included).
+    special_mask: (vocab_size,) bool, True for ids that are never selected nor used as random
+                  replacements (padding, [CLS], [SEP], [MASK], [UNK], reserved slots).
+    Returns (masked_ids, selected): masked_ids is (batch, seq) int64, the input with the selected
+    positions replaced; selected is (batch, seq) bool, True where the loss is taken. The targets
+    are `input_ids[selected]`.
+    """
+    special_mask = special_mask.to(input_ids.device)
+    maskable = ~special_mask[input_ids]
+    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    selected = (draw < mask_prob) & maskable
+    # One more uniform per position decides what a selected token becomes.
+    how = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    to_mask = selected & (how < mask_token_frac)
+    to_random = selected & (how >= mask_token_frac) & (how < mask_token_frac + random_token_frac)
+    allowed = torch.nonzero(~special_mask).squeeze(1)  # ids a random replacement may take
+    pick = torch.randint(len(allowed), input_ids.shape, generator=generator, device=input_ids.device)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    masked = torch.where(to_random, allowed[pick], masked)
+    return masked, selected
+
+
+def cross_entropy_selected(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                           reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the selected positions only.
+
+    logits:   (batch, seq, vocab) for every position, or (n_selected, vocab) already gathered at
+              the selected positions in row-major order (what `BertForMaskedLM` returns when
+              given `selected`, so the vocabulary projection never runs on the other 85%).
+    targets:  (batch, seq) int64 original token ids.
+    selected: (batch, seq) bool.
+    Returns a scalar: the mean (or with reduction="sum", the sum) of the per-position losses;
+    0.0 when nothing is selected, rather than NaN.
+    """
+    if logits.shape[:-1] == selected.shape:
+        logits = logits[selected]
+    chosen = targets[selected]
+    if chosen.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), chosen, reduction=reduction)

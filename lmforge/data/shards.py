@@ -1,0 +1,205 @@
+"""Tokenize a corpus once into numpy memmap shards with a JSON manifest (`lmforge prepare`).
+
+Layout of a prepared directory:
+    manifest.json        what was prepared from what: corpus, tokenizer identity (sha256), split
+                         settings and the validation document ids, token counts, shard files
+    tokenizer.json       the exact tokenizer, so the directory is self-contained
+    train_000.bin ...    uint16 (vocab <= 65,535) or uint32 token ids; documents back to back,
+    validation_000.bin   each followed by one [SEP] id as a boundary marker
+    unigram_counts.npy   int64 counts of each token id in the train split (the baseline)
+
+Preparation streams: documents are read, tokenized in groups with `encode_batch`, and appended
+to the open shard files, so memory is bounded by one group whatever the corpus size. Everything
+is written into a temporary folder that is renamed into place at the end, so an interrupted
+prepare never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmforge.data.corpora import Corpus, is_validation_doc
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
+from lmforge.errors import LmforgeError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+GROUP_CHARS = 4_000_000  # characters tokenized per encode_batch call
+SHARD_TOKENS = 2**27  # tokens per shard file before starting the next one (256 MiB at uint16)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
+
+
+class _ShardWriter:
+    """Appends token arrays to `<split>_NNN.bin` files, rolling over every SHARD_TOKENS tokens."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+        self.in_shard = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.file is None or self.in_shard == self.shard_tokens:
+                self._next_shard()
+            take = min(len(ids), self.shard_tokens - self.in_shard)
+            self.file.write(ids[:take].astype(self.dtype).tobytes())
+            self.in_shard += take
+            self.shards[-1]["tokens"] += take
+            ids = ids[take:]
+
+    def _next_shard(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self.file = open(self.folder / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+        self.in_shard = 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+
+def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, val_frac: float = 0.05,
+            split_seed: int = 1234, shard_tokens: int = SHARD_TOKENS, force: bool = False,
+            progress: bool = True) -> Path:
+    """Tokenize `corpus` into `out_dir` (layout in the module docstring). Returns `out_dir`.
+
+    Refuses to touch an existing non-empty `out_dir` unless `force`, and then replaces it only
+    after the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise LmforgeError(f"{out_dir} already exists and is not empty; choose another --out or pass --force")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+        docs = {s: 0 for s in SPLITS}
+        val_ids: list[str] = []
+        sep = np.array([tokenizer.sep_id], dtype=np.int64)
+        bar = tqdm(desc=f"prepare {corpus.name}", unit="doc", disable=not progress)
+
+        def flush(group: list[tuple[str, str]]) -> None:
+            for (doc_id, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group])):
+                if not ids:
+                    continue
+                split = "validation" if is_validation_doc(doc_id, split_seed, val_frac) else "train"
+                arr = np.asarray(ids, dtype=np.int64)
+                writers[split].write(np.concatenate([arr, sep]))
+                docs[split] += 1
+                if split == "train":
+                    np.add(counts, np.bincount(arr, minlength=tokenizer.vocab_size), out=counts)
+                else:
+                    val_ids.append(doc_id)
+            bar.update(len(group))
+
+        group: list[tuple[str, str]] = []
+        chars = 0
+        for doc_id, text in corpus.documents():
+            group.append((doc_id, text))
+            chars += len(text)
+            if chars >= GROUP_CHARS:
+                flush(group)
+                group, chars = [], 0
+        if group:
+            flush(group)
+        bar.close()
+        for w in writers.values():
+            w.close()
+        for s in SPLITS:
+            if docs[s] == 0:
+                raise LmforgeError(f"corpus '{corpus.name}' gave no {s} documents with data.val_frac={val_frac} "
+                                   f"({sum(docs.values())} non-empty documents in all); "
+                                   f"use a corpus with more documents or change data.val_frac")
+        np.save(tmp / "unigram_counts.npy", counts)
+        tokenizer.save(tmp / "tokenizer.json")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "corpus": {"name": corpus.name, "identity": corpus.identity},
+            "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                          "pad_id": tokenizer.pad_id, "cls_id": tokenizer.cls_id, "sep_id": tokenizer.sep_id,
+                          "mask_id": tokenizer.mask_id, "unk_id": tokenizer.unk_id},
+            "dtype": dtype.name,
+            "document_separator": "sep_id",
+            "split": {"val_frac": val_frac, "split_seed": split_seed, "rule": "blake2b(f'{seed}:{doc_id}') < val_frac",
+                      "validation_doc_ids": val_ids},
+            "splits": {s: {"documents": docs[s], "tokens": sum(x["tokens"] for x in writers[s].shards),
+                           "shards": writers[s].shards} for s in SPLITS},
+            "prepare_seconds": round(time.time() - started, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class PreparedData:
+    """Read side of a prepared directory: memmapped shards, the tokenizer, unigram counts."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if not path.is_file():
+            raise LmforgeError(f"{self.folder} is not a prepared data directory (no manifest.json); "
+                               f"make one with `lmforge prepare`")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise LmforgeError(f"{self.folder} was prepared by an incompatible lmforge version; prepare it again")
+        self.tokenizer = load_tokenizer(str(self.folder / "tokenizer.json"))
+        if self.tokenizer.sha256 != self.manifest["tokenizer"]["sha256"]:
+            raise LmforgeError(f"{self.folder}/tokenizer.json does not match its manifest; prepare the data again")
+        self.dtype = np.dtype(self.manifest["dtype"])
+
+    def shards(self, split: str) -> list[np.memmap]:
+        """The split's token arrays, memory-mapped read-only, each `(tokens,)` of `self.dtype`."""
+        return [np.memmap(self.folder / s["file"], dtype=self.dtype, mode="r")
+                for s in self.manifest["splits"][split]["shards"] if s["tokens"] > 0]
+
+    def unigram_counts(self) -> np.ndarray:
+        """`(vocab_size,)` int64 counts of each token in the train split."""
+        return np.load(self.folder / "unigram_counts.npy", allow_pickle=False)
+
+
+def cache_key(corpus: Corpus, tokenizer: TextTokenizer, val_frac: float, split_seed: int) -> str:
+    """Folder name for an auto-prepared corpus: readable prefix + hash of everything it depends on."""
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, corpus.identity, tokenizer.sha256, val_frac, split_seed])
+                       .encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(corpus.name).name)[:40]
+    return f"{safe}-{tokenizer.name.replace('/', '_')[-40:]}-{h}"
+
+
+def prepared_or_prepare(corpus: Corpus, tokenizer: TextTokenizer, cache_root: Path, *, val_frac: float,
+                        split_seed: int, progress: bool = True) -> PreparedData:
+    """The cached prepared directory for these settings, preparing it first if needed."""
+    folder = cache_root / "prepared" / cache_key(corpus, tokenizer, val_frac, split_seed)
+    if not (folder / "manifest.json").is_file():
+        prepare(corpus, tokenizer, folder, val_frac=val_frac, split_seed=split_seed, force=True, progress=progress)
+    return PreparedData(folder)

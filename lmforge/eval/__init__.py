@@ -1,0 +1,1 @@
+"""Evaluation: baselines, fill-mask prediction, report plots."""

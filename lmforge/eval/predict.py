@@ -1,0 +1,38 @@
+"""Fill-mask prediction: the top tokens and probabilities for each [MASK] in a text."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.data.tokenizers import TextTokenizer
+from lmforge.errors import LmforgeError
+
+
+@torch.inference_mode()
+def fill_mask(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str], top_k: int = 5,
+              max_len: int = 512) -> list[list[list[dict]]]:
+    """For each text, for each [MASK] in it (left to right), the `top_k` most likely tokens as
+    {"token": str, "id": int, "prob": float}. Texts are padded into one batch; padding is masked
+    out of attention, so each text's answer does not depend on the others."""
+    if top_k < 1:
+        raise LmforgeError(f"--top-k must be at least 1, got {top_k}")
+    encoded = [[tokenizer.cls_id, *tokenizer.encode(t)[: max_len - 2], tokenizer.sep_id] for t in texts]
+    for text, ids in zip(texts, encoded):
+        if tokenizer.mask_id not in ids:
+            raise LmforgeError(f"no [MASK] in {text!r}; write [MASK] where a word should be predicted")
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(texts), width), tokenizer.pad_id, dtype=torch.int64)
+    attention = torch.zeros((len(texts), width), dtype=torch.bool)
+    for i, ids in enumerate(encoded):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = True
+    selected = input_ids == tokenizer.mask_id
+    device = next(model.parameters()).device
+    logits = model(input_ids.to(device), attention_mask=attention.to(device), selected=selected.to(device))
+    probs = logits.float().softmax(-1)[:, : tokenizer.vocab_size]  # never a padded-vocab slot
+    top = probs.topk(min(top_k, probs.size(-1)), dim=-1)
+    results: list[list[list[dict]]] = [[] for _ in texts]
+    rows = selected.nonzero()[:, 0].tolist()  # which text each selected position belongs to
+    for row, values, ids in zip(rows, top.values.tolist(), top.indices.tolist()):
+        results[row].append([{"token": tokenizer.id_to_token(i), "id": i, "prob": p} for i, p in zip(ids, values)])
+    return results

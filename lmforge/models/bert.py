@@ -1,0 +1,162 @@
+"""BERT (Devlin et al. 2019) as a plain PyTorch model, in the order the data flows through it.
+
+    token + position + token-type embeddings -> LayerNorm -> dropout
+    N x [ self-attention -> dropout -> add & LayerNorm -> GELU MLP -> dropout -> add & LayerNorm ]
+    masked-LM head: dense -> GELU -> LayerNorm -> decoder tied to the token embeddings (+ bias)
+
+Post-LayerNorm as in the paper (GPT-2 later moved it before each block). Attention goes through
+`F.scaled_dot_product_attention`, which picks a fused kernel (flash / memory-efficient on CUDA);
+`naive_attention` below is the slow, obviously-correct reference it is tested against. Module
+names follow the paper's parts, and `lmforge/models/hf.py` maps them to transformers' names.
+The model knows nothing about tasks, devices or parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference softmax(q k^T / sqrt(d)) v. q, k, v: (batch, heads, seq, head_dim); key_mask:
+    (batch, seq) bool, True for real tokens. Returns (batch, heads, seq, head_dim)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.token = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        seq = input_ids.size(1)
+        x = self.token(input_ids) + self.position.weight[:seq]
+        # Single-segment inputs (all type 0) are the common case: add row 0 without a gather.
+        x = x + (self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids))
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        # Separate q/k/v projections (not one fused matrix) keep the names and shapes of the
+        # paper and of every released checkpoint; the three matmuls cost the same as one.
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        b, t, h = x.shape
+
+        def heads(proj: nn.Linear) -> torch.Tensor:  # (b, t, h) -> (b, heads, t, head_dim)
+            return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value),
+                                           attn_mask=attn_mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, h))
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm encoder block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = SelfAttention(cfg)
+        self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+        # Exact (erf) GELU, as BERT and its released checkpoints use, not the tanh approximation.
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+
+
+class BertModel(nn.Module):
+    """The encoder: ids -> contextual hidden states."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
+        real tokens, 0/False for padding, or None when nothing is padded (the fast path).
+        Returns hidden states (batch, seq, hidden)."""
+        attn_mask = None
+        if attention_mask is not None:
+            # (batch, 1, 1, seq) bool: every query may look at every real key, never at padding.
+            attn_mask = attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x
+
+
+class MaskedLMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., vocab) logits. The decoder matrix is passed in rather than
+        owned: it is the token embedding (weight tying: fewer parameters, better sample
+        efficiency), and not owning it keeps each tensor once in the state dict."""
+        x = self.norm(F.gelu(self.dense(hidden)))
+        return F.linear(x, decoder_weight, self.bias)
+
+
+class BertForMaskedLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        self.mlm_head = MaskedLMHead(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # BERT's init: N(0, 0.02) for every matrix, zero biases, LayerNorm as identity.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits over the vocabulary. With `selected` ((batch, seq) bool) only at those positions:
+        (n_selected, vocab), row-major order; the vocabulary projection, the largest matmul of
+        the model, then runs on ~15% of positions. Without it: (batch, seq, vocab)."""
+        hidden = self.bert(input_ids, token_type_ids, attention_mask)
+        if selected is not None:
+            hidden = hidden[selected]
+        return self.mlm_head(hidden, self.bert.embeddings.token.weight)

@@ -1,0 +1,128 @@
+"""`lmforge pretrain`: from a config to a finished run directory.
+
+config -> tokenizer -> prepared shards (cached) -> model -> task -> the loop -> summary and report.
+Also the inverse used by `predict` and `--resume`: a run directory -> its config, tokenizer and
+model with the latest weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmforge.config import Config, dump_yaml, load_config
+from lmforge.data.corpora import open_corpus
+from lmforge.data.packages import cache_root
+from lmforge.data.shards import PreparedData, prepared_or_prepare
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_wordpiece
+from lmforge.errors import LmforgeError
+from lmforge.eval.report import write_report
+from lmforge.models.bert import BertForMaskedLM
+from lmforge.tasks.mlm import MaskedLMTask
+from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
+from lmforge.train.loop import resolve_device, train, write_summary
+from lmforge.train.run_dir import create_run_dir
+
+# Settings that may change when a run is resumed; everything else would make it another run.
+RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_time_s", "train.progress", "train.device",
+                       "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+
+
+def prepared_data(cfg: Config, progress: bool = True) -> PreparedData:
+    """The prepared shards for cfg.data, tokenizing the corpus first if no cache has them."""
+    d = cfg.data
+    if (Path(d.corpus) / "manifest.json").is_file():  # already a `lmforge prepare` output
+        return PreparedData(d.corpus)
+    corpus = open_corpus(d.corpus, d.cache_dir)
+    root = cache_root(d.cache_dir)
+    if d.train_tokenizer_vocab:
+        tokenizer = train_wordpiece((text for _, text in corpus.documents()), d.train_tokenizer_vocab)
+    else:
+        tokenizer = load_tokenizer(d.tokenizer, d.cache_dir)
+    return prepared_or_prepare(corpus, tokenizer, root, val_frac=d.val_frac, split_seed=d.split_seed,
+                               progress=progress)
+
+
+def fill_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> Config:
+    """vocab_size: null -> the tokenizer's; a set value must hold every token id."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise LmforgeError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"{tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size} or null")
+    return cfg
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    if cfg.model.arch != "bert":
+        raise LmforgeError(f"model.arch={cfg.model.arch!r} is not known; known: bert")
+    return BertForMaskedLM(cfg.model)
+
+
+def pretrain(cfg: Config) -> tuple[Path, dict]:
+    """Run a new pretraining job. Returns (run directory, summary)."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    data = prepared_data(cfg, progress=cfg.train.progress)
+    cfg = fill_vocab_size(cfg, data.tokenizer)
+    torch.manual_seed(cfg.train.seed)  # model initialisation
+    model = build_model(cfg)
+    run_dir = create_run_dir(cfg, "mlm")
+    data.tokenizer.save(run_dir / "tokenizer.json")
+    (run_dir / "data.json").write_text(json.dumps({"prepared": str(data.folder), **data.manifest["splits"]},
+                                                  indent=2) + "\n")
+    print(f"lmforge: run directory {run_dir}")
+    print(f"lmforge: {sum(p.numel() for p in model.parameters()):,} parameters, data {data.folder}, "
+          f"device {device}")
+    return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=False)
+
+
+def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
+    """Continue a run from its latest checkpoint, in the same directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise LmforgeError(f"{run_dir} is not an lmforge run directory (no config.yaml)")
+    for text in overrides or []:
+        key = text.split("=", 1)[0].strip()
+        if key not in RESUMABLE_OVERRIDES:
+            raise LmforgeError(f"'{key}' cannot change when resuming (it would be a different run); "
+                               f"allowed: {', '.join(RESUMABLE_OVERRIDES)}")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    if overrides:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    data = prepared_data(cfg, progress=cfg.train.progress)
+    model = build_model(cfg)
+    return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=True)
+
+
+def _train_and_report(cfg: Config, data: PreparedData, model: torch.nn.Module, run_dir: Path,
+                      device: torch.device, resume: bool) -> dict:
+    task = MaskedLMTask(cfg, data, model)
+    result = train(cfg, task, run_dir, device, resume=resume)
+    summary = write_summary(run_dir, task, result)
+    write_report(run_dir)
+    return summary
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, TextTokenizer, torch.nn.Module]:
+    """(config, tokenizer, model with the latest checkpoint's weights, in eval mode) of a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise LmforgeError(f"{run_dir} is not an lmforge run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise LmforgeError(f"{run_dir} has no checkpoint yet")
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
+    model = build_model(cfg)
+    model.load_state_dict(load_model_weights(ckpt))
+    model.eval()
+    return cfg, tokenizer, model
+

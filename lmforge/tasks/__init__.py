@@ -1,0 +1,1 @@
+"""Tasks: a model + batches + loss + metrics. The training loop knows nothing else."""

@@ -1,0 +1,76 @@
+"""What a task is to the training loop: a model, batches, a loss, metrics. Nothing more.
+
+The loop (lmforge/train/loop.py) calls, per optimizer step:
+    batches = [task.train_batch(step, micro) for micro in range(grad_accum_steps)]
+    for each: out = task.loss(model, batch); (out.loss_sum / total_targets).backward()
+and every `eval_every` steps `task.evaluate(model)`. Dividing summed losses by the number of
+targets in the whole step (known before any forward pass, because masking happens when the
+batch is drawn) makes k accumulated micro-batches give exactly the gradient of one batch k times
+larger, even when micro-batches hold different numbers of masked tokens.
+
+`train_batch(step, micro)` must be a pure function of (seed, step, micro) and the state returned
+by `data_state()`, so that a resumed run draws exactly the batches the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Batch:
+    tensors: dict[str, torch.Tensor]  # moved to the device by the loop
+    num_targets: int  # loss terms in this batch (masked tokens, examples)
+    num_tokens: int  # input tokens, for throughput
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar: sum of the per-target losses
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"correct": n}, summed over targets
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # logged under split "validation"
+    table_markdown: str = ""  # decoded examples for samples.md / TensorBoard
+
+
+class Task(ABC):
+    name: str
+    model: nn.Module
+
+    @abstractmethod
+    def train_batch(self, step: int, micro: int) -> Batch: ...
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput: ...
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult: ...
+
+    @abstractmethod
+    def data_state(self) -> dict: ...
+
+    @abstractmethod
+    def load_data_state(self, state: dict) -> None: ...
+
+    def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
+        """Task-specific entries for summary.json, from the final evaluation's metrics."""
+        return dict(last_eval)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed that depends only on `parts` (stable across processes and Python versions,
+    unlike hash()). Used to make every random draw a function of (seed, purpose, step, ...)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def generator_for(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))

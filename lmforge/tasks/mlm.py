@@ -1,0 +1,190 @@
+"""Masked-language-model pretraining as a task: BERT + masked windows + loss on selected tokens.
+
+Examples are non-overlapping windows of `seq_len - 2` tokens cut from the prepared token stream
+(documents back to back, separated by [SEP]) and framed as [CLS] window [SEP], so no example
+needs padding. The train windows are visited in a seeded random order, a fresh permutation each
+epoch; masking is drawn when a batch is made, with a generator seeded by (seed, step, micro),
+so the same step always sees the same masks, in a resumed run too.
+
+Evaluation uses a fixed set of validation windows with fixed masks, so numbers from different
+steps (and runs) are comparable. Next to the model's loss it reports the unigram baseline: the
+loss of always predicting the train-split token frequencies, on the same masked positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmforge.config import Config
+from lmforge.data.mlm import cross_entropy_selected, random_mask
+from lmforge.data.shards import PreparedData
+from lmforge.errors import LmforgeError
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task, generator_for
+
+
+class Windows:
+    """Fixed-length windows over a split's memmapped shards (a window never spans two shards)."""
+
+    def __init__(self, shards: list[np.ndarray], length: int):
+        self.shards, self.length = shards, length
+        counts = [len(s) // length for s in shards]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), length) int64 token ids."""
+        out = np.empty((len(indices), self.length), dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for row, (i, s) in enumerate(zip(indices, shard_of)):
+            start = (int(i) - int(self.starts[s])) * self.length
+            out[row] = self.shards[s][start:start + self.length]
+        return out
+
+
+def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
+    """(vocab,) float32 log-probabilities of the train-split token frequencies, add-one smoothed
+    so that a token never seen in training has a finite loss."""
+    counts = torch.as_tensor(counts, dtype=torch.float64) + 1.0
+    return (counts / counts.sum()).log().float()
+
+
+class MaskedLMTask(Task):
+    name = "mlm"
+
+    def __init__(self, cfg: Config, data: PreparedData, model: nn.Module):
+        self.cfg, self.data, self.model = cfg, data, model
+        tok = data.tokenizer
+        self.tokenizer = tok
+        self.special_mask = torch.as_tensor(tok.special_mask)
+        if len(self.special_mask) < cfg.model.vocab_size:  # vocabulary padded beyond the tokenizer
+            pad = torch.ones(cfg.model.vocab_size - len(self.special_mask), dtype=torch.bool)
+            self.special_mask = torch.cat([self.special_mask, pad])
+        window = cfg.data.seq_len - 2
+        self.train_windows = Windows(data.shards("train"), window)
+        self.val_windows = Windows(data.shards("validation"), window)
+        for split, w in (("train", self.train_windows), ("validation", self.val_windows)):
+            if len(w) == 0:
+                raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len={cfg.data.seq_len} "
+                                   f"tokens; use a bigger corpus or a shorter data.seq_len")
+        self.unigram_logp = unigram_log_probs(data.unigram_counts())
+        self.consumed = 0  # train windows handed out so far (the data position)
+        self._perm_epoch, self._perm = -1, None
+        self._eval_batches: list[Batch] | None = None
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _frame(self, windows: np.ndarray) -> torch.Tensor:
+        """[CLS] window [SEP] -> (batch, seq_len) int64."""
+        ids = torch.from_numpy(windows)
+        b = ids.size(0)
+        cls = torch.full((b, 1), self.tokenizer.cls_id, dtype=torch.int64)
+        sep = torch.full((b, 1), self.tokenizer.sep_id, dtype=torch.int64)
+        return torch.cat([cls, ids, sep], dim=1)
+
+    def _mask(self, input_ids: torch.Tensor, generator: torch.Generator) -> Batch:
+        k = self.cfg.task
+        masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
+                                       mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
+                                       random_token_frac=k.random_token_frac, generator=generator)
+        return Batch({"input_ids": input_ids, "masked_ids": masked, "selected": selected},
+                     num_targets=int(selected.sum()), num_tokens=input_ids.numel())
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            n = len(self.train_windows)
+            self._perm = torch.randperm(n, generator=generator_for(self.cfg.train.seed, "epoch", epoch))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        n, b = len(self.train_windows), self.cfg.train.batch_size
+        picks = []
+        for pos in range(self.consumed, self.consumed + b):
+            picks.append(int(self._epoch_order(pos // n)[pos % n]))
+        self.consumed += b
+        input_ids = self._frame(self.train_windows.get(np.asarray(picks)))
+        return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro))
+
+    def data_state(self) -> dict:
+        return {"consumed_windows": self.consumed, "epoch": self.consumed // len(self.train_windows),
+                "train_windows": len(self.train_windows)}
+
+    def load_data_state(self, state: dict) -> None:
+        self.consumed = int(state["consumed_windows"])
+
+    # -- loss ------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        t = batch.tensors
+        logits = model(t["masked_ids"], selected=t["selected"])  # (n_selected, vocab)
+        loss_sum = cross_entropy_selected(logits, t["input_ids"], t["selected"], reduction="sum")
+        correct = (logits.argmax(-1) == t["input_ids"][t["selected"]]).sum()
+        return LossOutput(loss_sum, {"correct": correct})
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def eval_batches(self) -> list[Batch]:
+        """The fixed validation set: up to eval_batches x batch_size windows spread evenly over
+        the split, masked once with a fixed seed."""
+        if self._eval_batches is None:
+            b = self.cfg.train.batch_size
+            n = min(len(self.val_windows), self.cfg.train.eval_batches * b)
+            picks = np.linspace(0, len(self.val_windows) - 1, n).round().astype(np.int64)
+            gen = generator_for(self.cfg.train.seed, "eval-masks")
+            self._eval_batches = [self._mask(self._frame(self.val_windows.get(picks[i:i + b])), gen)
+                                  for i in range(0, n, b)]
+        return self._eval_batches
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        was_training = model.training
+        model.eval()
+        loss_sum = unigram_sum = correct = 0.0
+        count = 0
+        first = None
+        for batch in self.eval_batches():
+            t = {k: v.to(device) for k, v in batch.tensors.items()}
+            logits = model(t["masked_ids"], selected=t["selected"]).float()
+            targets = t["input_ids"][t["selected"]]
+            loss_sum += cross_entropy_selected(logits, t["input_ids"], t["selected"], reduction="sum").item()
+            predicted = logits.argmax(-1)
+            correct += (predicted == targets).sum().item()
+            unigram_sum += -self.unigram_logp.to(device)[targets].sum().item()
+            count += len(targets)
+            if first is None:
+                first = (batch, predicted.cpu())
+        model.train(was_training)
+        count = max(count, 1)
+        metrics = {"loss": loss_sum / count, "accuracy": correct / count, "unigram_loss": unigram_sum / count,
+                   "masked_tokens": count}
+        return EvalResult(metrics, self.decoded_table(*first))
+
+    def decoded_table(self, batch: Batch, predicted: torch.Tensor, rows: int = 4, max_tokens: int = 40) -> str:
+        """Markdown: input tokens (as the model saw them) | target tokens | predicted tokens, for
+        the first `rows` validation examples (their first `max_tokens` tokens)."""
+        t = batch.tensors
+        tok = self.tokenizer
+        lines = ["| input | targets | predicted |", "|---|---|---|"]
+        offset = 0
+        for r in range(min(rows, t["input_ids"].size(0))):
+            sel = t["selected"][r]
+            n_sel = int(sel.sum())
+            preds = predicted[offset:offset + n_sel].tolist()
+            offset += n_sel
+            shown = sel[:max_tokens]
+            k = int(shown.sum())
+            words = []
+            for i, token_id in enumerate(t["masked_ids"][r, :max_tokens].tolist()):
+                word = tok.id_to_token(token_id)
+                words.append(f"**{word}**" if shown[i] else word)
+            targets = [tok.id_to_token(i) for i in t["input_ids"][r, :max_tokens][shown].tolist()]
+            predictions = [tok.id_to_token(i) for i in preds[:k]]
+            esc = lambda items: " ".join(items).replace("|", "\\|")  # noqa: E731
+            lines.append(f"| {esc(words)} | {esc(targets)} | {esc(predictions)} |")
+        return "\n".join(lines) + "\n"
+
+    def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
+        return {"val_loss": last_eval["loss"], "unigram_val_loss": last_eval["unigram_loss"],
+                "val_accuracy": last_eval["accuracy"]}
+

@@ -1,0 +1,1 @@
+"""Training: the one loop, optimizer and schedules, checkpoints, run directories, logging."""

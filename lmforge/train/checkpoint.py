@@ -1,0 +1,154 @@
+"""Checkpoints: safetensors for every tensor, JSON for everything else, nothing executable.
+
+One checkpoint is a folder `checkpoints/step_00001234/`:
+    model.safetensors       model weights, names free of wrapper prefixes (_orig_mod., module.)
+    optimizer.safetensors   AdamW moments and step counts, keyed `<param index>.<name>`
+    state.json              step, data position, optimizer hyper-parameters, metrics needed to
+                            continue, and the sha256 of both tensor files (checked on load)
+It is written under a temporary name, fsynced and renamed, and only then does the small
+`checkpoints/latest` file (also written by rename) point to it. A crash at any moment leaves
+either the old or the new checkpoint complete, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with torch.compile / DDP prefixes removed, contiguous, on the CPU."""
+    out = {}
+    for name, t in model.state_dict().items():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile / DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".step_{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(clean_state_dict(model), tmp / "model.safetensors")
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
+    payload = {"step": step, "optimizer": opt_meta, "files": files, **state}
+    (tmp / "state.json").write_text(json.dumps(payload, indent=1))
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # same step saved again (e.g. a final checkpoint right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    """The folder `latest` points to, or None when the run has no checkpoint yet."""
+    pointer = ckpt_root / "latest"
+    if not pointer.is_file():
+        return None
+    path = ckpt_root / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(model tensors, optimizer tensors, state) from a checkpoint folder, after checking the
+    recorded sha256 of each tensor file. Nothing here can execute code from the files."""
+    state_path = path / "state.json"
+    if not state_path.is_file():
+        raise LmforgeError(f"{path} is not a checkpoint (no state.json)")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError:
+        raise LmforgeError(f"{state_path} is damaged (not valid JSON)") from None
+    for name, digest in state.get("files", {}).items():
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise LmforgeError(f"checkpoint {path} is damaged: {name} does not match its recorded sha256")
+    return load_file(path / "model.safetensors"), load_file(path / "optimizer.safetensors"), state
+
+
+def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of `_optimizer_tensors`: rebuild the optimizer's state_dict and load it."""
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

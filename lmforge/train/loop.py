@@ -1,0 +1,223 @@
+"""The one training loop. Every task (MLM, CLM, classification) runs through `train`.
+
+It knows about steps, gradient accumulation, the optimizer and schedule, clipping, precision,
+evaluation cadence, logging, checkpoints and stopping (max_steps, a wall-clock budget, SIGINT /
+SIGTERM). It knows nothing about what the model is or what the batches hold: that is the
+task's business (lmforge/tasks/base.py).
+
+Exact resume: every random draw is a function of (seed, step, ...) — masks by the task, dropout by
+re-seeding torch at the start of each step — and the checkpoint holds weights, optimizer moments
+and the data position. A resumed run therefore computes bit-for-bit the same losses on CPU as a
+run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.tasks.base import Task, derive_seed
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from lmforge.train.log import MetricsLogger
+from lmforge.train.optim import lr_at, make_optimizer, set_lr
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda if present, else mps, else cpu."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise LmforgeError(f"train.device={spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError(f"train.device={spec!r} but no CUDA GPU is visible; use train.device=auto or cpu")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked (or 'auto' on a GPU that supports it); fp32 otherwise.
+    On a CPU without native bf16, autocast is ~25x slower than fp32, so 'auto' never picks it."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
+                                       and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    wall_time_s: float
+    stopped_by: str  # max_steps | max_time_s | signal
+    last_eval: dict
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary (with a checkpoint); a second
+    SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"lmforge: {signal.Signals(signum).name} received, stopping after this step "
+                   f"(send SIGINT again to abort without a checkpoint)")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool = False) -> TrainResult:
+    """Train `task.model` per `cfg.train` / `cfg.optim`, writing into `run_dir`. With `resume`,
+    continue from the run's latest checkpoint."""
+    t_cfg = cfg.train
+    model = task.model.to(device)
+    model.train()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    optimizer = make_optimizer(model, cfg.optim, device)
+    ckpt_root = run_dir / "checkpoints"
+
+    step, tokens_seen, time_before = 0, 0, 0.0
+    if resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            raise LmforgeError(f"{run_dir} has no checkpoint to resume from")
+        weights, opt_tensors, state = load_checkpoint(path)
+        model.load_state_dict(weights)
+        restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+        task.load_data_state(state["data"])
+        step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
+        if step >= t_cfg.max_steps:
+            raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
+                               f"to train longer, resume with a larger train.max_steps=N")
+        tqdm.write(f"lmforge: resuming {run_dir} at step {step}")
+
+    forward_model = torch.compile(model) if t_cfg.compile else model
+    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
+    amp = autocast_for(device, t_cfg.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+
+    started = time.time()
+    last_log_time, last_log_tokens = started, tokens_seen
+    last_eval: dict = {}
+    last_eval_step = last_ckpt_step = -1
+    stopped_by = "max_steps"
+
+    def elapsed() -> float:
+        return time_before + time.time() - started
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt_step
+        state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
+                 "last_eval": last_eval, "task": task.name}
+        save_checkpoint(ckpt_root, step, model, optimizer, state, keep=t_cfg.keep_checkpoints)
+        last_ckpt_step = step
+
+    def evaluate() -> None:
+        nonlocal last_eval, last_eval_step
+        with amp:
+            result = task.evaluate(forward_model, device)
+        last_eval, last_eval_step = result.metrics, step
+        logger.log(step, "validation", tokens=tokens_seen, **result.metrics)
+        samples_every = t_cfg.samples_every or t_cfg.eval_every
+        if result.table_markdown and (step % samples_every == 0 or step == t_cfg.max_steps):
+            with open(run_dir / "samples.md", "a") as f:
+                f.write(f"\n## step {step} ({tokens_seen:,} tokens)\n\n{result.table_markdown}")
+            logger.text("validation/samples", result.table_markdown, step)
+        tqdm.write("step {:>6} | val " .format(step) + " | ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+
+    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step", disable=not t_cfg.progress,
+               dynamic_ncols=True)
+    with _StopFlag() as stop:
+        while step < t_cfg.max_steps:
+            if t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s:
+                stopped_by = "max_time_s"
+                break
+            if stop.requested:
+                stopped_by = "signal"
+                break
+            lr = lr_at(step, t_cfg.max_steps, cfg.optim)
+            set_lr(optimizer, lr)
+            torch.manual_seed(derive_seed(t_cfg.seed, "step", step))  # dropout: a function of the step
+            batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
+            total_targets = max(1, sum(b.num_targets for b in batches))
+            loss_sum = torch.zeros((), device=device)
+            sums: dict[str, torch.Tensor] = {}
+            for batch in batches:
+                batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
+                with amp:
+                    out = task.loss(forward_model, batch)
+                (out.loss_sum / total_targets).backward()
+                loss_sum += out.loss_sum.detach().float()
+                for k, v in out.sums.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += sum(b.num_tokens for b in batches)
+            bar.update(1)
+
+            if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
+                now = time.time()
+                tokens_per_s = (tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_tokens = now, tokens_seen
+                loss = loss_sum.item() / total_targets
+                extra = {k: v.item() / total_targets for k, v in sums.items()}
+                if "correct" in extra:
+                    extra["accuracy"] = extra.pop("correct")
+                logger.log(step, "train", loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
+                           tokens_per_s=tokens_per_s, **extra)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if step % t_cfg.eval_every == 0:
+                evaluate()
+            if step % t_cfg.checkpoint_every == 0:
+                checkpoint()
+    bar.close()
+    if last_eval_step != step:
+        evaluate()
+    if last_ckpt_step != step:
+        checkpoint()
+    logger.close()
+    return TrainResult(steps=step, tokens_seen=tokens_seen, wall_time_s=elapsed(), stopped_by=stopped_by,
+                       last_eval=last_eval)
+
+
+def write_summary(run_dir: Path, task: Task, result: TrainResult) -> dict:
+    summary = {**task.summary(result.last_eval), "steps": result.steps, "tokens_seen": result.tokens_seen,
+               "wall_time_s": round(result.wall_time_s, 2), "stopped_by": result.stopped_by}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+

@@ -1,0 +1,57 @@
+"""AdamW with BERT's two parameter groups, and the learning-rate schedules.
+
+Weight decay goes on the weight of every `nn.Linear` and on nothing else (seed MLAB W2D2): biases,
+LayerNorm parameters and embeddings are left alone. A BERT with L layers therefore has 6·L + 1
+decayed tensors (q, k, v, out, ffn_in, ffn_out per layer, plus the MLM head's dense layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[decayed group (Linear weights), undecayed group (everything else)]; every trainable
+    parameter appears in exactly one group, in module order."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if id(p) in decay_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`. On CUDA the fused kernel (one launch for all parameters)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=device.type == "cuda")
+
+
+def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """Learning rate for the update made at `step` (0-based).
+
+    linear (default, seed MLAB W2D2): rises linearly from lr·min_lr_frac at step 0 to lr at the end
+    of warmup (warmup_frac · max_steps steps), then falls linearly to lr·min_lr_frac at max_steps.
+    cosine: same warmup, then half a cosine down to lr·min_lr_frac. constant: same warmup, then lr.
+    """
+    top, bottom = cfg.lr, cfg.lr * cfg.min_lr_frac
+    warmup = int(round(cfg.warmup_frac * max_steps))
+    if step < warmup:
+        return bottom + (top - bottom) * step / warmup
+    if cfg.schedule == "constant":
+        return top
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if cfg.schedule == "cosine":
+        return bottom + (top - bottom) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return top - (top - bottom) * progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
