@@ -97,7 +97,13 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
-    data = prepared_data(cfg, progress=cfg.train.progress)
+    recorded = json.loads((run_dir / "data.json").read_text())["prepared"] if (run_dir / "data.json").is_file() else None
+    if recorded and (Path(recorded) / "manifest.json").is_file():
+        data = PreparedData(recorded)  # the very shards the run started on
+    else:
+        data = prepared_data(cfg, progress=cfg.train.progress)  # deterministic: re-made identically
+    if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
+        raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
     model = build_model(cfg)
     return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=True)
 

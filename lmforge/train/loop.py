@@ -68,6 +68,28 @@ class TrainResult:
     last_eval: dict
 
 
+def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, device: torch.device,
+                         amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, dict, int]:
+    """Forward and backward every micro-batch of one optimizer step into `.grad`.
+
+    Each micro-batch's summed loss is divided by the number of targets in the WHOLE step, so the
+    gradient equals that of one batch holding all micro-batches (the mean over all targets), not
+    a mean of per-micro-batch means. Returns (summed loss, summed task metrics, total targets).
+    """
+    total_targets = max(1, sum(b.num_targets for b in batches))
+    loss_sum = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
+        with amp:
+            out = task.loss(model, batch)
+        (out.loss_sum / total_targets).backward()
+        loss_sum += out.loss_sum.detach().float()
+        for k, v in out.sums.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+    return loss_sum, sums, total_targets
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to stop at the next step boundary (with a checkpoint); a second
     SIGINT interrupts at once."""
@@ -172,17 +194,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             set_lr(optimizer, lr)
             torch.manual_seed(derive_seed(t_cfg.seed, "step", step))  # dropout: a function of the step
             batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
-            total_targets = max(1, sum(b.num_targets for b in batches))
-            loss_sum = torch.zeros((), device=device)
-            sums: dict[str, torch.Tensor] = {}
-            for batch in batches:
-                batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
-                with amp:
-                    out = task.loss(forward_model, batch)
-                (out.loss_sum / total_targets).backward()
-                loss_sum += out.loss_sum.detach().float()
-                for k, v in out.sums.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
+            loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,65 @@
+"""BERT: the fused attention path against the slow reference, padding, init loss, the selected head."""
+
+import math
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.models.bert import BertForMaskedLM, naive_attention
+
+
+def _model(vocab=1000, dropout=0.0, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                      max_position_embeddings=64, dropout=dropout, **kw)
+    return BertForMaskedLM(cfg).eval()
+
+
+def test_sdpa_attention_matches_the_naive_reference_with_padding():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 10, 16, generator=g) for _ in range(3))
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    key_mask[1, 6:] = False
+    fast = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    assert torch.allclose(fast, naive_attention(q, k, v, key_mask), atol=1e-6)
+
+
+def test_padding_does_not_change_the_outputs_of_real_tokens():
+    model = _model()
+    ids = torch.randint(5, 1000, (1, 12))
+    alone = model.bert(ids)
+    padded = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 7)], dim=1)
+    with_pad = model.bert(padded, attention_mask=mask)
+    assert torch.allclose(alone, with_pad[:, :12], atol=1e-5)
+
+
+def test_loss_at_initialisation_is_about_ln_vocab():
+    vocab = 5000
+    model = _model(vocab=vocab)
+    ids = torch.randint(5, vocab, (8, 32))
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), ids.view(-1))
+    assert abs(loss.item() - math.log(vocab)) < 0.05
+
+
+def test_head_on_selected_positions_equals_full_logits_gathered():
+    model = _model()
+    ids = torch.randint(5, 1000, (4, 16))
+    selected = torch.rand(4, 16) < 0.2
+    assert torch.allclose(model(ids, selected=selected), model(ids)[selected], atol=1e-5)
+
+
+def test_decoder_is_tied_to_token_embeddings_and_stored_once():
+    model = _model()
+    names = list(model.state_dict())
+    assert "bert.embeddings.token.weight" in names
+    assert not any("decoder" in n or "token_embedding" in n for n in names)
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in model.state_dict().values())
+
+
+def test_initialisation_is_normal_with_std_0_02():
+    model = _model(vocab=30000)
+    w = model.bert.embeddings.token.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert torch.all(model.bert.layers[0].ffn_in.bias == 0)

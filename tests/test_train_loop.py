@@ -1,0 +1,137 @@
+"""The loop: gradient accumulation, exact resume, the run directory, stopping."""
+
+import contextlib
+import copy
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from lmforge.errors import LmforgeError
+from lmforge.pretrain import build_model, fill_vocab_size, load_run, pretrain, resume
+from lmforge.tasks.base import Batch
+from lmforge.tasks.mlm import MaskedLMTask
+from lmforge.train.loop import accumulate_gradients
+from lmforge.train.log import read_metrics
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_k_accumulated_micro_batches_equal_one_batch_k_times_larger(tiny_prepared, tmp_path):
+    cfg = fill_vocab_size(tiny_config(tiny_prepared, tmp_path, "model.dropout=0"), tiny_prepared.tokenizer)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    task = MaskedLMTask(cfg, tiny_prepared, model)
+    micro = [task.train_batch(0, m) for m in range(3)]
+    assert len({b.num_targets for b in micro}) > 1  # unequal micro-batches: a mean of means would differ
+    big = Batch({k: torch.cat([b.tensors[k] for b in micro]) for k in micro[0].tensors},
+                num_targets=sum(b.num_targets for b in micro), num_tokens=sum(b.num_tokens for b in micro))
+    big_copy = copy.deepcopy(big)
+    cpu, amp = torch.device("cpu"), contextlib.nullcontext()
+    loss_micro, _, _ = accumulate_gradients(task, model, micro, cpu, amp)
+    g_micro = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_big, _, _ = accumulate_gradients(task, model, [big_copy], cpu, amp)
+    g_big = _grads(model)
+    assert torch.allclose(loss_micro, loss_big, atol=1e-4)
+    worst = max((g_micro[n] - g_big[n]).abs().max().item() for n in g_big)
+    assert worst <= 1e-6
+
+
+def _losses(run_dir, split="train"):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["split"] == split]
+
+
+def test_uninterrupted_run_writes_a_self_explaining_run_directory(tiny_prepared, tmp_path):
+    run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path, "train.keep_checkpoints=1"))
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("mlm.")
+    for name in ("config.yaml", "hparams.json", "githash.log", "gitdiff.log", "env.json", "metrics.jsonl",
+                 "samples.md", "summary.json", "report.png", "tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert set(summary) >= {"val_loss", "unigram_val_loss", "val_accuracy", "steps", "tokens_seen", "wall_time_s"}
+    assert summary["steps"] == 12 and summary["tokens_seen"] == 12 * 8 * 32
+    assert json.loads((run_dir / "hparams.json").read_text())["train.max_steps"] == 12
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000012"]  # keep=1
+    weights = load_file(run_dir / "checkpoints" / "step_00000012" / "model.safetensors")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in weights)
+    rec = [r for r in read_metrics(run_dir) if r["split"] == "train"][0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(rec)
+    assert "| input | targets | predicted |" in (run_dir / "samples.md").read_text()
+    # and a second run never reuses the folder
+    run2, _ = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=2"))
+    assert run2 != run_dir
+
+
+def test_resume_after_sigint_gives_bit_identical_losses_and_weights(tiny_prepared, tmp_path, monkeypatch):
+    full_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "full"))
+    original = MaskedLMTask.train_batch
+
+    def interrupt_at_step_7(self, step, micro):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: stop after this step, with a checkpoint
+        return original(self, step, micro)
+
+    monkeypatch.setattr(MaskedLMTask, "train_batch", interrupt_at_step_7)
+    cut_dir, cut_summary = pretrain(tiny_config(tiny_prepared, tmp_path / "cut"))
+    assert cut_summary["stopped_by"] == "signal" and cut_summary["steps"] == 8
+    monkeypatch.setattr(MaskedLMTask, "train_batch", original)
+    resume(cut_dir)
+    assert _losses(cut_dir) == _losses(full_dir)  # exact equality, not approximate
+    a = load_file(full_dir / "checkpoints" / "step_00000012" / "model.safetensors")
+    b = load_file(cut_dir / "checkpoints" / "step_00000012" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_crash_drops_records_written_after_the_last_checkpoint(tiny_prepared, tmp_path, monkeypatch):
+    full_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "full", "model.dropout=0.1"))
+    original = MaskedLMTask.train_batch
+
+    def crash_at_step_9(self, step, micro):
+        if step == 9:
+            raise RuntimeError("simulated crash")
+        return original(self, step, micro)
+
+    monkeypatch.setattr(MaskedLMTask, "train_batch", crash_at_step_9)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(tiny_config(tiny_prepared, tmp_path / "crash", "model.dropout=0.1"))
+    monkeypatch.setattr(MaskedLMTask, "train_batch", original)
+    crash_dir = next((tmp_path / "crash").iterdir())
+    assert max(s for s, _ in _losses(crash_dir)) == 9  # steps 7-9 logged after the step-6 checkpoint
+    resume(crash_dir)
+    assert _losses(crash_dir) == _losses(full_dir)
+    assert _losses(crash_dir, "validation") == _losses(full_dir, "validation")
+
+
+def test_resume_refuses_a_finished_run_and_config_changes(tiny_prepared, tmp_path):
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=3"))
+    with pytest.raises(LmforgeError, match="already finished at step 3"):
+        resume(run_dir)
+    with pytest.raises(LmforgeError, match="'optim.lr' cannot change when resuming"):
+        resume(run_dir, ["optim.lr=1"])
+    _, summary = resume(run_dir, ["train.max_steps=5"])
+    assert summary["steps"] == 5
+
+
+def test_wall_clock_budget_stops_cleanly_with_checkpoint_and_summary(tiny_prepared, tmp_path):
+    run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=100000",
+                                            "train.max_time_s=3"))
+    assert summary["stopped_by"] == "max_time_s" and 0 < summary["steps"] < 100000
+    _, _, model = load_run(run_dir)
+    assert (run_dir / "checkpoints" / f"step_{summary['steps']:08d}").is_dir()
+
+
+def test_training_learns_the_tiny_corpus_beyond_unigram(tiny_prepared, tmp_path):
+    # The tiny corpus's subject decides its verb and object: only context can predict them.
+    _, summary = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=1000", "train.eval_every=1000",
+                                      "train.eval_batches=8", "train.log_every=50", "optim.lr=3e-3",
+                                      "model.dropout=0"))
+    assert summary["val_loss"] < summary["unigram_val_loss"] - 0.2
