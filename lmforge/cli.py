@@ -67,6 +67,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(f"held-out MLM loss {summary['val_loss']:.4f} vs unigram baseline {summary['unigram_val_loss']:.4f} "
           f"(accuracy {summary['val_accuracy']:.1%}); {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
+    print(f"report: {run_dir / 'report.png'}   metrics: {run_dir / 'metrics.jsonl'}   "
+          f"tensorboard --logdir {run_dir / 'tb'}")
     print(f"run directory: {run_dir}")
     return 0
 

@@ -84,7 +84,7 @@ class TrainConfig:
     """The loop: how long, how big, how often to evaluate, log and checkpoint."""
 
     max_steps: int = 1000
-    max_time_s: Optional[float] = None  # stop cleanly (checkpoint, eval, summary) after this
+    max_time_s: Optional[float] = None  # training seconds in this process, then a clean stop
     seed: int = 0
     batch_size: int = 32
     grad_accum_steps: int = 1

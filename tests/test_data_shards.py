@@ -70,3 +70,19 @@ def test_jsonl_and_text_file_corpora(tmp_path):
     jl.write_text('{"body": 1}\n')
     with pytest.raises(LmforgeError, match="line 1 has no string field 'text'"):
         list(open_corpus(str(jl)).documents())
+
+
+def test_hf_corpus_streams_the_named_dataset_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first"}, {"text": "  "}, {"text": "second"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    corpus = open_corpus("hf:wikitext:wikitext-2-raw-v1")
+    assert [t for _, t in corpus.documents()] == ["first", "second"]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train", True)]

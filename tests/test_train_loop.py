@@ -135,3 +135,14 @@ def test_training_learns_the_tiny_corpus_beyond_unigram(tiny_prepared, tmp_path)
                                       "train.eval_batches=8", "train.log_every=50", "optim.lr=3e-3",
                                       "model.dropout=0"))
     assert summary["val_loss"] < summary["unigram_val_loss"] - 0.2
+
+
+def test_checkpoint_names_are_free_of_compile_and_ddp_prefixes(tiny_prepared, tmp_path):
+    from lmforge.train.checkpoint import clean_state_dict, unwrap
+
+    cfg = fill_vocab_size(tiny_config(tiny_prepared, tmp_path), tiny_prepared.tokenizer)
+    model = build_model(cfg)
+    compiled = torch.compile(model)  # wrapping only; nothing is compiled until called
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert list(clean_state_dict(compiled)) == list(model.state_dict())
+    assert unwrap(compiled) is model

