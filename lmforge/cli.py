@@ -75,10 +75,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from lmforge.eval.predict import fill_mask
-    from lmforge.pretrain import load_run
+    from lmforge.models.loading import load_model
 
-    _, tokenizer, model = load_run(args.run_dir)
-    results = fill_mask(model, tokenizer, args.texts, top_k=args.top_k)
+    loaded = load_model(args.run_dir)
+    results = fill_mask(loaded.model, loaded.tokenizer, args.texts, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"text": t, "masks": r} for t, r in zip(args.texts, results)], indent=2))
         return 0
@@ -87,6 +87,14 @@ def _predict(args: argparse.Namespace) -> int:
         for i, candidates in enumerate(masks):
             shown = "  ".join(f"{c['token']} ({c['prob']:.3f})" for c in candidates)
             print(f"  [MASK] #{i + 1}: {shown}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lmforge.export import export_hf
+
+    out = export_hf(args.model, args.out, force=args.force)
+    print(f"exported {args.model} to {out} (load it with transformers.AutoModelForMaskedLM.from_pretrained)")
     return 0
 
 
@@ -132,11 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("predict", help="fill in [MASK] tokens with a trained model",
                          description="Print the top tokens and probabilities for each [MASK] in each text.")
-    p.add_argument("run_dir", help="an lmforge run directory")
+    p.add_argument("run_dir", metavar="MODEL", help="an lmforge run directory or a Hugging Face BERT directory")
     p.add_argument("texts", nargs="+", metavar="TEXT", help='text with [MASK], e.g. "The capital of France is [MASK]."')
     p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK] (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_predict)
+
+    p = verbs.add_parser("export", help="write a model as a Hugging Face transformers directory",
+                         description="Write config.json, model.safetensors and tokenizer files that transformers "
+                                     "loads with AutoModelForMaskedLM / AutoTokenizer / pipeline('fill-mask').")
+    p.add_argument("model", metavar="MODEL", help="an lmforge run directory (or a Hugging Face BERT directory)")
+    p.add_argument("--format", choices=["hf"], default="hf", help="output format (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory (must not exist, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=_export)
     return parser
 
 

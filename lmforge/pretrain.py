@@ -1,8 +1,7 @@
 """`lmforge pretrain`: from a config to a finished run directory.
 
 config -> tokenizer -> prepared shards (cached) -> model -> task -> the loop -> summary and report.
-Also the inverse used by `predict` and `--resume`: a run directory -> its config, tokenizer and
-model with the latest weights.
+`--resume` continues a run in its own directory.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.report import write_report
 from lmforge.models.bert import BertForMaskedLM
 from lmforge.tasks.mlm import MaskedLMTask
-from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
 from lmforge.train.loop import resolve_device, train, write_summary
 from lmforge.train.run_dir import create_run_dir
 
@@ -115,20 +113,4 @@ def _train_and_report(cfg: Config, data: PreparedData, model: torch.nn.Module, r
     summary = write_summary(run_dir, task, result)
     write_report(run_dir)
     return summary
-
-
-def load_run(run_dir: str | Path) -> tuple[Config, TextTokenizer, torch.nn.Module]:
-    """(config, tokenizer, model with the latest checkpoint's weights, in eval mode) of a run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise LmforgeError(f"{run_dir} is not an lmforge run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise LmforgeError(f"{run_dir} has no checkpoint yet")
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
-    model = build_model(cfg)
-    model.load_state_dict(load_model_weights(ckpt))
-    model.eval()
-    return cfg, tokenizer, model
 

@@ -26,7 +26,7 @@ def test_every_verb_has_help(verb):
     (["pretrain", "--config", "missing.yaml"], "error: config file not found: missing.yaml"),
     (["pretrain", "model.num_heads=3"], "error: model.num_heads=3 does not divide model.hidden_size=128"),
     (["prepare", "--corpus", "no-such-corpus", "--out", "x"], "error: unknown corpus 'no-such-corpus'"),
-    (["predict", "no-such-run", "a [MASK]"], "error: no-such-run is not an lmforge run directory"),
+    (["predict", "no-such-run", "a [MASK]"], "error: no-such-run is neither an lmforge run directory"),
     (["pretrain", "--resume", "no-such-run"], "error: no-such-run is not an lmforge run directory"),
 ])
 def test_bad_input_is_one_line_on_stderr_with_exit_code_2(args, message, tmp_path):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from lmforge.errors import LmforgeError
-from lmforge.pretrain import build_model, fill_vocab_size, load_run, pretrain, resume
+from lmforge.models.loading import load_model
+from lmforge.pretrain import build_model, fill_vocab_size, pretrain, resume
 from lmforge.tasks.base import Batch
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.loop import accumulate_gradients
@@ -125,7 +126,7 @@ def test_wall_clock_budget_stops_cleanly_with_checkpoint_and_summary(tiny_prepar
     run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=100000",
                                             "train.max_time_s=3"))
     assert summary["stopped_by"] == "max_time_s" and 0 < summary["steps"] < 100000
-    _, _, model = load_run(run_dir)
+    assert load_model(run_dir).source == "lmforge"
     assert (run_dir / "checkpoints" / f"step_{summary['steps']:08d}").is_dir()
 
 

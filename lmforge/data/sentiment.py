@@ -1,0 +1,166 @@
+"""Labelled text for classification: the bundled movie-review set, local files, `datasets` names.
+
+`movie-reviews` (default): 10,605 Rotten Tomatoes review snippets, each with the mean rating of
+20+ human raters on -4..+4 (Hutto & Gilbert, ICWSM 2014; the Pang & Lee "MR" sentences), shipped
+in the source release of the PyPI package vaderSentiment==3.3.2 (MIT). The sign of the rating is
+the polarity; the 37 snippets rated exactly 0 have no polarity and are dropped. The rating itself
+feeds the regression head.
+
+Local files: .csv / .tsv / .jsonl with a text column and a label column (0/1 or
+negative/positive) and optionally a rating column. `hf:NAME[:CONFIG]` loads a Hugging Face
+dataset (online users): glue/sst2, imdb, rotten_tomatoes; those have no rating, so the rating
+head is switched off.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lmforge.data.packages import fetch_package
+from lmforge.errors import LmforgeError
+
+MR_DIST, MR_VERSION = "vaderSentiment", "3.3.2"
+MR_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+MR_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+LABELS = ("negative", "positive")
+
+
+@dataclass
+class Example:
+    text: str
+    label: int  # 0 = negative, 1 = positive
+    rating: Optional[float] = None  # -4..+4 for movie-reviews; None when the source has none
+
+
+@dataclass
+class LabeledData:
+    name: str
+    identity: str  # sha256 of the source file, or the dataset name
+    examples: list[Example]
+    rating_range: Optional[tuple[float, float]]  # None: no ratings, the rating head is off
+
+
+def load_movie_reviews(cache_dir: Optional[str] = None) -> LabeledData:
+    root = fetch_package(MR_DIST, MR_VERSION, source=True, cache_dir=cache_dir)
+    archive = root / "additional_resources" / "hutto_ICWSM_2014.tar.gz"
+    if not archive.is_file():
+        raise LmforgeError(f"{archive} is missing from the {MR_DIST} source release; delete {root} and retry")
+    with tarfile.open(archive) as tf:
+        raw = tf.extractfile(MR_MEMBER).read()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MR_SHA256:
+        raise LmforgeError(f"{MR_MEMBER} has sha256 {digest[:12]}..., expected {MR_SHA256[:12]}...; "
+                           f"delete {root} and retry")
+    examples = []
+    for line in raw.decode("utf-8").splitlines():  # the file has CRLF line ends
+        if not line.strip():
+            continue
+        _, rating, text = line.split("\t", 2)
+        value = float(rating)
+        if value == 0.0:  # exactly neutral: no polarity
+            continue
+        examples.append(Example(text.strip(), int(value > 0), value))
+    return LabeledData("movie-reviews", f"sha256:{MR_SHA256}", examples, (-4.0, 4.0))
+
+
+def _label(value: object, where: str) -> int:
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "pos", "positive"):
+            return 1
+        if v in ("0", "neg", "negative"):
+            return 0
+    elif value in (0, 1):
+        return int(value)
+    raise LmforgeError(f"{where}: label {value!r} is not 0/1 or negative/positive")
+
+
+def load_labeled_file(path: Path, text_col: str = "text", label_col: str = "label",
+                      rating_col: str = "rating") -> LabeledData:
+    """A .csv, .tsv or .jsonl file with text and label columns (rating optional)."""
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise LmforgeError(f"{path} line {i + 1} is not valid JSON") from None
+    elif path.suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    else:
+        raise LmforgeError(f"{path}: use a .csv, .tsv or .jsonl file")
+    if not rows:
+        raise LmforgeError(f"{path} has no rows")
+    missing = [c for c in (text_col, label_col) if c not in rows[0]]
+    if missing:
+        raise LmforgeError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, rows[0]))})")
+    has_rating = rating_col in rows[0]
+    examples, ratings = [], []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        rating = None
+        if has_rating:
+            try:
+                rating = float(row[rating_col])
+            except (TypeError, ValueError):
+                raise LmforgeError(f"{where}: rating {row[rating_col]!r} is not a number") from None
+            ratings.append(rating)
+        examples.append(Example(str(row[text_col]), _label(row[label_col], where), rating))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rating_range = (min(ratings), max(ratings)) if has_rating else None
+    return LabeledData(str(path), f"sha256:{digest}", examples, rating_range)
+
+
+HF_FIELDS = {"glue": ("sentence", "label"), "stanfordnlp/sst2": ("sentence", "label"),
+             "imdb": ("text", "label"), "stanfordnlp/imdb": ("text", "label"),
+             "rotten_tomatoes": ("text", "label"), "cornell-movie-review-data/rotten_tomatoes": ("text", "label")}
+
+
+def load_hf_labeled(spec: str) -> LabeledData:
+    """`hf:NAME[:CONFIG]`, train split only (lmforge makes its own split), no ratings."""
+    name, _, config = spec[3:].partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError("dataset 'hf:...' needs the `datasets` package: pip install 'lmforge[hf]'") from None
+    text_col, label_col = HF_FIELDS.get(name, ("text", "label"))
+    ds = datasets.load_dataset(name, config or None, split="train")
+    examples = [Example(row[text_col], _label(row[label_col], spec)) for row in ds]
+    return LabeledData(spec, spec, examples, None)
+
+
+def load_labeled(spec: str, cache_dir: Optional[str] = None) -> LabeledData:
+    if spec == "movie-reviews":
+        return load_movie_reviews(cache_dir)
+    if spec.startswith("hf:"):
+        return load_hf_labeled(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_labeled_file(path)
+    raise LmforgeError(f"unknown dataset '{spec}': use movie-reviews, a .csv/.tsv/.jsonl file, or hf:NAME[:CONFIG]")
+
+
+def stratified_split(labels: list[int], seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+                     ) -> dict[str, list[int]]:
+    """Indices for train/validation/test, each label split in the same proportions, shuffled by a
+    seeded RNG (the same on every machine and Python version)."""
+    out: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
+    for label in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == label]
+        random.Random(f"{seed}:{label}").shuffle(idx)
+        n_train = round(fractions[0] * len(idx))
+        n_val = round(fractions[1] * len(idx))
+        out["train"] += idx[:n_train]
+        out["validation"] += idx[n_train:n_train + n_val]
+        out["test"] += idx[n_train + n_val:]
+    return {k: sorted(v) for k, v in out.items()}

@@ -1,0 +1,60 @@
+"""`lmforge export`: write a model as a Hugging Face transformers directory.
+
+The directory holds config.json, model.safetensors (transformers names, decoder tied to the word
+embeddings) and the tokenizer (tokenizer.json, vocab.txt, tokenizer_config.json,
+special_tokens_map.json), so that `AutoModelForMaskedLM.from_pretrained(DIR)`,
+`AutoTokenizer.from_pretrained(DIR)` and `pipeline("fill-mask", model=DIR)` work offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from lmforge.data.tokenizers import TextTokenizer
+from lmforge.errors import LmforgeError
+from lmforge.models.hf import hf_config_from_model, to_hf_state_dict
+from lmforge.models.loading import load_model
+from lmforge.train.checkpoint import clean_state_dict
+
+
+def write_hf_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> None:
+    tokenizer.save(out / "tokenizer.json")
+    vocab = sorted(tokenizer.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    (out / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+               "mask_token": "[MASK]"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": max_len, **special},
+        indent=2) + "\n")
+
+
+def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Export the model at `model_path` (run directory or HF directory) to `out`. Refuses to
+    overwrite an existing `out` unless `force`; writes into a temporary folder first."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise LmforgeError(f"{out} already exists; choose another --out or pass --force")
+    loaded = load_model(model_path, mlm_head_required=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        cfg = loaded.config
+        hf_cfg = hf_config_from_model(cfg, "BertForMaskedLM", pad_token_id=loaded.tokenizer.pad_id)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        save_file(to_hf_state_dict(clean_state_dict(loaded.model)), tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        write_hf_tokenizer(loaded.tokenizer, tmp, cfg.max_position_embeddings)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

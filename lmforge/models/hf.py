@@ -1,0 +1,139 @@
+"""Hugging Face transformers layouts <-> lmforge's BERT: name maps, config maps, safe file I/O.
+
+Reading: a transformers model directory (config.json + model.safetensors, or pytorch_model.bin
+read with `torch.load(weights_only=True)`, which refuses pickled code) becomes an lmforge
+`BertForMaskedLM`. Both `BertModel` (encoder only, e.g. the bundled MiniLM: names without a
+"bert." prefix) and `BertForMaskedLM` / `BertForPreTraining` layouts are accepted.
+
+Writing: `export_bert` writes config.json, model.safetensors and the tokenizer files so that
+`transformers.AutoModelForMaskedLM.from_pretrained(DIR)` (or `AutoModel`) loads the model and
+gives the same logits, and `pipeline("fill-mask", model=DIR)` works.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+
+# (lmforge name pattern, transformers name pattern) for one BertForMaskedLM; `{i}` is a layer.
+_BERT_NAMES = [
+    ("bert.embeddings.token.weight", "bert.embeddings.word_embeddings.weight"),
+    ("bert.embeddings.position.weight", "bert.embeddings.position_embeddings.weight"),
+    ("bert.embeddings.token_type.weight", "bert.embeddings.token_type_embeddings.weight"),
+    ("bert.embeddings.norm.{p}", "bert.embeddings.LayerNorm.{p}"),
+    ("bert.layers.{i}.attention.query.{p}", "bert.encoder.layer.{i}.attention.self.query.{p}"),
+    ("bert.layers.{i}.attention.key.{p}", "bert.encoder.layer.{i}.attention.self.key.{p}"),
+    ("bert.layers.{i}.attention.value.{p}", "bert.encoder.layer.{i}.attention.self.value.{p}"),
+    ("bert.layers.{i}.attention.out.{p}", "bert.encoder.layer.{i}.attention.output.dense.{p}"),
+    ("bert.layers.{i}.attention_norm.{p}", "bert.encoder.layer.{i}.attention.output.LayerNorm.{p}"),
+    ("bert.layers.{i}.ffn_in.{p}", "bert.encoder.layer.{i}.intermediate.dense.{p}"),
+    ("bert.layers.{i}.ffn_out.{p}", "bert.encoder.layer.{i}.output.dense.{p}"),
+    ("bert.layers.{i}.ffn_norm.{p}", "bert.encoder.layer.{i}.output.LayerNorm.{p}"),
+    ("mlm_head.dense.{p}", "cls.predictions.transform.dense.{p}"),
+    ("mlm_head.norm.{p}", "cls.predictions.transform.LayerNorm.{p}"),
+    ("mlm_head.bias", "cls.predictions.bias"),
+]
+# transformers tensors with no lmforge counterpart: buffers, the tied decoder, NSP/pooler heads.
+_IGNORED = re.compile(r"(position_ids|cls\.predictions\.decoder\.(weight|bias)|cls\.seq_relationship\..*|"
+                      r"bert\.pooler\..*)$")
+
+
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(regex + "$")
+
+
+_TO_HF = [(_pattern(ours), theirs) for ours, theirs in _BERT_NAMES]
+_FROM_HF = [(_pattern(theirs), ours) for ours, theirs in _BERT_NAMES]
+
+
+def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> Optional[str]:
+    for pattern, template in table:
+        m = pattern.match(name)
+        if m:
+            return template.format(**m.groupdict())
+    return None
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lmforge BertForMaskedLM tensors -> transformers BertForMaskedLM names (decoder stays tied)."""
+    out = {}
+    for name, tensor in state.items():
+        hf_name = _rename(name, _TO_HF)
+        if hf_name is None:
+            raise KeyError(f"no transformers name for lmforge tensor {name}")
+        out[hf_name] = tensor.contiguous()
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers BERT tensors (with or without the "bert." prefix) -> lmforge names.
+    Returns (tensors, names that were ignored)."""
+    out, ignored = {}, []
+    for name, tensor in state.items():
+        full = name if name.startswith(("bert.", "cls.")) else "bert." + name
+        ours = _rename(full, _FROM_HF)
+        if ours is None:
+            if not _IGNORED.search(full):
+                raise LmforgeError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; is it a BERT?")
+            ignored.append(name)
+            continue
+        out[ours] = tensor
+    return out, ignored
+
+
+def model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConfig:
+    """A transformers BertConfig dict -> ModelConfig, refusing variants lmforge does not implement."""
+    if hf.get("model_type") != "bert":
+        raise LmforgeError(f"model_type {hf.get('model_type')!r} is not supported here; expected a BERT (model_type "
+                           f"'bert')")
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise LmforgeError("only BERTs with hidden_act 'gelu' and absolute position embeddings are supported")
+    return ModelConfig(
+        arch="bert", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+        dropout=hf.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02))
+
+
+def hf_config_from_model(cfg: ModelConfig, architecture: str = "BertForMaskedLM", pad_token_id: int = 0) -> dict:
+    return {
+        "architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.init_std, "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": pad_token_id, "position_embedding_type": "absolute", "tie_word_embeddings": True,
+    }
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file() and any(
+        (Path(path) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a transformers model directory, loaded without running code."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LmforgeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    hf_cfg = json.loads((path / "config.json").read_text())
+    if (path / "model.safetensors").is_file():
+        return hf_cfg, load_file(path / "model.safetensors")
+    if (path / "pytorch_model.bin").is_file():
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # the weights-only unpickler refuses anything but tensors and containers
+            raise LmforgeError(f"refusing {path / 'pytorch_model.bin'}: it is not a plain tensor file "
+                               f"({str(e).splitlines()[0][:200]})") from None
+        return hf_cfg, state
+    raise LmforgeError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
