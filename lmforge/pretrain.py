@@ -20,6 +20,7 @@ from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_wordpie
 from lmforge.errors import LmforgeError
 from lmforge.eval.report import write_report
 from lmforge.models.bert import BertForMaskedLM
+from lmforge.tasks.base import Task
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.loop import resolve_device, train, write_summary
 from lmforge.train.run_dir import create_run_dir
@@ -82,6 +83,20 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
 def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
     """Continue a run from its latest checkpoint, in the same directory."""
     run_dir = Path(run_dir)
+    cfg, device = resume_config(run_dir, overrides)
+    recorded = json.loads((run_dir / "data.json").read_text())["prepared"] if (run_dir / "data.json").is_file() else None
+    if recorded and (Path(recorded) / "manifest.json").is_file():
+        data = PreparedData(recorded)  # the very shards the run started on
+    else:
+        data = prepared_data(cfg, progress=cfg.train.progress)  # deterministic: re-made identically
+    if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
+        raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
+    model = build_model(cfg)
+    return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=True)
+
+
+def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config, torch.device]:
+    """The run's config with the allowed overrides applied (and saved), and the device."""
     if not (run_dir / "config.yaml").is_file():
         raise LmforgeError(f"{run_dir} is not an lmforge run directory (no config.yaml)")
     for text in overrides or []:
@@ -94,23 +109,18 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, 
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
-    recorded = json.loads((run_dir / "data.json").read_text())["prepared"] if (run_dir / "data.json").is_file() else None
-    if recorded and (Path(recorded) / "manifest.json").is_file():
-        data = PreparedData(recorded)  # the very shards the run started on
-    else:
-        data = prepared_data(cfg, progress=cfg.train.progress)  # deterministic: re-made identically
-    if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
-        raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
-    model = build_model(cfg)
-    return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=True)
+    return cfg, resolve_device(cfg.train.device)
 
 
 def _train_and_report(cfg: Config, data: PreparedData, model: torch.nn.Module, run_dir: Path,
                       device: torch.device, resume: bool) -> dict:
-    task = MaskedLMTask(cfg, data, model)
+    return run_task(cfg, MaskedLMTask(cfg, data, model), run_dir, device, resume)
+
+
+def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool) -> dict:
+    """The loop, then the task's final reports, summary.json and report.png. Returns the summary."""
     result = train(cfg, task, run_dir, device, resume=resume)
-    summary = write_summary(run_dir, task, result)
+    extra = task.finish(task.model, run_dir, device)
+    summary = write_summary(run_dir, task, result, extra)
     write_report(run_dir)
     return summary
-

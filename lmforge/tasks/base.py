@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,10 @@ class Task(ABC):
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         """Task-specific entries for summary.json, from the final evaluation's metrics."""
         return dict(last_eval)
+
+    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, float]:
+        """Once, after training: final reports (e.g. the test split). Entries go to summary.json."""
+        return {}
 
 
 def derive_seed(*parts: object) -> int:

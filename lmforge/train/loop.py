@@ -20,6 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -227,9 +228,9 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                        last_eval=last_eval)
 
 
-def write_summary(run_dir: Path, task: Task, result: TrainResult) -> dict:
-    summary = {**task.summary(result.last_eval), "steps": result.steps, "tokens_seen": result.tokens_seen,
-               "wall_time_s": round(result.wall_time_s, 2), "stopped_by": result.stopped_by}
+def write_summary(run_dir: Path, task: Task, result: TrainResult, extra: Optional[dict] = None) -> dict:
+    summary = {**task.summary(result.last_eval), **(extra or {}), "steps": result.steps,
+               "tokens_seen": result.tokens_seen, "wall_time_s": round(result.wall_time_s, 2),
+               "stopped_by": result.stopped_by}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-

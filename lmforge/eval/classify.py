@@ -1,0 +1,65 @@
+"""Classify texts with a fine-tuned run: label, probability of that label, and rating."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from lmforge.data.sentiment import LABELS
+from lmforge.data.tokenizers import TextTokenizer
+from lmforge.errors import LmforgeError
+
+
+def read_inputs(path: Path) -> list[str]:
+    """Texts from a plain text file (one per line) or a .csv/.tsv file with a `text` column."""
+    if not path.is_file():
+        raise LmforgeError(f"input file not found: {path}")
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            if "text" not in (reader.fieldnames or []):
+                raise LmforgeError(f"{path} has no 'text' column (columns: {', '.join(reader.fieldnames or [])})")
+            return [row["text"] or "" for row in reader]
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+@torch.inference_mode()
+def classify_texts(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str], max_len: int,
+                   batch_size: int = 64) -> list[dict]:
+    """One dict per text: {"text", "label", "probability", "rating"} — or {"text", "error"} for an
+    empty line. Texts longer than max_len tokens are truncated with a warning on stderr."""
+    results: list[dict] = [{} for _ in texts]
+    todo = []
+    for i, text in enumerate(texts):
+        if not text.strip():
+            results[i] = {"text": text, "error": "empty input"}
+            print(f"warning: input {i + 1} is empty; skipped", file=sys.stderr)
+        else:
+            todo.append(i)
+    encoded = dict(zip(todo, tokenizer.encode_batch([texts[i] for i in todo])))
+    for i, ids in encoded.items():
+        if len(ids) > max_len - 2:
+            print(f"warning: input {i + 1} has {len(ids)} tokens; truncated to {max_len - 2}", file=sys.stderr)
+    todo.sort(key=lambda i: len(encoded[i]))  # similar lengths together: little padding
+    device = next(model.parameters()).device
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        rows = [[tokenizer.cls_id, *encoded[i][: max_len - 2], tokenizer.sep_id] for i in chunk]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = True
+        logits, rating = model(ids.to(device), attention_mask=mask.to(device))
+        probs = logits.float().softmax(-1).cpu()
+        for r, i in enumerate(chunk):
+            label = int(probs[r].argmax())
+            value = None if rating is None else float(rating[r])
+            results[i] = {"text": texts[i], "label": LABELS[label], "probability": float(probs[r, label]),
+                          "rating": None if value is None or math.isnan(value) else round(value, 4)}
+    return results

@@ -1,0 +1,120 @@
+"""`lmforge finetune`: from a config to a fine-tuned classifier run directory.
+
+labelled data -> seeded stratified split (saved in the run) -> tokenizer and encoder from
+model.init_from (the bundled MiniLM, an lmforge run, a Hugging Face directory) or random ->
+BertClassifier -> ClassifyTask -> the same loop as pretraining -> test-split report.
+`load_classifier` is the way back from a run directory, for `lmforge classify`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmforge.config import Config, load_config
+from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
+from lmforge.errors import LmforgeError
+from lmforge.models.classifier import BertClassifier
+from lmforge.models.loading import load_model
+from lmforge.pretrain import fill_vocab_size, resume_config, run_task
+from lmforge.tasks.classify import ClassifyTask
+from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
+from lmforge.train.loop import resolve_device
+from lmforge.train.run_dir import create_run_dir
+
+BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
+
+
+def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Tensor]]]:
+    """Tokenizer and encoder tensors (`bert.*`) to start from; fills cfg.model's shape from the source."""
+    spec = cfg.model.init_from
+    if spec is None:
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
+        fill_vocab_size(cfg, tokenizer)
+        return tokenizer, None
+    path = BUNDLED_MODELS[spec](cfg.data.cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
+    loaded = load_model(path, mlm_head_required=False)
+    src = loaded.config
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "layer_norm_eps"):
+        setattr(cfg.model, key, getattr(src, key))
+    if cfg.data.seq_len > src.max_position_embeddings:
+        raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
+                           f"of {spec}")
+    encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith("bert.")}
+    return loaded.tokenizer, encoder
+
+
+def _split(cfg: Config, data: LabeledData) -> dict[str, list[int]]:
+    split = stratified_split([e.label for e in data.examples], cfg.data.split_seed)
+    for name, idx in split.items():
+        if not idx:
+            raise LmforgeError(f"dataset {data.name} is too small: its {name} split is empty")
+    return split
+
+
+def finetune(cfg: Config) -> tuple[Path, dict]:
+    """Run a new fine-tuning job. Returns (run directory, summary)."""
+    if cfg.task.name != "classify":
+        raise LmforgeError(f"`lmforge finetune` trains task.name=classify, not {cfg.task.name!r}; "
+                           f"use configs/mr-minilm.yaml or set task.name=classify")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
+    split = _split(cfg, data)
+    tokenizer, encoder = _init_source(cfg)
+    torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
+    model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
+    if encoder is not None:
+        missing, unexpected = model.load_state_dict(encoder, strict=False)
+        assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
+    run_dir = create_run_dir(cfg, "classify")
+    tokenizer.save(run_dir / "tokenizer.json")
+    (run_dir / "dataset.json").write_text(json.dumps({
+        "dataset": data.name, "identity": data.identity, "examples": len(data.examples), "labels": list(LABELS),
+        "rating_range": data.rating_range, "split_seed": cfg.data.split_seed,
+        "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
+    (run_dir / "split.json").write_text(json.dumps(split) + "\n")
+    task = ClassifyTask(cfg, data, split, tokenizer, model)
+    print(f"lmforge: run directory {run_dir}")
+    print(f"lmforge: {data.name}: {len(split['train']):,} train / {len(split['validation']):,} validation / "
+          f"{len(split['test']):,} test examples; {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"(init: {cfg.model.init_from or 'random'}); device {device}")
+    if task.truncated:
+        print(f"warning: {task.truncated} examples are longer than data.seq_len={cfg.data.seq_len} and were "
+              f"truncated", file=sys.stderr)
+    return run_dir, run_task(cfg, task, run_dir, device, resume=False)
+
+
+def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
+    cfg, device = resume_config(run_dir, overrides)
+    data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
+    recorded = json.loads((run_dir / "dataset.json").read_text())
+    if recorded["identity"] != data.identity:
+        raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
+    split = json.loads((run_dir / "split.json").read_text())
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
+    model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
+    return run_dir, run_task(cfg, ClassifyTask(cfg, data, split, tokenizer, model), run_dir, device, resume=True)
+
+
+def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, BertClassifier]:
+    """(config, tokenizer, classifier with the latest weights, in eval mode) of a finetune run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "dataset.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json)")
+    cfg = load_config(run_dir / "config.yaml")
+    info = json.loads((run_dir / "dataset.json").read_text())
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise LmforgeError(f"{run_dir} has no checkpoint yet")
+    rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
+    model = BertClassifier(cfg.model, len(info["labels"]), rating_range)
+    model.load_state_dict(load_model_weights(ckpt))
+    return cfg, load_tokenizer(str(run_dir / "tokenizer.json")), model.eval()

@@ -1,0 +1,53 @@
+"""A BERT sentence classifier with two heads (seed MLAB W2D2 part 2).
+
+    BERT encoder -> hidden state at [CLS] -> dropout -> polarity head  Linear(hidden, 2)
+                                                     -> rating head    Linear(hidden, 1)
+
+The rating head predicts a real-valued score (movie-reviews: the mean human rating on -4..+4).
+Its raw output starts near 0 with a spread of about 1, so it is mapped to
+`centre + half_width * output`: at initialisation the prediction sits in the middle of the
+rating range and moves on the range's own scale, which speeds up early training.
+The encoder is the same `BertModel` as pretraining uses, under the same name (`bert.`), so
+weights from a pretraining run or a Hugging Face encoder load into it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import ModelConfig
+from lmforge.models.bert import BertModel
+
+
+class BertClassifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_labels: int = 2, rating_range: Optional[tuple[float, float]] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.polarity = nn.Linear(cfg.hidden_size, num_labels)
+        self.rating = nn.Linear(cfg.hidden_size, 1) if rating_range is not None else None
+        lo, hi = rating_range if rating_range is not None else (0.0, 0.0)
+        self.register_buffer("rating_centre", torch.tensor((lo + hi) / 2), persistent=False)
+        self.register_buffer("rating_half_width", torch.tensor((hi - lo) / 2), persistent=False)
+        for module in self.modules():  # BERT init; a loaded encoder overwrites its part afterwards
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """input_ids: (batch, seq) int64 starting with [CLS]. Returns (polarity logits (batch, labels),
+        rating (batch,) float, or None without a rating head)."""
+        cls = self.dropout(self.bert(input_ids, token_type_ids, attention_mask)[:, 0])
+        rating = None
+        if self.rating is not None:
+            rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)
+        return self.polarity(cls), rating

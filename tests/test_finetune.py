@@ -1,0 +1,119 @@
+"""Fine-tuning: data loading and splitting, the two-head classifier, finetune + classify end to end."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lmforge.cli import main
+from lmforge.config import ModelConfig, load_config
+from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_split
+from lmforge.errors import LmforgeError
+from lmforge.finetune import finetune, load_classifier
+from lmforge.models.classifier import BertClassifier
+from lmforge.models.loading import load_model
+from lmforge.pretrain import pretrain
+
+GOOD = ["good", "great", "fine", "lovely", "superb"]
+BAD = ["bad", "awful", "poor", "dull", "boring"]
+
+
+@pytest.fixture()
+def tiny_reviews(tmp_path):
+    rng = random.Random(0)
+    path = tmp_path / "reviews.tsv"
+    lines = ["text\tlabel\trating"]
+    for _ in range(200):
+        label = rng.randrange(2)
+        words = GOOD if label else BAD
+        text = f"the cat is {rng.choice(words)} and {rng.choice(words)} ."
+        lines.append(f"{text}\t{label}\t{(2.5 if label else -2.5) + rng.uniform(-1, 1):.2f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(tiny_prepared, tmp_path, data_path, *overrides):
+    return load_config(None, [
+        "task.name=classify", f"data.dataset={data_path}", f"data.tokenizer={tiny_prepared.folder / 'tokenizer.json'}",
+        "data.seq_len=32", f"out_dir={tmp_path / 'runs'}", "model.hidden_size=32", "model.num_layers=2",
+        "model.num_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64", "model.dropout=0",
+        "train.batch_size=16", "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
+        "train.log_every=5", "train.progress=false", "optim.lr=3e-3", "optim.warmup_frac=0.1", *overrides])
+
+
+def test_stratified_split_is_80_10_10_per_label_disjoint_and_seeded():
+    labels = [0] * 700 + [1] * 300
+    split = stratified_split(labels, seed=3)
+    assert sorted(sum(split.values(), [])) == list(range(1000))
+    for name, share in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+        counts = Counter(labels[i] for i in split[name])
+        assert counts[0] == round(700 * share) and counts[1] == round(300 * share)
+    assert stratified_split(labels, seed=3) == split and stratified_split(labels, seed=4) != split
+
+
+def test_movie_reviews_are_fetched_checked_and_parsed_from_the_vader_source_release():
+    data = load_movie_reviews()
+    assert len(data.examples) == 10605 - 37
+    assert sum(e.label for e in data.examples) == 5242
+    assert all("\r" not in e.text and e.rating != 0 and (e.rating > 0) == bool(e.label) for e in data.examples)
+    assert data.examples[0].text.startswith("The Rock is destined to be the 21st Century's new")
+    assert data.rating_range == (-4.0, 4.0)
+
+
+def test_local_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "x.csv"
+    bad.write_text("review,label\nfine,1\n")
+    with pytest.raises(LmforgeError, match="has no column 'text'"):
+        load_labeled(str(bad))
+    bad.write_text("text,label\nfine,maybe\n")
+    with pytest.raises(LmforgeError, match="label 'maybe' is not 0/1"):
+        load_labeled(str(bad))
+    jl = tmp_path / "x.jsonl"
+    jl.write_text('{"text": "fine", "label": "positive"}\n')
+    data = load_labeled(str(jl))
+    assert data.examples[0].label == 1 and data.rating_range is None
+
+
+def test_rating_head_starts_centred_in_the_rating_range():
+    torch.manual_seed(0)
+    model = BertClassifier(ModelConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=2,
+                                       intermediate_size=64, dropout=0.0), 2, (1.0, 10.0)).eval()
+    logits, rating = model(torch.randint(5, 100, (64, 12)))
+    assert logits.shape == (64, 2) and rating.shape == (64,)
+    assert abs(rating.mean().item() - 5.5) < 0.5 and rating.std().item() < 4.5
+
+
+def test_finetune_learns_a_tiny_file_and_classify_reports_every_input(tiny_prepared, tiny_reviews, tmp_path, capsys):
+    run_dir, summary = finetune(_cfg(tiny_prepared, tmp_path, tiny_reviews))
+    assert summary["test_accuracy"] >= 0.9 and summary["val_accuracy"] >= 0.9
+    assert set(summary) >= {"val_accuracy", "test_accuracy", "test_f1", "test_rating_mae"}
+    for name in ("errors.md", "confusion.png", "split.json", "dataset.json", "report.png", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    split = json.loads((run_dir / "split.json").read_text())
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [160, 20, 20]
+    capsys.readouterr()
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("the cat is superb and lovely .\n\nthe cat is awful and dull . " + "bad " * 80 + "\n")
+    assert main(["classify", str(run_dir), "--input", str(inputs), "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r.get("label") for r in rows] == ["positive", None, "negative"]
+    assert rows[1]["error"] == "empty input" and 0.5 <= rows[0]["probability"] <= 1.0
+    assert rows[0]["rating"] > 0 > rows[2]["rating"]
+    assert "input 2 is empty" in captured.err and "truncated" in captured.err
+    assert main(["classify", str(run_dir), "--text", "the cat is great and fine ."]) == 0
+    assert capsys.readouterr().out.startswith("positive\t")
+    assert main(["classify", str(run_dir)]) == 2
+
+
+def test_finetune_starts_from_an_lmforge_pretraining_run(tiny_prepared, tiny_reviews, tmp_path):
+    pre_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "pre", "train.max_steps=2"))
+    run_dir, _ = finetune(_cfg(tiny_prepared, tmp_path, tiny_reviews, f"model.init_from={pre_dir}",
+                               "train.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0"))
+    _, _, clf = load_classifier(run_dir)
+    pre = load_model(pre_dir).model
+    word = "bert.embeddings.token.weight"
+    assert torch.allclose(clf.state_dict()[word], pre.state_dict()[word], atol=1e-6)
