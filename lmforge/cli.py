@@ -64,9 +64,11 @@ def _pretrain(args: argparse.Namespace) -> int:
 
         run_dir, summary = pretrain(cfg)
     print()
-    print(f"held-out MLM loss {summary['val_loss']:.4f} vs unigram baseline {summary['unigram_val_loss']:.4f} "
-          f"(accuracy {summary['val_accuracy']:.1%}); {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
-          f"{summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
+    kind = "causal-LM" if "val_perplexity" in summary else "MLM"
+    perplexity = f", perplexity {summary['val_perplexity']:.1f}" if "val_perplexity" in summary else ""
+    print(f"held-out {kind} loss {summary['val_loss']:.4f} vs unigram baseline {summary['unigram_val_loss']:.4f} "
+          f"(accuracy {summary['val_accuracy']:.1%}{perplexity}); {summary['steps']} steps, "
+          f"{summary['tokens_seen']:,} tokens, {summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
     print(f"report: {run_dir / 'report.png'}   metrics: {run_dir / 'metrics.jsonl'}   "
           f"tensorboard --logdir {run_dir / 'tb'}")
     print(f"run directory: {run_dir}")
@@ -137,6 +139,27 @@ def _classify(args: argparse.Namespace) -> int:
         else:
             rating = "" if r["rating"] is None else f"\trating {r['rating']:+.2f}"
             print(f"{r['label']}\t{r['probability']:.3f}{rating}\t{r['text']}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lmforge.eval.generate import generate
+    from lmforge.models.loading import load_model
+
+    loaded = load_model(args.run_dir)
+    if loaded.config.arch != "gpt":
+        raise LmforgeError(f"{args.run_dir} is a {loaded.config.arch} model; `generate` needs a GPT run "
+                           f"(use `lmforge predict` for fill-mask)")
+    tok = loaded.tokenizer
+    samples = generate(loaded.model, tok.encode(args.prompt), max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       num_samples=args.num_samples, seed=args.seed, eot_id=tok.eot_id)
+    for i, ids in enumerate(samples):
+        text = tok.decode(ids)
+        if args.json:
+            print(json.dumps({"prompt": args.prompt, "sample": i, "text": text, "tokens": len(ids)}))
+        else:
+            print(("" if i == 0 else "\n---\n") + args.prompt + text)
     return 0
 
 
@@ -220,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="candidates per [MASK] (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_predict)
+
+    p = verbs.add_parser("generate", help="continue a prompt with a trained GPT",
+                         description="Sample continuations of PROMPT from a GPT run (KV-cached), stopping at "
+                                     "<|endoftext|> or --max-new-tokens.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an lmforge GPT pretraining run directory")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--num-samples", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample")
+    p.set_defaults(func=_generate)
 
     p = verbs.add_parser("export", help="write a model as a Hugging Face transformers directory",
                          description="Write config.json, model.safetensors and tokenizer files that transformers "

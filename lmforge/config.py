@@ -64,7 +64,11 @@ class DataConfig:
 @dataclass
 class TaskConfig:
     """What is learned: `mlm` (masked-LM pretraining; the BERT masking recipe below, all fractions
-    configurable) or `classify` (fine-tune a sentence classifier on data.dataset)."""
+    configurable), `clm` (causal-LM pretraining, GPT) or `classify` (fine-tune a sentence
+    classifier on data.dataset)."""
+    # clm: prompts sampled into samples.md at each evaluation
+    sample_prompts: str = "The state of the Union is|My fellow citizens,|In the coming year, we will"
+    sample_tokens: int = 40
 
     name: str = "mlm"
     mask_prob: float = 0.15  # share of maskable tokens that are selected for prediction
@@ -85,6 +89,7 @@ class OptimConfig:
 
     lr: float = 1e-3
     weight_decay: float = 0.01
+    decay: str = "linear"  # which tensors are decayed: linear (Linear weights, BERT) | 2d (GPT recipe)
     warmup_frac: float = 0.01
     schedule: str = "linear"  # linear | cosine | constant
     min_lr_frac: float = 0.1  # schedule starts and ends at lr * min_lr_frac
@@ -103,6 +108,8 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 32
     grad_accum_steps: int = 1
+    # Tokens per optimizer step (GPT recipe); when set, grad_accum_steps is derived from it.
+    tokens_per_step: Optional[int] = None
     eval_every: int = 200
     eval_batches: int = 20  # mlm: validation batches per evaluation (classify: the whole split)
     eval_batch_size: Optional[int] = None  # null = 4 x batch_size (no gradients, so bigger fits)
@@ -247,8 +254,15 @@ def validate(cfg: Config) -> Config:
         (0.0 <= o.warmup_frac <= 1.0, f"optim.warmup_frac={o.warmup_frac} must be in [0, 1]"),
         (o.schedule in ("linear", "cosine", "constant"),
          f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
+        (o.decay in ("linear", "2d"), f"optim.decay={o.decay!r}: use linear or 2d"),
+        (m.arch in ("bert", "gpt"), f"model.arch={m.arch!r} is not known; known: bert, gpt"),
+        (k.name != "mlm" or m.arch == "bert", f"task.name=mlm needs model.arch=bert, not {m.arch!r}"),
+        (k.name != "clm" or m.arch == "gpt", f"task.name=clm needs model.arch=gpt, not {m.arch!r}"),
+        (t.tokens_per_step is None or t.tokens_per_step % (t.batch_size * d.seq_len) == 0,
+         f"train.tokens_per_step={t.tokens_per_step} must be a multiple of train.batch_size x data.seq_len "
+         f"= {t.batch_size * d.seq_len}"),
         (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
-        (k.name in ("mlm", "classify"), f"task.name={k.name!r} is not a known task; known: mlm, classify"),
+        (k.name in ("mlm", "clm", "classify"), f"task.name={k.name!r} is not a known task; known: mlm, clm, classify"),
         (0.0 < k.mask_prob < 1.0, f"task.mask_prob={k.mask_prob} must be in (0, 1)"),
         (0.0 <= k.mask_token_frac and 0.0 <= k.random_token_frac
          and k.mask_token_frac + k.random_token_frac <= 1.0,
@@ -277,6 +291,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if key not in all_keys():
             raise _unknown_key_error(key)
         _update(cfg, _nest(key, value))
+    if cfg.train.tokens_per_step is not None:
+        cfg.train.grad_accum_steps = max(1, cfg.train.tokens_per_step // (cfg.train.batch_size * cfg.data.seq_len))
     return validate(cfg)
 
 

@@ -2,8 +2,9 @@
 
 The directory holds config.json, model.safetensors (transformers names, decoder tied to the word
 embeddings) and the tokenizer (tokenizer.json, vocab.txt, tokenizer_config.json,
-special_tokens_map.json), so that `AutoModelForMaskedLM.from_pretrained(DIR)`,
-`AutoTokenizer.from_pretrained(DIR)` and `pipeline("fill-mask", model=DIR)` work offline.
+special_tokens_map.json), so that `AutoModelForMaskedLM.from_pretrained(DIR)` (pretraining runs)
+or `AutoModel.from_pretrained(DIR)` (fine-tuned encoders), `AutoTokenizer.from_pretrained(DIR)`
+and `pipeline("fill-mask", model=DIR)` work offline.
 """
 
 from __future__ import annotations
@@ -36,21 +37,31 @@ def write_hf_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> Non
 
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Export the model at `model_path` (run directory or HF directory) to `out`. Refuses to
-    overwrite an existing `out` unless `force`; writes into a temporary folder first."""
+    """Export the model at `model_path` to `out`. A pretraining run (or a Hugging Face BERT)
+    becomes a `BertForMaskedLM` directory; a fine-tuning run's encoder becomes a `BertModel`
+    directory (load it with `AutoModel`; the classifier heads are lmforge's own and stay in the
+    run). Refuses to overwrite an existing `out` unless `force`; writes a temporary folder first."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise LmforgeError(f"{out} already exists; choose another --out or pass --force")
-    loaded = load_model(model_path, mlm_head_required=False)
+    if (Path(model_path) / "dataset.json").is_file():  # a fine-tuning run: export its encoder
+        from lmforge.finetune import load_classifier
+
+        cfg, tokenizer, classifier = load_classifier(model_path)
+        model_cfg, architecture = cfg.model, "BertModel"
+        tensors = {k[len("bert."):]: v for k, v in to_hf_state_dict(
+            {k: v for k, v in clean_state_dict(classifier).items() if k.startswith("bert.")}).items()}
+    else:
+        loaded = load_model(model_path, mlm_head_required=False)
+        model_cfg, architecture, tokenizer = loaded.config, "BertForMaskedLM", loaded.tokenizer
+        tensors = to_hf_state_dict(clean_state_dict(loaded.model))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        cfg = loaded.config
-        hf_cfg = hf_config_from_model(cfg, "BertForMaskedLM", pad_token_id=loaded.tokenizer.pad_id)
+        hf_cfg = hf_config_from_model(model_cfg, architecture, pad_token_id=tokenizer.pad_id)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        save_file(to_hf_state_dict(clean_state_dict(loaded.model)), tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        write_hf_tokenizer(loaded.tokenizer, tmp, cfg.max_position_embeddings)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_hf_tokenizer(tokenizer, tmp, model_cfg.max_position_embeddings)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -6,7 +6,9 @@ config -> tokenizer -> prepared shards (cached) -> model -> task -> the loop -> 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,11 +18,12 @@ from lmforge.config import Config, dump_yaml, load_config
 from lmforge.data.corpora import open_corpus
 from lmforge.data.packages import cache_root
 from lmforge.data.shards import PreparedData, prepared_or_prepare
-from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_wordpiece
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_bpe, train_wordpiece
 from lmforge.errors import LmforgeError
 from lmforge.eval.report import write_report
-from lmforge.models.bert import BertForMaskedLM
+from lmforge.models.loading import build_model as build_arch
 from lmforge.tasks.base import Task
+from lmforge.tasks.clm import CausalLMTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.loop import resolve_device, train, write_summary
 from lmforge.train.run_dir import create_run_dir
@@ -38,11 +41,31 @@ def prepared_data(cfg: Config, progress: bool = True) -> PreparedData:
     corpus = open_corpus(d.corpus, d.cache_dir)
     root = cache_root(d.cache_dir)
     if d.train_tokenizer_vocab:
-        tokenizer = train_wordpiece((text for _, text in corpus.documents()), d.train_tokenizer_vocab)
+        tokenizer = trained_tokenizer(corpus, "bpe" if cfg.model.arch == "gpt" else "wordpiece",
+                                      d.train_tokenizer_vocab, root)
     else:
         tokenizer = load_tokenizer(d.tokenizer, d.cache_dir)
     return prepared_or_prepare(corpus, tokenizer, root, val_frac=d.val_frac, split_seed=d.split_seed,
                                progress=progress)
+
+
+def trained_tokenizer(corpus, kind: str, vocab_size: int, root: Path) -> TextTokenizer:
+    """A tokenizer of `kind` (bpe | wordpiece) trained on `corpus`, cached under root/tokenizers
+    (keyed by corpus identity, kind and size) so that it is trained once."""
+    key = hashlib.sha256(f"{corpus.identity}:{kind}:{vocab_size}".encode()).hexdigest()[:16]
+    path = root / "tokenizers" / f"{kind}-{vocab_size}-{key}.json"
+    if path.is_file():
+        tok = load_tokenizer(str(path))
+        tok.name = f"{kind}-{vocab_size}"
+        return tok
+    print(f"lmforge: training a {vocab_size}-entry {kind} vocabulary on {corpus.name}")
+    train = train_bpe if kind == "bpe" else train_wordpiece
+    tok = train((text for _, text in corpus.documents()), vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tok.save(tmp)
+    os.replace(tmp, path)
+    return tok
 
 
 def fill_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> Config:
@@ -56,13 +79,23 @@ def fill_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> Config:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    if cfg.model.arch != "bert":
-        raise LmforgeError(f"model.arch={cfg.model.arch!r} is not known; known: bert")
-    return BertForMaskedLM(cfg.model)
+    return build_arch(cfg.model)
+
+
+def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module) -> Task:
+    if cfg.task.name == "clm":
+        return CausalLMTask(cfg, data, model)
+    if cfg.task.name == "mlm":
+        return MaskedLMTask(cfg, data, model)
+    raise LmforgeError(f"task.name={cfg.task.name!r} is not a pretraining task (mlm, clm); "
+                       f"use `lmforge finetune` for classify")
 
 
 def pretrain(cfg: Config) -> tuple[Path, dict]:
     """Run a new pretraining job. Returns (run directory, summary)."""
+    if cfg.task.name not in ("mlm", "clm"):
+        raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm or clm, not {cfg.task.name!r}; "
+                           f"use `lmforge finetune` for classify")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
@@ -70,7 +103,7 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     cfg = fill_vocab_size(cfg, data.tokenizer)
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = build_model(cfg)
-    run_dir = create_run_dir(cfg, "mlm")
+    run_dir = create_run_dir(cfg, cfg.task.name)
     data.tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "data.json").write_text(json.dumps({"prepared": str(data.folder), **data.manifest["splits"]},
                                                   indent=2) + "\n")
@@ -114,7 +147,7 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config
 
 def _train_and_report(cfg: Config, data: PreparedData, model: torch.nn.Module, run_dir: Path,
                       device: torch.device, resume: bool) -> dict:
-    return run_task(cfg, MaskedLMTask(cfg, data, model), run_dir, device, resume)
+    return run_task(cfg, build_task(cfg, data, model), run_dir, device, resume)
 
 
 def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool) -> dict:

@@ -117,3 +117,36 @@ def test_finetune_starts_from_an_lmforge_pretraining_run(tiny_prepared, tiny_rev
     pre = load_model(pre_dir).model
     word = "bert.embeddings.token.weight"
     assert torch.allclose(clf.state_dict()[word], pre.state_dict()[word], atol=1e-6)
+
+
+def test_fine_tuned_encoder_exports_as_a_bertmodel_with_identical_hidden_states(tiny_prepared, tiny_reviews,
+                                                                               tmp_path):
+    import transformers
+
+    from lmforge.export import export_hf
+
+    run_dir, _ = finetune(_cfg(tiny_prepared, tmp_path, tiny_reviews, "train.max_steps=3"))
+    out = export_hf(run_dir, tmp_path / "enc")
+    ref = transformers.AutoModel.from_pretrained(out, add_pooling_layer=False).eval()
+    _, _, clf = load_classifier(run_dir)
+    ids = torch.randint(5, clf.cfg.vocab_size, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = clf.bert(ids, attention_mask=mask)
+    assert (ours - theirs)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_hf_dataset_names_load_through_datasets_without_ratings(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(name, config, split):
+        assert (name, config, split) == ("glue", "sst2", "train")
+        return [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    data = load_labeled("hf:glue:sst2")
+    assert [(e.text, e.label, e.rating) for e in data.examples] == [("a fine film", 1, None), ("dull", 0, None)]
+    assert data.rating_range is None

@@ -5,7 +5,7 @@ Layout of a prepared directory:
                          settings and the validation document ids, token counts, shard files
     tokenizer.json       the exact tokenizer, so the directory is self-contained
     train_000.bin ...    uint16 (vocab <= 65,535) or uint32 token ids; documents back to back,
-    validation_000.bin   each followed by one [SEP] id as a boundary marker
+    validation_000.bin   each followed by one separator id ([SEP] for BERT, <|endoftext|> for GPT-2)
     unigram_counts.npy   int64 counts of each token id in the train split (the baseline)
 
 Preparation streams: documents are read, tokenized in groups with `encode_batch`, and appended
@@ -32,7 +32,7 @@ from lmforge.data.corpora import Corpus, is_validation_doc
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "validation")
 GROUP_CHARS = 4_000_000  # characters tokenized per encode_batch call
 SHARD_TOKENS = 2**27  # tokens per shard file before starting the next one (256 MiB at uint16)
@@ -96,7 +96,7 @@ def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, va
         counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
         docs = {s: 0 for s in SPLITS}
         val_ids: list[str] = []
-        sep = np.array([tokenizer.sep_id], dtype=np.int64)
+        sep = np.array([tokenizer.doc_separator_id], dtype=np.int64)
         bar = tqdm(desc=f"prepare {corpus.name}", unit="doc", disable=not progress)
 
         def flush(group: list[tuple[str, str]]) -> None:
@@ -136,11 +136,12 @@ def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, va
         manifest = {
             "format_version": FORMAT_VERSION,
             "corpus": {"name": corpus.name, "identity": corpus.identity},
-            "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-                          "pad_id": tokenizer.pad_id, "cls_id": tokenizer.cls_id, "sep_id": tokenizer.sep_id,
-                          "mask_id": tokenizer.mask_id, "unk_id": tokenizer.unk_id},
+            "tokenizer": {"name": tokenizer.name, "kind": tokenizer.kind, "sha256": tokenizer.sha256,
+                          "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "cls_id": tokenizer.cls_id,
+                          "sep_id": tokenizer.sep_id, "mask_id": tokenizer.mask_id, "unk_id": tokenizer.unk_id,
+                          "eot_id": tokenizer.eot_id},
             "dtype": dtype.name,
-            "document_separator": "sep_id",
+            "document_separator_id": tokenizer.doc_separator_id,
             "split": {"val_frac": val_frac, "split_seed": split_seed, "rule": "blake2b(f'{seed}:{doc_id}') < val_frac",
                       "validation_doc_ids": val_ids},
             "splits": {s: {"documents": docs[s], "tokens": sum(x["tokens"] for x in writers[s].shards),

@@ -14,6 +14,7 @@ def fill_mask(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str]
     """For each text, for each [MASK] in it (left to right), the `top_k` most likely tokens as
     {"token": str, "id": int, "prob": float}. Texts are padded into one batch; padding is masked
     out of attention, so each text's answer does not depend on the others."""
+    tokenizer.require_bert("fill-mask prediction")
     if top_k < 1:
         raise LmforgeError(f"--top-k must be at least 1, got {top_k}")
     encoded = [[tokenizer.cls_id, *tokenizer.encode(t)[: max_len - 2], tokenizer.sep_id] for t in texts]

@@ -10,17 +10,29 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lmforge.config import ModelConfig, load_config
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
+from lmforge.models.gpt import GPT
 from lmforge.models.hf import from_hf_state_dict, is_hf_dir, model_config_from_hf, read_hf_dir
 from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
 
 
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
+    """A freshly initialised pretraining model for `cfg.arch`: BertForMaskedLM or GPT."""
+    if cfg.arch == "bert":
+        return BertForMaskedLM(cfg)
+    if cfg.arch == "gpt":
+        return GPT(cfg)
+    raise LmforgeError(f"model.arch={cfg.arch!r} is not known; known: bert, gpt")
+
+
 @dataclass
 class LoadedModel:
-    model: BertForMaskedLM
+    model: torch.nn.Module  # BertForMaskedLM or GPT
     config: ModelConfig
     tokenizer: TextTokenizer
     source: str  # "lmforge" or "hf"
@@ -28,7 +40,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
-    """Model, config and tokenizer from an lmforge run directory or a transformers BERT directory.
+    """Model, config and tokenizer from an lmforge pretraining run directory (BERT or GPT) or a
+    transformers BERT directory.
 
     A transformers encoder without an MLM head (a `BertModel`, such as the bundled MiniLM) gets a
     freshly initialised head; with `mlm_head_required` that is said on stderr, since its fill-mask
@@ -40,7 +53,7 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         ckpt = latest_checkpoint(path / "checkpoints")
         if ckpt is None:
             raise LmforgeError(f"{path} has no checkpoint yet")
-        model = BertForMaskedLM(cfg.model)
+        model = build_model(cfg.model)
         model.load_state_dict(load_model_weights(ckpt))
         return LoadedModel(model.eval(), cfg.model, load_tokenizer(str(path / "tokenizer.json")), "lmforge")
     if is_hf_dir(path):

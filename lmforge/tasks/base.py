@@ -14,7 +14,6 @@ by `data_state()`, so that a resumed run draws exactly the batches the uninterru
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,13 +68,3 @@ class Task(ABC):
         """Once, after training: final reports (e.g. the test split). Entries go to summary.json."""
         return {}
 
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed that depends only on `parts` (stable across processes and Python versions,
-    unlike hash()). Used to make every random draw a function of (seed, purpose, step, ...)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-def generator_for(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from lmforge.config import Config
 from lmforge.data.sentiment import LABELS, LabeledData
 from lmforge.data.tokenizers import TextTokenizer
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task, derive_seed
+from lmforge.rng import derive_seed
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task
 
 CHUNK_BATCHES = 50  # batches per length-sorted chunk
 
@@ -39,6 +40,7 @@ class ClassifyTask(Task):
     def __init__(self, cfg: Config, data: LabeledData, split: dict[str, list[int]], tokenizer: TextTokenizer,
                  model: nn.Module):
         self.cfg, self.data, self.split, self.tokenizer, self.model = cfg, data, split, tokenizer, model
+        tokenizer.require_bert("task.name=classify")
         max_len = cfg.data.seq_len
         texts = [e.text for e in data.examples]
         encoded = tokenizer.encode_batch(texts)

@@ -20,29 +20,10 @@ import torch.nn as nn
 from lmforge.config import Config
 from lmforge.data.mlm import cross_entropy_selected, random_mask
 from lmforge.data.shards import PreparedData
+from lmforge.data.windows import Windows, WindowSampler
 from lmforge.errors import LmforgeError
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task, generator_for
-
-
-class Windows:
-    """Fixed-length windows over a split's memmapped shards (a window never spans two shards)."""
-
-    def __init__(self, shards: list[np.ndarray], length: int):
-        self.shards, self.length = shards, length
-        counts = [len(s) // length for s in shards]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def get(self, indices: np.ndarray) -> np.ndarray:
-        """(len(indices), length) int64 token ids."""
-        out = np.empty((len(indices), self.length), dtype=np.int64)
-        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
-        for row, (i, s) in enumerate(zip(indices, shard_of)):
-            start = (int(i) - int(self.starts[s])) * self.length
-            out[row] = self.shards[s][start:start + self.length]
-        return out
+from lmforge.rng import generator_for
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task
 
 
 def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
@@ -58,6 +39,7 @@ class MaskedLMTask(Task):
     def __init__(self, cfg: Config, data: PreparedData, model: nn.Module):
         self.cfg, self.data, self.model = cfg, data, model
         tok = data.tokenizer
+        tok.require_bert("task.name=mlm")
         self.tokenizer = tok
         self.special_mask = torch.as_tensor(tok.special_mask)
         if len(self.special_mask) < cfg.model.vocab_size:  # vocabulary padded beyond the tokenizer
@@ -66,13 +48,12 @@ class MaskedLMTask(Task):
         window = cfg.data.seq_len - 2
         self.train_windows = Windows(data.shards("train"), window)
         self.val_windows = Windows(data.shards("validation"), window)
+        self.sampler = WindowSampler(self.train_windows, cfg.train.seed)
         for split, w in (("train", self.train_windows), ("validation", self.val_windows)):
             if len(w) == 0:
                 raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len={cfg.data.seq_len} "
                                    f"tokens; use a bigger corpus or a shorter data.seq_len")
         self.unigram_logp = unigram_log_probs(data.unigram_counts())
-        self.consumed = 0  # train windows handed out so far (the data position)
-        self._perm_epoch, self._perm = -1, None
         self._eval_batches: list[Batch] | None = None
 
     # -- batches ---------------------------------------------------------------------------------
@@ -92,28 +73,15 @@ class MaskedLMTask(Task):
         return Batch({"input_ids": input_ids, "masked_ids": masked, "selected": selected},
                      num_targets=int(selected.sum()), num_tokens=input_ids.numel())
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            n = len(self.train_windows)
-            self._perm = torch.randperm(n, generator=generator_for(self.cfg.train.seed, "epoch", epoch))
-            self._perm_epoch = epoch
-        return self._perm
-
     def train_batch(self, step: int, micro: int) -> Batch:
-        n, b = len(self.train_windows), self.cfg.train.batch_size
-        picks = []
-        for pos in range(self.consumed, self.consumed + b):
-            picks.append(int(self._epoch_order(pos // n)[pos % n]))
-        self.consumed += b
-        input_ids = self._frame(self.train_windows.get(np.asarray(picks)))
+        input_ids = self._frame(self.sampler.next(self.cfg.train.batch_size))
         return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro))
 
     def data_state(self) -> dict:
-        return {"consumed_windows": self.consumed, "epoch": self.consumed // len(self.train_windows),
-                "train_windows": len(self.train_windows)}
+        return self.sampler.state()
 
     def load_data_state(self, state: dict) -> None:
-        self.consumed = int(state["consumed_windows"])
+        self.sampler.load_state(state)
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
@@ -129,8 +97,8 @@ class MaskedLMTask(Task):
         the split, masked once with a fixed seed."""
         if self._eval_batches is None:
             b = self.cfg.train.batch_size
-            n = min(len(self.val_windows), self.cfg.train.eval_batches * b)
-            picks = np.linspace(0, len(self.val_windows) - 1, n).round().astype(np.int64)
+            picks = self.val_windows.spread(self.cfg.train.eval_batches * b)
+            n = len(picks)
             gen = generator_for(self.cfg.train.seed, "eval-masks")
             self._eval_batches = [self._mask(self._frame(self.val_windows.get(picks[i:i + b])), gen)
                                   for i in range(0, n, b)]

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
-from lmforge.tasks.base import Task, derive_seed
+from lmforge.rng import derive_seed
+from lmforge.tasks.base import Task
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from lmforge.train.log import MetricsLogger
 from lmforge.train.optim import lr_at, make_optimizer, set_lr

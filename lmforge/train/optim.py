@@ -1,8 +1,11 @@
-"""AdamW with BERT's two parameter groups, and the learning-rate schedules.
+"""AdamW with two parameter groups (decayed / not), and the learning-rate schedules.
 
-Weight decay goes on the weight of every `nn.Linear` and on nothing else (seed MLAB W2D2): biases,
-LayerNorm parameters and embeddings are left alone. A BERT with L layers therefore has 6·L + 1
-decayed tensors (q, k, v, out, ffn_in, ffn_out per layer, plus the MLM head's dense layer).
+Which tensors are decayed (optim.decay):
+  "linear" (BERT, seed MLAB W2D2): the weight of every `nn.Linear`, nothing else — not biases,
+           LayerNorm parameters or embeddings. A BERT with L layers has 6·L + 1 decayed tensors
+           (q, k, v, out, ffn_in, ffn_out per layer, plus the MLM head's dense layer).
+  "2d"     (GPT-2/GPT-3 recipe): every parameter with 2 or more dimensions — matmul weights and
+           embeddings — and no bias or LayerNorm parameter.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import torch.nn as nn
 from lmforge.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """[decayed group (Linear weights), undecayed group (everything else)]; every trainable
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "linear") -> list[dict]:
+    """[decayed group, undecayed group] by `rule` ("linear" or "2d", see above); every trainable
     parameter appears in exactly one group, in module order."""
-    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    if rule == "linear":
+        decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    else:
+        decay_ids = {id(p) for p in model.parameters() if p.dim() >= 2}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -29,7 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `param_groups`. On CUDA the fused kernel (one launch for all parameters)."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=device.type == "cuda")
 
 

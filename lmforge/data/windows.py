@@ -1,0 +1,69 @@
+"""Fixed-length token windows over prepared shards, and a seeded epoch-by-epoch sampler of them.
+
+Shared by every task that reads the token stream: masked-LM (windows framed as [CLS] .. [SEP])
+and causal-LM (windows of seq_len + 1: inputs and next-token targets).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmforge.rng import generator_for
+
+
+class Windows:
+    """Non-overlapping windows of `length` tokens over a split's memmapped shards (a window never
+    spans two shards; the tail of each shard shorter than `length` is not used)."""
+
+    def __init__(self, shards: list[np.ndarray], length: int):
+        self.shards, self.length = shards, length
+        counts = [len(s) // length for s in shards]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), length) int64 token ids."""
+        out = np.empty((len(indices), self.length), dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for row, (i, s) in enumerate(zip(indices, shard_of)):
+            start = (int(i) - int(self.starts[s])) * self.length
+            out[row] = self.shards[s][start:start + self.length]
+        return out
+
+    def spread(self, n: int) -> np.ndarray:
+        """`n` window indices spread evenly over the split (a fixed evaluation set)."""
+        n = min(n, len(self))
+        return np.linspace(0, len(self) - 1, n).round().astype(np.int64)
+
+
+class WindowSampler:
+    """Hands out windows in a seeded random order, a fresh permutation each epoch. Its whole state
+    is `consumed` (windows handed out so far), so resuming is exact."""
+
+    def __init__(self, windows: Windows, seed: int):
+        self.windows, self.seed = windows, seed
+        self.consumed = 0
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._perm = torch.randperm(len(self.windows), generator=generator_for(self.seed, "epoch", epoch))
+            self._epoch = epoch
+        return self._perm
+
+    def next(self, count: int) -> np.ndarray:
+        """(count, length) int64: the next `count` windows."""
+        n = len(self.windows)
+        picks = [int(self._order(pos // n)[pos % n]) for pos in range(self.consumed, self.consumed + count)]
+        self.consumed += count
+        return self.windows.get(np.asarray(picks))
+
+    def state(self) -> dict:
+        return {"consumed_windows": self.consumed, "epoch": self.consumed // len(self.windows),
+                "windows_per_epoch": len(self.windows)}
+
+    def load_state(self, state: dict) -> None:
+        self.consumed = int(state["consumed_windows"])

@@ -1,0 +1,136 @@
+"""GPT-2 (Radford et al. 2019) as a plain PyTorch model, in the order the data flows through it.
+
+    token + learned position embeddings -> dropout
+    N x [ x + attn(LayerNorm(x)),  x + MLP(LayerNorm(x)) ]     (pre-LayerNorm blocks)
+    final LayerNorm -> LM head tied to the token embeddings
+
+Attention is causal `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA);
+`naive_causal_attention` is the slow reference it is tested against. Generation reuses the keys
+and values of earlier positions (a KV cache), so each new token costs one position's work.
+
+The vocabulary is padded up to a multiple of 64 (50,257 -> 50,304 for GPT-2) so the largest
+matmul has friendly shapes; the padded slots are never real tokens, and `generate` masks them.
+Residual projections (attention out, MLP out) start with std 0.02/sqrt(2*layers), GPT-2's
+scaling that keeps the residual stream's variance from growing with depth.
+Names follow GPT-2's parts; lmforge/models/hf.py maps them to transformers' GPT2LMHeadModel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (batch, heads, seq, head_dim)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def naive_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference causal softmax(q k^T / sqrt(d)) v for q, k, v (batch, heads, seq, head_dim),
+    where the last q position lines up with the last k position (as with a KV cache)."""
+    tq, tk = q.size(-2), k.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # one matmul for q, k, v (GPT-2's layout)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out.residual_projection = True
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, h = x.shape
+        q, k, v = (z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in self.qkv(x).split(h, dim=2))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.attn_dropout if self.training else 0.0
+        if past is None or t == k.size(2):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif t == 1:  # one new token: it may look at everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # several new tokens after a cache: causal, offset by the cache length
+            allowed = torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self.out(y.transpose(1, 2).reshape(b, t, h)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.down.residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's tanh-approximate GELU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, past=None):
+        a, present = self.attn(self.attn_norm(x), past)
+        x = x + self.dropout(a)
+        return x + self.dropout(self.mlp(self.mlp_norm(x))), present
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size  # real tokens; the embedding has padded_vocab_size rows
+        self.token = nn.Embedding(padded_vocab_size(cfg.vocab_size), cfg.hidden_size)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = self.cfg.init_std
+            if getattr(module, "residual_projection", False):
+                std /= math.sqrt(2 * self.cfg.num_layers)
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, past: Optional[KVCache] = None,
+                return_cache: bool = False):
+        """input_ids: (batch, seq) int64, continuing `past` if given. Returns logits
+        (batch, seq, padded_vocab) — and the updated cache when `return_cache`."""
+        start = past[0][0].size(2) if past else 0
+        t = input_ids.size(1)
+        if start + t > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {start + t} tokens exceeds {self.cfg.max_position_embeddings} positions")
+        x = self.dropout(self.token(input_ids) + self.position.weight[start:start + t])
+        cache = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, past[i] if past else None)
+            cache.append(present)
+        logits = F.linear(self.final_norm(x), self.token.weight)  # LM head tied to the embeddings
+        return (logits, cache) if return_cache else logits
