@@ -19,21 +19,25 @@ from safetensors.torch import save_file
 
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models.hf import hf_config_from_model, to_hf_state_dict
+from lmforge.models.hf import gpt2_to_hf_state_dict, hf_config_from_model, hf_gpt2_config_from_model, to_hf_state_dict
 from lmforge.models.loading import load_model
 from lmforge.train.checkpoint import clean_state_dict
 
 
 def write_hf_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> None:
     tokenizer.save(out / "tokenizer.json")
-    vocab = sorted(tokenizer.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    (out / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
-    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-               "mask_token": "[MASK]"}
+    if tokenizer.kind == "gpt2":  # transformers reads the fast tokenizer from tokenizer.json
+        special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_len, "add_prefix_space": False,
+                  **special}
+    else:
+        vocab = sorted(tokenizer.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        (out / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+        special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                   "mask_token": "[MASK]"}
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": max_len, **special}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": max_len, **special},
-        indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -53,12 +57,20 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
             {k: v for k, v in clean_state_dict(classifier).items() if k.startswith("bert.")}).items()}
     else:
         loaded = load_model(model_path, mlm_head_required=False)
-        model_cfg, architecture, tokenizer = loaded.config, "BertForMaskedLM", loaded.tokenizer
-        tensors = to_hf_state_dict(clean_state_dict(loaded.model))
+        model_cfg, tokenizer = loaded.config, loaded.tokenizer
+        if model_cfg.arch == "gpt":
+            architecture = "GPT2LMHeadModel"
+            tensors = gpt2_to_hf_state_dict(clean_state_dict(loaded.model), model_cfg.vocab_size)
+        else:
+            architecture = "BertForMaskedLM"
+            tensors = to_hf_state_dict(clean_state_dict(loaded.model))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        hf_cfg = hf_config_from_model(model_cfg, architecture, pad_token_id=tokenizer.pad_id)
+        if architecture == "GPT2LMHeadModel":
+            hf_cfg = hf_gpt2_config_from_model(model_cfg, tokenizer.eot_id)
+        else:
+            hf_cfg = hf_config_from_model(model_cfg, architecture, pad_token_id=tokenizer.pad_id)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_hf_tokenizer(tokenizer, tmp, model_cfg.max_position_embeddings)

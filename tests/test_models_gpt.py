@@ -96,3 +96,34 @@ def test_2d_decay_rule_decays_matmul_weights_and_embeddings_only(layers):
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     decayed = {id(p) for p in decay["params"]}
     assert id(model.token.weight) in decayed and id(model.position.weight) in decayed
+
+
+def test_transformers_gpt2_loads_with_identical_logits_and_exports_back(tmp_path):
+    import transformers
+
+    from lmforge.data.tokenizers import load_tokenizer
+    from lmforge.export import export_hf
+    from lmforge.models.loading import load_model
+
+    cfg = transformers.GPT2Config(vocab_size=50257, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm/bias values, so a swapped or untransposed name shows
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref.save_pretrained(tmp_path / "hf")
+    load_tokenizer("gpt2").save(tmp_path / "hf" / "tokenizer.json")
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.config.arch == "gpt" and loaded.config.intermediate_size == 256
+    ids = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        theirs = ref(input_ids=ids).logits
+        ours = loaded.model(ids)[..., :50257]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+    out = export_hf(tmp_path / "hf", tmp_path / "back")
+    again = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (again(input_ids=ids).logits - theirs).abs().max().item() <= 1e-5
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("Hello world")["input_ids"] == [15496, 995]

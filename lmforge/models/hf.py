@@ -137,3 +137,78 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                                f"({str(e).splitlines()[0][:200]})") from None
         return hf_cfg, state
     raise LmforgeError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2: transformers' GPT2LMHeadModel <-> lmforge's GPT. GPT-2 stores its matmuls as Conv1D,
+# weight shaped (in, out): the transpose of nn.Linear's (out, in). The token embedding is
+# padded to a multiple of 64 rows in lmforge and cut back to the real vocabulary on export.
+
+_GPT2_NAMES = [
+    ("position.weight", "transformer.wpe.weight"),
+    ("blocks.{i}.attn_norm.{p}", "transformer.h.{i}.ln_1.{p}"),
+    ("blocks.{i}.attn.qkv.{p}", "transformer.h.{i}.attn.c_attn.{p}"),
+    ("blocks.{i}.attn.out.{p}", "transformer.h.{i}.attn.c_proj.{p}"),
+    ("blocks.{i}.mlp_norm.{p}", "transformer.h.{i}.ln_2.{p}"),
+    ("blocks.{i}.mlp.up.{p}", "transformer.h.{i}.mlp.c_fc.{p}"),
+    ("blocks.{i}.mlp.down.{p}", "transformer.h.{i}.mlp.c_proj.{p}"),
+    ("final_norm.{p}", "transformer.ln_f.{p}"),
+]
+_GPT2_TO_HF = [(_pattern(ours), theirs) for ours, theirs in _GPT2_NAMES]
+_GPT2_FROM_HF = [(_pattern(theirs), ours) for ours, theirs in _GPT2_NAMES]
+_GPT2_CONV1D = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_GPT2_IGNORED = re.compile(r"(lm_head\.weight|attn\.bias|attn\.masked_bias)$")
+
+
+def gpt2_to_hf_state_dict(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    out = {"transformer.wte.weight": state["token.weight"][:vocab_size].contiguous()}
+    for name, tensor in state.items():
+        if name == "token.weight":
+            continue
+        hf_name = _rename(name, _GPT2_TO_HF)
+        if hf_name is None:
+            raise KeyError(f"no transformers name for lmforge tensor {name}")
+        out[hf_name] = (tensor.t() if _GPT2_CONV1D.search(hf_name) else tensor).contiguous()
+    return out
+
+
+def gpt2_from_hf_state_dict(state: dict[str, torch.Tensor], padded_vocab: int
+                            ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out, ignored = {}, []
+    for name, tensor in state.items():
+        full = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        if full == "transformer.wte.weight":
+            padded = torch.zeros(padded_vocab, tensor.size(1), dtype=tensor.dtype)
+            padded[: tensor.size(0)] = tensor
+            out["token.weight"] = padded
+            continue
+        ours = _rename(full, _GPT2_FROM_HF)
+        if ours is None:
+            if not _GPT2_IGNORED.search(full):
+                raise LmforgeError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; is it a GPT-2?")
+            ignored.append(name)
+            continue
+        out[ours] = tensor.t() if _GPT2_CONV1D.search(full) else tensor
+    return out, ignored
+
+
+def gpt2_model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConfig:
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise LmforgeError(f"GPT-2 activation {hf.get('activation_function')!r} is not supported (gelu_new only)")
+    h = hf["n_embd"]
+    return ModelConfig(arch="gpt", vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["n_layer"],
+                       num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * h,
+                       max_position_embeddings=hf["n_positions"], type_vocab_size=1,
+                       dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout,
+                       layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02))
+
+
+def hf_gpt2_config_from_model(cfg: ModelConfig, eot_id: Optional[int]) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+        "n_inner": cfg.intermediate_size, "n_positions": cfg.max_position_embeddings,
+        "activation_function": "gelu_new", "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
+        "bos_token_id": eot_id, "eos_token_id": eot_id, "tie_word_embeddings": True,
+    }

@@ -17,7 +17,8 @@ from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.gpt import GPT
-from lmforge.models.hf import from_hf_state_dict, is_hf_dir, model_config_from_hf, read_hf_dir
+from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
+                               model_config_from_hf, read_hf_dir)
 from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
 
 
@@ -41,7 +42,7 @@ class LoadedModel:
 
 def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
     """Model, config and tokenizer from an lmforge pretraining run directory (BERT or GPT) or a
-    transformers BERT directory.
+    transformers BERT or GPT-2 (GPT2LMHeadModel) directory.
 
     A transformers encoder without an MLM head (a `BertModel`, such as the bundled MiniLM) gets a
     freshly initialised head; with `mlm_head_required` that is said on stderr, since its fill-mask
@@ -58,6 +59,13 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         return LoadedModel(model.eval(), cfg.model, load_tokenizer(str(path / "tokenizer.json")), "lmforge")
     if is_hf_dir(path):
         hf_cfg, hf_state = read_hf_dir(path)
+        if hf_cfg.get("model_type") == "gpt2":
+            cfg = gpt2_model_config_from_hf(hf_cfg)
+            model = GPT(cfg)
+            state, ignored = gpt2_from_hf_state_dict(hf_state, model.token.weight.size(0))
+            model.load_state_dict(state)
+            notes = [f"not used from {path}: {', '.join(sorted(ignored)[:6])}"] if ignored else []
+            return LoadedModel(model.eval(), cfg, load_tokenizer(str(path)), "hf", notes)
         cfg = model_config_from_hf(hf_cfg)
         state, ignored = from_hf_state_dict(hf_state)
         model = BertForMaskedLM(cfg)  # initialised, so a missing head starts as N(0, 0.02)
