@@ -9,10 +9,11 @@ from lmforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "bert-tiny.yaml")
+GPT_CONFIG = str(ROOT / "configs" / "gpt-tiny.yaml")
 
 
-def _run(tmp_path, capsys, *overrides):
-    assert main(["pretrain", "--config", CONFIG, f"out_dir={tmp_path}", "train.progress=false", *overrides]) == 0
+def _run(tmp_path, capsys, *overrides, config=CONFIG):
+    assert main(["pretrain", "--config", config, f"out_dir={tmp_path}", "train.progress=false", *overrides]) == 0
     out = capsys.readouterr().out
     run_dir = Path(out.strip().splitlines()[-1].split("run directory: ", 1)[1])
     return run_dir, json.loads((run_dir / "summary.json").read_text()), out
@@ -24,6 +25,20 @@ def test_default_config_runs_end_to_end_on_sotu_and_predicts(tmp_path, capsys):
     assert summary["steps"] == 8 and summary["unigram_val_loss"] > 5
     assert main(["predict", str(run_dir), "The United [MASK] of America.", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["masks"][0]) == 5
+
+
+def test_gpt_config_runs_end_to_end_on_sotu_and_generates(tmp_path, capsys):
+    run_dir, summary, out = _run(tmp_path, capsys, "train.max_steps=3", "train.eval_every=3", "train.eval_batches=1",
+                                 "task.sample_tokens=5", config=GPT_CONFIG)
+    assert "held-out causal-LM loss" in out and summary["steps"] == 3 and "val_perplexity" in summary
+    assert main(["generate", str(run_dir), "The Union", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The Union")
+
+
+@pytest.mark.slow
+def test_gpt_demo_beats_the_unigram_baseline(tmp_path, capsys):
+    _, summary, _ = _run(tmp_path, capsys, config=GPT_CONFIG)
+    assert summary["val_loss"] < summary["unigram_val_loss"]
 
 
 @pytest.mark.slow
