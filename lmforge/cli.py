@@ -43,26 +43,32 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _start_or_resume(args: argparse.Namespace, new_run, resume_run, fixed: tuple[str, ...] = ()):
+    """Shared by pretrain and finetune: --list-keys / --print-config (return None), --resume, or a
+    new run from --config and overrides. Returns (run directory, summary)."""
     from lmforge.config import all_keys, dump_yaml, load_config
 
     if args.list_keys:
         print("\n".join(all_keys()))
-        return 0
+        return None
     if args.resume:
         if args.config:
             raise LmforgeError("--resume takes its config from the run directory; drop --config")
-        from lmforge.pretrain import resume
+        return resume_run(Path(args.resume), args.overrides)
+    cfg = load_config(args.config, [*fixed, *args.overrides])
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return new_run(cfg)
 
-        run_dir, summary = resume(Path(args.resume), args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
-        from lmforge.pretrain import pretrain
 
-        run_dir, summary = pretrain(cfg)
+def _pretrain(args: argparse.Namespace) -> int:
+    from lmforge.pretrain import pretrain, resume
+
+    result = _start_or_resume(args, pretrain, resume)
+    if result is None:
+        return 0
+    run_dir, summary = result
     print()
     kind = "causal-LM" if "val_perplexity" in summary else "MLM"
     perplexity = f", perplexity {summary['val_perplexity']:.1f}" if "val_perplexity" in summary else ""
@@ -93,25 +99,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from lmforge.config import all_keys, dump_yaml, load_config
+    from lmforge.finetune import finetune, resume_finetune
 
-    if args.list_keys:
-        print("\n".join(all_keys()))
+    result = _start_or_resume(args, finetune, resume_finetune, fixed=("task.name=classify",))
+    if result is None:
         return 0
-    if args.resume:
-        if args.config:
-            raise LmforgeError("--resume takes its config from the run directory; drop --config")
-        from lmforge.finetune import resume_finetune
-
-        run_dir, summary = resume_finetune(Path(args.resume), args.overrides)
-    else:
-        cfg = load_config(args.config, ["task.name=classify", *args.overrides])
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
-        from lmforge.finetune import finetune
-
-        run_dir, summary = finetune(cfg)
+    run_dir, summary = result
     print()
     rating = f", rating MAE {summary['test_rating_mae']:.3f}" if "test_rating_mae" in summary else ""
     print(f"test accuracy {summary['test_accuracy']:.4f}, F1 {summary['test_f1']:.4f}{rating} "

@@ -93,7 +93,10 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
 
 
 def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
+    """Continue a fine-tuning run from its latest checkpoint, in the same directory."""
     cfg, device = resume_config(run_dir, overrides)
+    if cfg.task.name != "classify":
+        raise LmforgeError(f"{run_dir} is a pretraining run; continue it with `lmforge pretrain --resume`")
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     recorded = json.loads((run_dir / "dataset.json").read_text())
     if recorded["identity"] != data.identity:

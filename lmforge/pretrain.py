@@ -117,6 +117,8 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, 
     """Continue a run from its latest checkpoint, in the same directory."""
     run_dir = Path(run_dir)
     cfg, device = resume_config(run_dir, overrides)
+    if cfg.task.name == "classify":
+        raise LmforgeError(f"{run_dir} is a fine-tuning run; continue it with `lmforge finetune --resume`")
     recorded = json.loads((run_dir / "data.json").read_text())["prepared"] if (run_dir / "data.json").is_file() else None
     if recorded and (Path(recorded) / "manifest.json").is_file():
         data = PreparedData(recorded)  # the very shards the run started on

@@ -150,3 +150,37 @@ def test_hf_dataset_names_load_through_datasets_without_ratings(monkeypatch):
     data = load_labeled("hf:glue:sst2")
     assert [(e.text, e.label, e.rating) for e in data.examples] == [("a fine film", 1, None), ("dull", 0, None)]
     assert data.rating_range is None
+
+
+def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from lmforge.finetune import resume_finetune
+    from lmforge.tasks.classify import ClassifyTask
+    from lmforge.train.log import read_metrics
+
+    full_dir, _ = finetune(_cfg(tiny_prepared, tmp_path / "full", tiny_reviews, "train.max_steps=12",
+                                "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
+                                "model.dropout=0.1"))
+    original = ClassifyTask.train_batch
+
+    def interrupt(self, step, micro):
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step, micro)
+
+    monkeypatch.setattr(ClassifyTask, "train_batch", interrupt)
+    cut_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "cut", tiny_reviews, "train.max_steps=12",
+                                     "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
+                                     "model.dropout=0.1"))
+    assert summary["stopped_by"] == "signal"
+    monkeypatch.setattr(ClassifyTask, "train_batch", original)
+    with pytest.raises(LmforgeError, match="is a fine-tuning run"):
+        from lmforge.pretrain import resume
+        resume(cut_dir)
+    resume_finetune(cut_dir)
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if r["split"] == "train"]  # noqa: E731
+    assert losses(cut_dir) == losses(full_dir)
+    assert json.loads((cut_dir / "summary.json").read_text())["test_accuracy"] == \
+        json.loads((full_dir / "summary.json").read_text())["test_accuracy"]
