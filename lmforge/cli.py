@@ -164,6 +164,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
+    """The arguments every training verb takes (see `_start_or_resume`)."""
+    p.add_argument("--config", help=f"YAML config file, e.g. {example_config}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its latest checkpoint (overrides limited to train.max_steps, "
+                        "train.max_time_s and other train.* bookkeeping keys)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
@@ -195,13 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Pretrain a model; every run gets its own directory under out_dir "
                                      "(config, provenance, metrics, TensorBoard, checkpoints, report).",
                          epilog=EPILOG_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file, e.g. configs/bert-tiny.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue RUN_DIR from its latest checkpoint (overrides limited to train.max_steps, "
-                        "train.max_time_s and other train.* bookkeeping keys)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
+    _add_run_arguments(p, "configs/bert-tiny.yaml")
     p.set_defaults(func=_pretrain)
 
     p = verbs.add_parser("finetune", help="fine-tune a sentence classifier (polarity + rating heads)",
@@ -211,11 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "accuracy, test F1, rating MAE), errors.md and confusion.png.",
                          epilog=EPILOG_CONFIG.replace("pretrain", "finetune").replace("bert-tiny", "mr-minilm"),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file, e.g. configs/mr-minilm.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
+    _add_run_arguments(p, "configs/mr-minilm.yaml")
     p.set_defaults(func=_finetune)
 
     p = verbs.add_parser("classify", help="classify texts with a fine-tuned run",
