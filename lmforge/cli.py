@@ -178,7 +178,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge",
-        description="Pretrain and fine-tune transformer language models (BERT masked LMs and classifiers).",
+        description="Pretrain and fine-tune transformer language models: BERT masked LMs, GPT causal LMs, "
+                    "and classifiers fine-tuned on top.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `lmforge <verb> --help` for each verb's options.",
     )
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_prepare)
 
-    p = verbs.add_parser("pretrain", help="pretrain a BERT with masked-language modelling",
+    p = verbs.add_parser("pretrain", help="pretrain a BERT (masked LM) or a GPT (causal LM)",
                          description="Pretrain a model; every run gets its own directory under out_dir "
                                      "(config, provenance, metrics, TensorBoard, checkpoints, report).",
                          epilog=EPILOG_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
