@@ -107,6 +107,10 @@ def test_finetune_learns_a_tiny_file_and_classify_reports_every_input(tiny_prepa
     assert main(["classify", str(run_dir), "--text", "the cat is great and fine ."]) == 0
     assert capsys.readouterr().out.startswith("positive\t")
     assert main(["classify", str(run_dir)]) == 2
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), "the [MASK]"]) == 2
+    assert main(["generate", str(run_dir), "the"]) == 2
+    assert "is a fine-tuning run" in capsys.readouterr().err
 
 
 def test_finetune_starts_from_an_lmforge_pretraining_run(tiny_prepared, tiny_reviews, tmp_path):

@@ -8,6 +8,7 @@ slots (beyond the tokenizer's real tokens) are set to -inf, so they are never pr
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -50,6 +51,8 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: i
         raise LmforgeError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
     max_pos = model.cfg.max_position_embeddings
     if len(prompt_ids) >= max_pos:
+        print(f"warning: the prompt has {len(prompt_ids)} tokens; keeping its last {max_pos - 1} "
+              f"(the model has {max_pos} positions)", file=sys.stderr)
         prompt_ids = prompt_ids[-(max_pos - 1):]  # keep the end of a too-long prompt
     device = next(model.parameters()).device
     was_training = model.training

@@ -51,6 +51,9 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
     path = Path(path)
     if (path / "config.yaml").is_file():
         cfg = load_config(path / "config.yaml")
+        if cfg.task.name == "classify":
+            raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
+                               f"for its encoder")
         ckpt = latest_checkpoint(path / "checkpoints")
         if ckpt is None:
             raise LmforgeError(f"{path} has no checkpoint yet")
