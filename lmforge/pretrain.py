@@ -110,7 +110,7 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     print(f"lmforge: run directory {run_dir}")
     print(f"lmforge: {sum(p.numel() for p in model.parameters()):,} parameters, data {data.folder}, "
           f"device {device}")
-    return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=False)
+    return run_dir, run_task(cfg, build_task(cfg, data, model), run_dir, device, resume=False)
 
 
 def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
@@ -127,7 +127,7 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, 
     if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
         raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
     model = build_model(cfg)
-    return run_dir, _train_and_report(cfg, data, model, run_dir, device, resume=True)
+    return run_dir, run_task(cfg, build_task(cfg, data, model), run_dir, device, resume=True)
 
 
 def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config, torch.device]:
@@ -145,11 +145,6 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return cfg, resolve_device(cfg.train.device)
-
-
-def _train_and_report(cfg: Config, data: PreparedData, model: torch.nn.Module, run_dir: Path,
-                      device: torch.device, resume: bool) -> dict:
-    return run_task(cfg, build_task(cfg, data, model), run_dir, device, resume)
 
 
 def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool) -> dict:

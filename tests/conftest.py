@@ -6,7 +6,9 @@ network; the tests that exercise the bundled registry data say so in their names
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,16 @@ def tiny_config(prepared: PreparedData, out_dir: Path, *overrides: str):
         "optim.warmup_frac=0.1",
     ]
     return load_config(None, base + list(overrides))
+
+
+def interrupt_during_step(monkeypatch, task_cls, at_step: int) -> None:
+    """Make `task_cls.train_batch` send this process SIGINT while drawing step `at_step`'s batch,
+    as a user's Ctrl-C would: the loop finishes that step, checkpoints and stops."""
+    original = task_cls.train_batch
+
+    def train_batch(self, step, micro):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step, micro)
+
+    monkeypatch.setattr(task_cls, "train_batch", train_batch)

@@ -2,12 +2,11 @@
 
 import contextlib
 import json
-import os
-import signal
 
 import pytest
 import torch
 
+from conftest import interrupt_during_step
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data.corpora import open_corpus
@@ -94,17 +93,10 @@ def test_clm_learns_beyond_unigram_and_writes_samples(bpe_prepared, tmp_path, ca
 
 def test_clm_resume_after_sigint_is_bit_exact(bpe_prepared, tmp_path, monkeypatch):
     full_dir, _ = pretrain(gpt_config(bpe_prepared, tmp_path / "full"))
-    original = CausalLMTask.train_batch
-
-    def interrupt(self, step, micro):
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, micro)
-
-    monkeypatch.setattr(CausalLMTask, "train_batch", interrupt)
+    interrupt_during_step(monkeypatch, CausalLMTask, 4)
     cut_dir, summary = pretrain(gpt_config(bpe_prepared, tmp_path / "cut"))
     assert summary["stopped_by"] == "signal"
-    monkeypatch.setattr(CausalLMTask, "train_batch", original)
+    monkeypatch.undo()
     resume(cut_dir)
     losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if r["split"] == "train"]  # noqa: E731
     assert losses(cut_dir) == losses(full_dir)

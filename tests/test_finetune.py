@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import interrupt_during_step, tiny_config
 from lmforge.cli import main
 from lmforge.config import ModelConfig, load_config
 from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_split
@@ -157,9 +157,6 @@ def test_hf_dataset_names_load_through_datasets_without_ratings(monkeypatch):
 
 
 def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch):
-    import os
-    import signal
-
     from lmforge.finetune import resume_finetune
     from lmforge.tasks.classify import ClassifyTask
     from lmforge.train.log import read_metrics
@@ -167,19 +164,12 @@ def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, mon
     full_dir, _ = finetune(_cfg(tiny_prepared, tmp_path / "full", tiny_reviews, "train.max_steps=12",
                                 "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
                                 "model.dropout=0.1"))
-    original = ClassifyTask.train_batch
-
-    def interrupt(self, step, micro):
-        if step == 8:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, step, micro)
-
-    monkeypatch.setattr(ClassifyTask, "train_batch", interrupt)
+    interrupt_during_step(monkeypatch, ClassifyTask, 8)
     cut_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "cut", tiny_reviews, "train.max_steps=12",
                                      "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
                                      "model.dropout=0.1"))
     assert summary["stopped_by"] == "signal"
-    monkeypatch.setattr(ClassifyTask, "train_batch", original)
+    monkeypatch.undo()
     with pytest.raises(LmforgeError, match="is a fine-tuning run"):
         from lmforge.pretrain import resume
         resume(cut_dir)

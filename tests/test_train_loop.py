@@ -3,14 +3,12 @@
 import contextlib
 import copy
 import json
-import os
-import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import interrupt_during_step, tiny_config
 from lmforge.errors import LmforgeError
 from lmforge.models.loading import load_model
 from lmforge.pretrain import build_model, fill_vocab_size, pretrain, resume
@@ -75,17 +73,10 @@ def test_uninterrupted_run_writes_a_self_explaining_run_directory(tiny_prepared,
 
 def test_resume_after_sigint_gives_bit_identical_losses_and_weights(tiny_prepared, tmp_path, monkeypatch):
     full_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "full"))
-    original = MaskedLMTask.train_batch
-
-    def interrupt_at_step_7(self, step, micro):
-        if step == 7:
-            os.kill(os.getpid(), signal.SIGINT)  # handled: stop after this step, with a checkpoint
-        return original(self, step, micro)
-
-    monkeypatch.setattr(MaskedLMTask, "train_batch", interrupt_at_step_7)
+    interrupt_during_step(monkeypatch, MaskedLMTask, 7)
     cut_dir, cut_summary = pretrain(tiny_config(tiny_prepared, tmp_path / "cut"))
     assert cut_summary["stopped_by"] == "signal" and cut_summary["steps"] == 8
-    monkeypatch.setattr(MaskedLMTask, "train_batch", original)
+    monkeypatch.undo()
     resume(cut_dir)
     assert _losses(cut_dir) == _losses(full_dir)  # exact equality, not approximate
     a = load_file(full_dir / "checkpoints" / "step_00000012" / "model.safetensors")

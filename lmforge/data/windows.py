@@ -57,9 +57,15 @@ class WindowSampler:
     def next(self, count: int) -> np.ndarray:
         """(count, length) int64: the next `count` windows."""
         n = len(self.windows)
-        picks = [int(self._order(pos // n)[pos % n]) for pos in range(self.consumed, self.consumed + count)]
-        self.consumed += count
-        return self.windows.get(np.asarray(picks))
+        picks = []
+        pos, end = self.consumed, self.consumed + count
+        while pos < end:  # one slice per epoch touched (usually one)
+            epoch, offset = divmod(pos, n)
+            take = min(end - pos, n - offset)
+            picks.append(self._order(epoch)[offset:offset + take].numpy())
+            pos += take
+        self.consumed = end
+        return self.windows.get(np.concatenate(picks))
 
     def state(self) -> dict:
         return {"consumed_windows": self.consumed, "epoch": self.consumed // len(self.windows),
