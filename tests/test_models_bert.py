@@ -63,3 +63,29 @@ def test_initialisation_is_normal_with_std_0_02():
     w = model.bert.embeddings.token.weight
     assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
     assert torch.all(model.bert.layers[0].ffn_in.bias == 0)
+
+
+def test_fused_head_and_loss_matches_logits_then_cross_entropy_with_gradients():
+    model = _model(dropout=0.1).train()  # dropout on: the same seed must give the same masks
+    ids = torch.randint(5, 1000, (3, 16), generator=torch.Generator().manual_seed(1))
+    selected = torch.rand(3, 16, generator=torch.Generator().manual_seed(2)) < 0.3
+    targets = ids[selected]
+
+    def grads_of(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(3)
+    plain = torch.nn.functional.cross_entropy(model(ids, selected=selected), targets, reduction="sum")
+    plain_grads = grads_of(plain)
+    torch.manual_seed(3)  # same dropout masks
+    fused, correct = model(ids, selected=selected, targets=targets)
+    fused_grads = grads_of(fused)
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    model.eval()
+    _, correct = model(ids, selected=selected, targets=targets)
+    assert int(correct) == int((model(ids, selected=selected).argmax(-1) == targets).sum())
+    assert plain_grads.keys() == fused_grads.keys()
+    for name in plain_grads:
+        assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6), name

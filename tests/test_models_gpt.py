@@ -127,3 +127,20 @@ def test_transformers_gpt2_loads_with_identical_logits_and_exports_back(tmp_path
         assert (again(input_ids=ids).logits - theirs).abs().max().item() <= 1e-5
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_fused_head_and_loss_matches_logits_then_cross_entropy_with_gradients():
+    model = _gpt()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
+    logits = model(ids)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    plain.backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused, correct = model(ids, targets=targets)
+    fused.backward()
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    assert int(correct) == int((logits.argmax(-1) == targets).sum())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, plain_grads[name], rtol=1e-4, atol=1e-6), name

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.ops.linear_cross_entropy import linear_cross_entropy
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -124,12 +125,15 @@ class MaskedLMHead(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., hidden): what goes into the vocabulary projection."""
+        return self.norm(F.gelu(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., vocab) logits. The decoder matrix is passed in rather than
         owned: it is the token embedding (weight tying: fewer parameters, better sample
         efficiency), and not owning it keeps each tensor once in the state dict."""
-        x = self.norm(F.gelu(self.dense(hidden)))
-        return F.linear(x, decoder_weight, self.bias)
+        return F.linear(self.transform(hidden), decoder_weight, self.bias)
 
 
 class BertForMaskedLM(nn.Module):
@@ -152,11 +156,20 @@ class BertForMaskedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                selected: Optional[torch.Tensor] = None) -> torch.Tensor:
+                selected: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None):
         """Logits over the vocabulary. With `selected` ((batch, seq) bool) only at those positions:
         (n_selected, vocab), row-major order; the vocabulary projection, the largest matmul of
-        the model, then runs on ~15% of positions. Without it: (batch, seq, vocab)."""
+        the model, then runs on ~15% of positions. Without it: (batch, seq, vocab).
+
+        With `targets` ((n_selected,) int64 with `selected`, else (batch, seq)) the logits are not
+        returned: instead (loss_sum, correct), the summed cross-entropy and the number of
+        positions whose most likely token is the target, computed by the fused, chunked
+        projection + loss of lmforge/ops (the logits never exist in memory at once)."""
         hidden = self.bert(input_ids, token_type_ids, attention_mask)
         if selected is not None:
             hidden = hidden[selected]
-        return self.mlm_head(hidden, self.bert.embeddings.token.weight)
+        decoder = self.bert.embeddings.token.weight
+        if targets is None:
+            return self.mlm_head(hidden, decoder)
+        x = self.mlm_head.transform(hidden)
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), decoder, self.mlm_head.bias, targets.reshape(-1))

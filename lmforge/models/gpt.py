@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.ops.linear_cross_entropy import linear_cross_entropy
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (batch, heads, seq, head_dim)
 
@@ -120,9 +121,14 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, past: Optional[KVCache] = None,
-                return_cache: bool = False):
+                return_cache: bool = False, targets: Optional[torch.Tensor] = None):
         """input_ids: (batch, seq) int64, continuing `past` if given. Returns logits
-        (batch, seq, padded_vocab) — and the updated cache when `return_cache`."""
+        (batch, seq, padded_vocab) — and the updated cache when `return_cache`.
+
+        With `targets` ((batch, seq) int64, the next tokens) it returns (loss_sum, correct)
+        instead: the summed cross-entropy over every position and the number of positions whose
+        most likely token is the target, from the fused, chunked projection + loss of
+        lmforge/ops, so the (batch, seq, vocab) logits never exist in memory at once."""
         start = past[0][0].size(2) if past else 0
         t = input_ids.size(1)
         if start + t > self.cfg.max_position_embeddings:
@@ -132,5 +138,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x, present = block(x, past[i] if past else None)
             cache.append(present)
-        logits = F.linear(self.final_norm(x), self.token.weight)  # LM head tied to the embeddings
+        x = self.final_norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.token.weight, None, targets.reshape(-1))
+        logits = F.linear(x, self.token.weight)  # LM head tied to the embeddings
         return (logits, cache) if return_cache else logits

@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.data.shards import PreparedData
@@ -22,6 +21,14 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.generate import generate
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task
 from lmforge.tasks.mlm import unigram_log_probs
+
+
+def clm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
+    """Summed next-token cross-entropy and correct-prediction count of one batch.
+    tensors: "input_ids" and "targets", both (batch, seq) int64. The model fuses its vocabulary
+    projection with the loss (lmforge/ops/linear_cross_entropy.py): no logits are kept."""
+    loss_sum, correct = model(tensors["input_ids"], targets=tensors["targets"])
+    return LossOutput(loss_sum, {"correct": correct})
 
 
 class CausalLMTask(Task):
@@ -56,12 +63,7 @@ class CausalLMTask(Task):
         self.sampler.load_state(state)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        t = batch.tensors
-        logits = model(t["input_ids"])  # (batch, seq, padded_vocab)
-        flat = logits.reshape(-1, logits.size(-1)).float()
-        loss_sum = F.cross_entropy(flat, t["targets"].reshape(-1), reduction="sum")
-        correct = (flat.argmax(-1) == t["targets"].reshape(-1)).sum()
-        return LossOutput(loss_sum, {"correct": correct})
+        return clm_loss(model, batch.tensors)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
@@ -76,10 +78,10 @@ class CausalLMTask(Task):
         logp = self.unigram_logp.to(device)
         for start in range(0, len(self._eval_windows), b):
             t = {k: v.to(device) for k, v in self._batch(self._eval_windows[start:start + b]).tensors.items()}
-            logits = model(t["input_ids"]).float()
-            flat, targets = logits.reshape(-1, logits.size(-1)), t["targets"].reshape(-1)
-            loss_sum += F.cross_entropy(flat, targets, reduction="sum").item()
-            correct += (flat.argmax(-1) == targets).sum().item()
+            batch_loss, batch_correct = model(t["input_ids"], targets=t["targets"])  # fused: no logits kept
+            targets = t["targets"].reshape(-1)
+            loss_sum += batch_loss.item()
+            correct += batch_correct.item()
             unigram_sum += -logp[targets].sum().item()
             count += targets.numel()
         model.train(was_training)

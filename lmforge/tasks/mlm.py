@@ -33,6 +33,16 @@ def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
     return (counts / counts.sum()).log().float()
 
 
+def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
+    """Summed cross-entropy over the selected positions and their correct-prediction count.
+    tensors: "masked_ids" (the model's input), "input_ids" (the original tokens) and "selected",
+    all (batch, seq). The vocabulary projection runs on the selected positions only, fused with
+    the loss (lmforge/ops/linear_cross_entropy.py)."""
+    selected = tensors["selected"]
+    loss_sum, correct = model(tensors["masked_ids"], selected=selected, targets=tensors["input_ids"][selected])
+    return LossOutput(loss_sum, {"correct": correct})
+
+
 class MaskedLMTask(Task):
     name = "mlm"
 
@@ -85,11 +95,7 @@ class MaskedLMTask(Task):
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        t = batch.tensors
-        logits = model(t["masked_ids"], selected=t["selected"])  # (n_selected, vocab)
-        loss_sum = cross_entropy_selected(logits, t["input_ids"], t["selected"], reduction="sum")
-        correct = (logits.argmax(-1) == t["input_ids"][t["selected"]]).sum()
-        return LossOutput(loss_sum, {"correct": correct})
+        return mlm_loss(model, batch.tensors)
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_batches(self) -> list[Batch]:
