@@ -57,3 +57,65 @@ def test_fused_linear_cross_entropy_without_grad_and_with_no_rows():
     assert float(loss.detach()) == 0.0 and int(correct) == 0
     loss.backward()  # an empty batch still gives (zero) gradients, not an error
     assert float(w.grad.abs().sum()) == 0.0
+
+
+# -- dropout ---------------------------------------------------------------------------------------
+from lmforge.ops.attention import attention  # noqa: E402
+from lmforge.ops.dropout import dropout, drop_threshold, keep_mask, reference_dropout  # noqa: E402
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.02])
+def test_dropout_drops_at_rate_p_within_binomial_spread_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    n = 400_000
+    x = torch.ones(n)
+    y = dropout(x, p, training=True)
+    dropped = float((y == 0).float().mean())
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped - p) < 5 * sd
+    assert abs(float(y.mean()) - 1.0) < 5 * sd / (1 - p)  # kept values are scaled by 1/(1 - rate)
+    assert abs(drop_threshold(p) / 65536 - p) <= 1 / 65536
+
+
+def test_dropout_matches_the_reference_given_the_same_mask_forward_and_backward():
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.3, training=True)
+    y.backward(torch.arange(105.0).view(3, 5, 7))
+    torch.manual_seed(1)
+    keep = keep_mask(x.shape, 0.3, x.device)  # the same draws, in the same order
+    xr = x.detach().clone().requires_grad_()
+    yr = reference_dropout(xr, keep, 0.3)
+    yr.backward(torch.arange(105.0).view(3, 5, 7))
+    assert torch.allclose(y, yr) and torch.allclose(x.grad, xr.grad)
+    assert 0 < int(keep.sum()) < 105
+
+
+def test_dropout_is_reproducible_under_a_seed_and_identity_in_eval():
+    x = torch.randn(64, 64)
+    torch.manual_seed(5)
+    a = dropout(x, 0.1, True)
+    torch.manual_seed(5)
+    assert torch.equal(a, dropout(x, 0.1, True))
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+
+
+def test_attention_without_dropout_is_sdpa_and_with_dropout_matches_the_reference_math():
+    from lmforge.models.bert import naive_attention
+    from lmforge.models.gpt import naive_causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1, 5:] = False
+    assert torch.allclose(attention(q, k, v, key_mask[:, None, None, :]), naive_attention(q, k, v, key_mask), atol=1e-6)
+    assert torch.allclose(attention(q, k, v, is_causal=True), naive_causal_attention(q, k, v), atol=1e-6)
+    for causal in (False, True):
+        torch.manual_seed(2)
+        got = attention(q, k, v, None if causal else key_mask[:, None, None, :], dropout_p=0.2, is_causal=causal)
+        torch.manual_seed(2)
+        keep = keep_mask((2, 3, 9, 9), 0.2, q.device)
+        scores = (q @ k.transpose(-2, -1)) / 8 ** 0.5
+        allowed = torch.ones(9, 9, dtype=torch.bool).tril() if causal else key_mask[:, None, None, :]
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        assert torch.allclose(got, reference_dropout(probs, keep, 0.2) @ v, atol=1e-6)

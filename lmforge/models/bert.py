@@ -5,8 +5,10 @@
     masked-LM head: dense -> GELU -> LayerNorm -> decoder tied to the token embeddings (+ bias)
 
 Post-LayerNorm as in the paper (GPT-2 later moved it before each block). Attention goes through
-`F.scaled_dot_product_attention`, which picks a fused kernel (flash / memory-efficient on CUDA);
-`naive_attention` below is the slow, obviously-correct reference it is tested against. Module
+`F.scaled_dot_product_attention`, which picks a fused kernel (flash / memory-efficient on CUDA),
+except when training with attention dropout on the CPU (lmforge/ops/attention.py says why);
+dropout is lmforge's cheaper CPU dropout (lmforge/ops/dropout.py), plain `F.dropout` elsewhere.
+`naive_attention` below is the slow, obviously-correct reference they are tested against. Module
 names follow the paper's parts, and `lmforge/models/hf.py` maps them to transformers' names.
 The model knows nothing about tasks, devices or parallelism.
 """
@@ -21,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.ops.attention import attention
+from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
 
 
@@ -41,7 +45,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
         seq = input_ids.size(1)
@@ -70,9 +74,8 @@ class SelfAttention(nn.Module):
         def heads(proj: nn.Linear) -> torch.Tensor:  # (b, t, h) -> (b, heads, t, head_dim)
             return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value),
-                                           attn_mask=attn_mask,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = attention(heads(self.query), heads(self.key), heads(self.value), attn_mask=attn_mask,
+                      dropout_p=self.attn_dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, t, h))
 
 
@@ -86,7 +89,7 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.bert import BertModel
+from lmforge.ops.dropout import Dropout
 
 
 class BertClassifier(nn.Module):
@@ -27,7 +28,7 @@ class BertClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.bert = BertModel(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.polarity = nn.Linear(cfg.hidden_size, num_labels)
         self.rating = nn.Linear(cfg.hidden_size, 1) if rating_range is not None else None
         lo, hi = rating_range if rating_range is not None else (0.0, 0.0)

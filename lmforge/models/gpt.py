@@ -4,8 +4,9 @@
     N x [ x + attn(LayerNorm(x)),  x + MLP(LayerNorm(x)) ]     (pre-LayerNorm blocks)
     final LayerNorm -> LM head tied to the token embeddings
 
-Attention is causal `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA);
-`naive_causal_attention` is the slow reference it is tested against. Generation reuses the keys
+Attention is causal `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA;
+lmforge/ops/attention.py when training with attention dropout on the CPU), dropout lmforge's
+cheaper CPU dropout (lmforge/ops/dropout.py); `naive_causal_attention` is the slow reference. Generation reuses the keys
 and values of earlier positions (a KV cache), so each new token costs one position's work.
 
 The vocabulary is padded up to a multiple of 64 (50,257 -> 50,304 for GPT-2) so the largest
@@ -25,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.ops.attention import attention
+from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (batch, heads, seq, head_dim)
@@ -60,7 +63,7 @@ class CausalSelfAttention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         dropout = self.attn_dropout if self.training else 0.0
         if past is None or t == k.size(2):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = attention(q, k, v, is_causal=True, dropout_p=dropout)
         elif t == 1:  # one new token: it may look at everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:  # several new tokens after a cache: causal, offset by the cache length
@@ -87,7 +90,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, past=None):
         a, present = self.attn(self.attn_norm(x), past)
@@ -102,7 +105,7 @@ class GPT(nn.Module):
         self.vocab_size = cfg.vocab_size  # real tokens; the embedding has padded_vocab_size rows
         self.token = nn.Embedding(padded_vocab_size(cfg.vocab_size), cfg.hidden_size)
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.apply(self._init_weights)

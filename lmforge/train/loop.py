@@ -31,6 +31,7 @@ from lmforge.rng import derive_seed
 from lmforge.tasks.base import Task
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from lmforge.train.log import MetricsLogger
+from lmforge.train.machine import tune_allocator
 from lmforge.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -124,6 +125,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     """Train `task.model` per `cfg.train` / `cfg.optim`, writing into `run_dir`. With `resume`,
     continue from the run's latest checkpoint."""
     t_cfg = cfg.train
+    tune_allocator()  # reuse freed memory across steps instead of faulting in fresh pages
     model = task.model.to(device)
     model.train()
     if device.type == "cuda":
