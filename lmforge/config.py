@@ -118,7 +118,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     samples_every: Optional[int] = None  # decoded table to samples.md; null = at each evaluation
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA if supported, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU or CPU with fast native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     num_threads: Optional[int] = None  # torch CPU threads; null = torch's default
     progress: bool = True

@@ -25,6 +25,7 @@ from lmforge.pretrain import fill_vocab_size, resume_config, run_task
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
 from lmforge.train.loop import resolve_device
+from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import create_run_dir
 
 BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
@@ -63,8 +64,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     if cfg.task.name != "classify":
         raise LmforgeError(f"`lmforge finetune` trains task.name=classify, not {cfg.task.name!r}; "
                            f"use configs/mr-minilm.yaml or set task.name=classify")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    set_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     split = _split(cfg, data)

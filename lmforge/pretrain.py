@@ -26,6 +26,7 @@ from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.loop import resolve_device, train, write_summary
+from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import create_run_dir
 
 # Settings that may change when a run is resumed; everything else would make it another run.
@@ -96,8 +97,7 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     if cfg.task.name not in ("mlm", "clm"):
         raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm or clm, not {cfg.task.name!r}; "
                            f"use `lmforge finetune` for classify")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    set_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     data = prepared_data(cfg, progress=cfg.train.progress)
     cfg = fill_vocab_size(cfg, data.tokenizer)
@@ -142,8 +142,7 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config
     cfg = load_config(run_dir / "config.yaml", overrides)
     if overrides:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    set_threads(cfg.train.num_threads)
     return cfg, resolve_device(cfg.train.device)
 
 

@@ -119,3 +119,14 @@ def test_attention_without_dropout_is_sdpa_and_with_dropout_matches_the_referenc
         allowed = torch.ones(9, 9, dtype=torch.bool).tril() if causal else key_mask[:, None, None, :]
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         assert torch.allclose(got, reference_dropout(probs, keep, 0.2) @ v, atol=1e-6)
+
+
+def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_the_reference():
+    x, w, b, t = (v.float().detach().requires_grad_() if v.is_floating_point() else v for v in _inputs(70, 300, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _grads(reference_linear_cross_entropy, x, w, b, t, 1 / 70)
+        fused = _grads(lambda *a: linear_cross_entropy(*a, chunk_rows=32), x, w, b, t, 1 / 70)
+    assert abs(float(fused[0]) - float(ref[0])) < 0.02 * abs(float(ref[0]))
+    for got, want in zip(fused[2], ref[2]):
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).abs().max() < 0.05 * want.abs().max()

@@ -33,10 +33,19 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, b
     """Plain path: logits = hidden @ weight.T + bias, then summed cross-entropy.
     hidden (n, h), weight (vocab, h), bias (vocab,) or None, targets (n,) int64.
     Returns (loss_sum, correct): scalar float32 sum of per-row losses, scalar int64 count of rows
-    whose arg-max logit is the target."""
+    whose arg-max logit is the target (the fused path also counts a target tied for the maximum)."""
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (or out += a @ b) without a temporary when the dtypes agree (fp32); with bf16
+    operands and an fp32 accumulator, through a bf16 product."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    else:
+        out.add_(a @ b) if accumulate else out.copy_(a @ b)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -55,28 +64,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         if need_grad:
             grad_hidden = torch.empty_like(hidden, dtype=acc_dtype)
-            grad_weight = torch.zeros_like(weight, dtype=acc_dtype)
-            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=acc_dtype)
+            grad_weight = torch.empty_like(weight, dtype=acc_dtype)  # the first chunk writes it, later ones add
+            grad_bias = None if bias is None else torch.empty_like(bias, dtype=acc_dtype)
+        # Logits are computed transposed, (vocab, c): weight @ x.T runs 1.3-1.7x faster than
+        # x @ weight.T on CPU BLAS for these shapes (measured: 126-170 against 75-100 GFLOP/s for
+        # 256 rows of a 30k vocabulary), and every later matmul reads it in a fast layout too.
+        # One buffer serves all chunks: fresh memory for each chunk would be paged in again.
+        vocab = weight.size(0)
+        buffer = torch.empty(vocab * min(n, chunk_rows), dtype=compute_dtype, device=hidden.device)
         for start in range(0, n, chunk_rows):
             x = x_all[start:start + chunk_rows]
             t = targets[start:start + chunk_rows]
-            logits = (torch.addmm(b, x, w.t()) if b is not None else x @ w.t()).to(acc_dtype)  # (c, vocab)
-            top, predicted = logits.max(-1)
-            correct += (predicted == t).sum()
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            logits.sub_(top[:, None]).exp_()  # in place: exp(logit - max), numerically safe
-            total = logits.sum(-1)
+            c = x.size(0)
+            out = buffer[:vocab * c].view(vocab, c)
+            logits = torch.addmm(b[:, None], w, x.t(), out=out) if b is not None else torch.mm(w, x.t(), out=out)
+            logits = logits.to(acc_dtype)  # (vocab, c): column j holds row j's logits
+            top = logits.amax(0)  # values only: a max with indices along dim 0 is ~5x slower
+            columns = torch.arange(c, device=t.device)
+            target_logit = logits[t, columns]
+            correct += (target_logit >= top).sum()  # the target is (one of) the most likely
+            logits.sub_(top).exp_()  # in place: exp(logit - max), numerically safe
+            total = logits.sum(0)
             loss_sum += (top + total.log() - target_logit).sum()  # logsumexp - target logit
             if need_grad:
-                probs = logits.div_(total[:, None])  # softmax, in place
-                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d loss / d logits
+                probs = logits.div_(total)  # softmax, in place
+                probs[t, columns] -= 1.0  # d loss / d logits, (vocab, c)
                 g = probs.to(compute_dtype)
-                grad_hidden[start:start + chunk_rows] = g @ w
-                grad_weight.addmm_(g.t(), x.to(acc_dtype))  # (vocab, c) @ (c, h), summed over chunks
+                _matmul_into(grad_hidden[start:start + c], g.t(), w)
+                first = start == 0
+                _matmul_into(grad_weight, g, x, accumulate=not first)  # (vocab, c) @ (c, h), summed over chunks
                 if grad_bias is not None:
-                    grad_bias += probs.sum(0)
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias if grad_bias is not None else grad_hidden.new_empty(0))
+                    torch.sum(probs, 1, out=grad_bias) if first else grad_bias.add_(probs.sum(1))
+        # Kept as plain attributes, not save_for_backward: backward hands them over and drops its
+        # own reference, so autograd can adopt each as the parameter's .grad without a copy.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias) if need_grad else None
         ctx.has_bias = bias is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(correct)
@@ -84,14 +105,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_correct):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward called twice (its gradients are handed over once)")
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None
         outs = [None, None, None]
+        # Scaled in place: these buffers belong to this call alone, and a new 30-50 MB weight
+        # gradient would cost another round of page faults.
         if ctx.needs_input_grad[0]:
-            outs[0] = (grad_hidden * grad_loss).to(ctx.dtypes[0])
+            outs[0] = grad_hidden.mul_(grad_loss).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            outs[1] = (grad_weight * grad_loss).to(ctx.dtypes[1])
+            outs[1] = grad_weight.mul_(grad_loss).to(ctx.dtypes[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            outs[2] = (grad_bias * grad_loss).to(ctx.dtypes[2])
+            outs[2] = grad_bias.mul_(grad_loss).to(ctx.dtypes[2])
         return outs[0], outs[1], outs[2], None, None
 
 

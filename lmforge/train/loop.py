@@ -31,7 +31,7 @@ from lmforge.rng import derive_seed
 from lmforge.tasks.base import Task
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from lmforge.train.log import MetricsLogger
-from lmforge.train.machine import tune_allocator
+from lmforge.train.machine import cpu_has_native_bf16, resolve_precision
 from lmforge.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -52,12 +52,9 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked (or 'auto' on a GPU that supports it); fp32 otherwise.
-    On a CPU without native bf16, autocast is ~25x slower than fp32, so 'auto' never picks it."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
-    if use_bf16:
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a resolved precision of 'bf16' (train/machine.py decides), else nothing."""
+    if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -125,7 +122,6 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     """Train `task.model` per `cfg.train` / `cfg.optim`, writing into `run_dir`. With `resume`,
     continue from the run's latest checkpoint."""
     t_cfg = cfg.train
-    tune_allocator()  # reuse freed memory across steps instead of faulting in fresh pages
     model = task.model.to(device)
     model.train()
     if device.type == "cuda":
@@ -135,6 +131,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     ckpt_root = run_dir / "checkpoints"
 
     step, tokens_seen, time_before = 0, 0, 0.0
+    precision = resolve_precision(device, t_cfg.precision)
     if resume:
         path = latest_checkpoint(ckpt_root)
         if path is None:
@@ -144,6 +141,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         restore_optimizer(optimizer, opt_tensors, state["optimizer"])
         task.load_data_state(state["data"])
         step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
+        if t_cfg.precision == "auto":  # keep the precision the run started with, so resume stays exact
+            precision = state.get("precision", precision)
         if step >= t_cfg.max_steps:
             raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
@@ -151,7 +150,12 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
 
     forward_model = torch.compile(model) if t_cfg.compile else model
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
-    amp = autocast_for(device, t_cfg.precision)
+    if precision == "bf16" and device.type == "cpu" and t_cfg.precision == "bf16" and not cpu_has_native_bf16():
+        tqdm.write("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
+                   "slower than fp32; use train.precision=auto")
+    amp = autocast_for(precision, device)
+    tqdm.write(f"lmforge: training on {device.type} in {precision}"
+               + (" (bf16 autocast)" if precision == "bf16" else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
 
@@ -159,6 +163,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     last_log_time, last_log_tokens = started, tokens_seen
     last_eval: dict = {}
     last_eval_step = last_ckpt_step = -1
+    data_wait = step_time = 0.0  # seconds since the last log line
     stopped_by = "max_steps"
 
     def elapsed() -> float:
@@ -167,7 +172,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
         state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
-                 "last_eval": last_eval, "task": task.name}
+                 "last_eval": last_eval, "task": task.name, "precision": precision}
         save_checkpoint(ckpt_root, step, model, optimizer, state, keep=t_cfg.keep_checkpoints)
         last_ckpt_step = step
 
@@ -197,13 +202,16 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             lr = lr_at(step, t_cfg.max_steps, cfg.optim)
             set_lr(optimizer, lr)
             torch.manual_seed(derive_seed(t_cfg.seed, "step", step))  # dropout: a function of the step
+            step_start = time.perf_counter()
             batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
+            data_wait += time.perf_counter() - step_start
             loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += sum(b.num_tokens for b in batches)
+            step_time += time.perf_counter() - step_start
             bar.update(1)
 
             if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
@@ -214,8 +222,10 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                 extra = {k: v.item() / total_targets for k, v in sums.items()}
                 if "correct" in extra:
                     extra["accuracy"] = extra.pop("correct")
+                # data_wait: share of step time spent making batches (the loop waits for them)
                 logger.log(step, "train", loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
-                           tokens_per_s=tokens_per_s, **extra)
+                           tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9), **extra)
+                data_wait = step_time = 0.0
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % t_cfg.eval_every == 0:
                 evaluate()
