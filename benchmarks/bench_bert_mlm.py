@@ -1,94 +1,61 @@
 """BERT masked-LM training speed: lmforge against transformers, side by side in one process.
 
-Variants, all on the same config, the same batches (same token ids, same masks) and the same
-AdamW (two parameter groups, lr 1e-4):
-  lmforge            lmforge's BertForMaskedLM (MLM head only on the selected positions)
-  hf                 transformers' BertForMaskedLM, as run_mlm.py uses it (head on every position)
-  hf-selected        the same transformers model given the selected-positions trick by hand
-Steps are timed in interleaved rounds (one step of each variant per round, median reported), so
-that the order of variants does not favour any. For each: tokens/s, the ratio to lmforge, the
-resident memory its model, optimizer and first two steps added (peak), and the model-FLOPs
-utilisation against the fp32 matmul peak measured in this run. FLOPs are counted,
-not estimated: torch.utils.flop_counter.FlopCounterMode records every matmul, convolution and
-attention kernel of one real training step (forward + backward) of each variant.
+Variants, all on the same config, the same batches (same token ids, same masks), the same
+fused AdamW (two parameter groups, lr 1e-4) and the same precision:
+  lmforge       lmforge's BertForMaskedLM through the MLM task's loss (tasks/mlm.py): the
+                vocabulary head runs on the selected positions only, fused with the loss
+  hf            transformers' BertForMaskedLM, default (sdpa) attention, as run_mlm.py runs it:
+                logits for every position, labels -100 elsewhere
+  hf-selected   the same transformers model given the selected-positions trick by hand
+Each precision (fp32; bf16 = CPU bf16 autocast, what lmforge's precision=auto picks on a CPU
+with native bf16 and transformers' --bf16 flag does) is a separate table with freshly built
+models. Steps are timed in interleaved rounds (one step of each variant per round), median
+reported. Columns: tokens/s; "lmforge x" = lmforge's tokens/s over this variant's; MFU = matmul
+FLOPs per step (counted by FlopCounterMode on one real step, see common.count_flops) / step time
+/ the matmul peak measured in this run in the same dtype; peak RSS = resident memory the model,
+its optimizer state and its first two steps added.
 
     python benchmarks/bench_bert_mlm.py                 # L4 H256 A4 FFN1024, vocab 30,522, seq 128, batch 32
+    python benchmarks/bench_bert_mlm.py --precision fp32 --rounds 20
     python benchmarks/bench_bert_mlm.py --smoke --json  # seconds; what CI runs to keep this working
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
+import copy
 import gc
-import json
-import os
-import threading
-import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+import common
 from lmforge.config import ModelConfig
-from lmforge.data.mlm import cross_entropy_selected, random_mask
+from lmforge.data.mlm import random_mask
 from lmforge.models.bert import BertForMaskedLM
+from lmforge.tasks.mlm import mlm_loss
+
+VARIANTS = ("lmforge", "hf", "hf-selected")
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples resident memory every 5 ms in a thread; `peak - start` is what a variant added."""
-
-    def __enter__(self):
-        gc.collect()
-        try:  # give freed heap back to the OS so each variant starts from the same floor
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.start = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s on this machine with torch's current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def make_batches(args, special: torch.Tensor) -> list[dict]:
+def make_batches(args, n: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
+    special = torch.zeros(args.vocab, dtype=torch.bool)
+    special[:1000] = True  # ids below 1000 play [PAD]/[CLS]/[SEP]/[MASK]/unused
     out = []
-    for _ in range(min(args.steps, 8) + 1):
+    for _ in range(n):
         ids = torch.randint(1000, args.vocab, (args.batch, args.seq), generator=g)
         ids[:, 0], ids[:, -1] = 101, 102
         masked, selected = random_mask(ids, mask_id=103, special_mask=special, generator=g)
-        labels = torch.where(selected, ids, torch.full_like(ids, -100))
-        out.append({"ids": ids, "masked": masked, "selected": selected, "labels": labels})
+        out.append({"masked_ids": masked, "input_ids": ids, "selected": selected,
+                    "labels": torch.where(selected, ids, torch.full_like(ids, -100))})
     return out
 
 
-def hf_model(args):
+def build(name: str, args) -> torch.nn.Module:
+    if name == "lmforge":
+        return BertForMaskedLM(ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                                           num_heads=args.heads, intermediate_size=args.ffn,
+                                           max_position_embeddings=max(512, args.seq), dropout=args.dropout))
     import transformers
 
     cfg = transformers.BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -98,71 +65,73 @@ def hf_model(args):
     return transformers.BertForMaskedLM(cfg)
 
 
-def step_functions(args):
-    """name -> (build model, loss of one batch)."""
-    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                      intermediate_size=args.ffn, max_position_embeddings=max(512, args.seq), dropout=args.dropout)
-
-    def ours(model, b):
-        logits = model(b["masked"], selected=b["selected"])
-        return cross_entropy_selected(logits, b["ids"], b["selected"])
-
-    def hf_full(model, b):  # what run_mlm.py does: logits for all positions, -100 labels elsewhere
-        return model(input_ids=b["masked"], labels=b["labels"]).loss
-
-    def hf_selected(model, b):
-        hidden = model.bert(input_ids=b["masked"]).last_hidden_state
-        logits = model.cls(hidden[b["selected"]])
-        return F.cross_entropy(logits, b["ids"][b["selected"]])
-
-    return {"lmforge": (lambda: BertForMaskedLM(cfg), ours), "hf": (lambda: hf_model(args), hf_full),
-            "hf-selected": (lambda: hf_model(args), hf_selected)}
-
-
-def adamw(model):
-    from lmforge.train.optim import param_groups
-
-    return torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, eps=1e-6)
+def loss_of(name: str, model, b: dict) -> torch.Tensor:
+    if name == "lmforge":  # exactly what the MLM task's loss is; the loop divides by the target count
+        return mlm_loss(model, b).loss_sum / b["selected"].sum()
+    if name == "hf":
+        return model(input_ids=b["masked_ids"], labels=b["labels"]).loss
+    hidden = model.bert(input_ids=b["masked_ids"]).last_hidden_state
+    return F.cross_entropy(model.cls(hidden[b["selected"]]), b["input_ids"][b["selected"]])
 
 
 class Variant:
-    """One model + optimizer under test. Built inside PeakRSS, so `peak_rss_mb` is the memory its
-    construction and its first (FLOP-counted) training step added."""
+    """One model + optimizer under test, built inside PeakRSS."""
 
-    def __init__(self, name, build, loss_fn, first_batch):
-        self.name, self.loss_fn = name, loss_fn
+    def __init__(self, name: str, args, precision: str, first: dict):
+        self.name, self.precision, self.seconds = name, precision, []
         torch.manual_seed(0)
-        with PeakRSS() as mem:
-            self.model = build().train()
-            self.opt = adamw(self.model)
-            with FlopCounterMode(display=False) as counter:
-                self.step(first_batch)
-            self.step(first_batch)  # a second step: AdamW state and allocator caches now exist
-        self.flops_per_step = counter.get_total_flops()
-        self.peak_rss_mb = (mem.peak - mem.start) / 2**20
-        self.seconds: list[float] = []
+        with common.PeakRSS() as mem:
+            self.model = build(name, args).train()
+            self.opt = common.fused_adamw(self.model)
+            self.flops_per_step = common.count_flops(lambda: self.step(first))
+            self.step(first)  # a second step: optimizer state and allocator caches now exist
+        self.peak_rss_mb = mem.added_mb
 
-    def step(self, b):
-        loss = self.loss_fn(self.model, b)
+    def step(self, b: dict) -> float:
+        with common.autocast(self.precision):
+            loss = loss_of(self.name, self.model, b)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss.item()
+        self.last_loss = loss.item()
+        return self.last_loss
 
 
-def run(variants: list[Variant], batches: list[dict], rounds: int) -> None:
-    """Time the variants in interleaved rounds (A B C A B C ...), so that machine state (clock,
-    caches, other load) affects every variant alike; each round is one step of each."""
-    for r in range(rounds):
-        for v in variants:
-            b = batches[r % len(batches)]
-            start = time.perf_counter()
-            v.last_loss = v.step(b)
-            v.seconds.append(time.perf_counter() - start)
+def warm_up(args, precision: str) -> None:
+    """Two steps of each variant at a tiny size, uncounted: one-time costs (kernel JIT, thread
+    pools, lazy imports) then fall on no measured variant."""
+    tiny = copy.copy(args)
+    tiny.layers, tiny.hidden, tiny.heads, tiny.ffn, tiny.vocab, tiny.seq, tiny.batch = 1, 32, 2, 64, 2000, 16, 4
+    batches = make_batches(tiny, 2)
+    for name in args.variants.split(","):
+        Variant(name, tiny, precision, batches[0]).step(batches[1])
+
+
+def measure(args, precision: str, batches: list[dict]) -> dict:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = common.matmul_peak_flops(dtype, *((256, 2) if args.smoke else (2048, 10)))
+    warm_up(args, precision)
+    variants = [Variant(name, args, precision, batches[0]) for name in args.variants.split(",")]
+    common.interleave(variants, args.rounds, lambda v, r: v.step(batches[1 + r % (len(batches) - 1)]))
+    results = []
+    for v in variants:
+        seconds = common.median(v.seconds)
+        results.append({"variant": v.name, "precision": precision, "tokens_per_s": args.batch * args.seq / seconds,
+                        "step_s": seconds, "flops_per_step": v.flops_per_step,
+                        "mfu": v.flops_per_step / seconds / peak, "peak_rss_mb": v.peak_rss_mb,
+                        "final_loss": v.last_loss})
+    ours = next((r for r in results if r["variant"] == "lmforge"), None)
+    for r in results:
+        if ours is not None:
+            r["lmforge_speedup"] = ours["tokens_per_s"] / r["tokens_per_s"]
+            r["lmforge_rss_fraction"] = ours["peak_rss_mb"] / r["peak_rss_mb"] if r["peak_rss_mb"] > 0 else None
+    del variants
+    gc.collect()
+    return {"precision": precision, "matmul_peak_gflops": peak / 1e9, "results": results}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.base_parser(__doc__)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -171,42 +140,37 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=12, help="timed steps per variant (interleaved; median reported)")
-    p.add_argument("--variants", default="lmforge,hf,hf-selected")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--rounds", type=int, default=12, help="timed steps per variant, interleaved (median reported)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (CPU bf16 autocast)")
     args = p.parse_args(argv)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            p.error(f"unknown variant {name!r}; use {', '.join(VARIANTS)}")
+    for prec in args.precision.split(","):
+        if prec not in ("fp32", "bf16"):
+            p.error(f"unknown precision {prec!r}; use fp32 or bf16")
     if args.smoke:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 2000
-        args.seq, args.batch, args.steps = 16, 4, 2
-    special = torch.zeros(args.vocab, dtype=torch.bool)
-    special[:1000] = True
-    batches = make_batches(args, special)
-    peak = matmul_peak_flops(512 if args.smoke else 2048, 2 if args.smoke else 10)
-    funcs = step_functions(args)
-    variants = [Variant(n, *funcs[n], batches[0]) for n in args.variants.split(",")]
-    run(variants, batches[1:], args.steps)
-    results = []
-    for v in variants:
-        seconds = sorted(v.seconds)[len(v.seconds) // 2]  # median step time
-        results.append({"variant": v.name, "tokens_per_s": args.batch * args.seq / seconds, "step_s": seconds,
-                        "flops_per_step": v.flops_per_step, "mfu": v.flops_per_step / seconds / peak,
-                        "peak_rss_mb": v.peak_rss_mb, "final_loss": v.last_loss})
-    base = next(r for r in results if r["variant"] == "lmforge")["tokens_per_s"]
-    for r in results:
-        r["lmforge_speedup_over_this"] = base / r["tokens_per_s"]
+        args.seq, args.batch, args.rounds = 16, 4, 2
+    common.setup(args)
+    batches = make_batches(args, min(args.rounds, 8) + 1)
+    tables = [measure(args, prec, batches) for prec in args.precision.split(",")]
     report = {"benchmark": "bert-mlm-train", "config": vars(args), "torch_threads": torch.get_num_threads(),
-              "matmul_peak_gflops": peak / 1e9, "results": results}
+              "tables": tables, "results": [r for t in tables for r in t["results"]]}
     if args.json:
-        print(json.dumps(report, indent=2))
+        common.print_report(report, "", [], as_json=True)
         return 0
-    print(f"BERT-MLM training, L{args.layers} H{args.hidden} A{args.heads} FFN{args.ffn} vocab {args.vocab} "
-          f"seq {args.seq} batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'variant':<12} {'tokens/s':>10} {'lmforge x':>10} {'MFU':>6} {'peak RSS MB':>12} {'GFLOP/step':>11}")
-    for r in results:
-        print(f"{r['variant']:<12} {r['tokens_per_s']:>10,.0f} {r['lmforge_speedup_over_this']:>10.2f} "
-              f"{r['mfu']:>6.1%} {r['peak_rss_mb']:>12,.0f} {r['flops_per_step'] / 1e9:>11.1f}")
+    print(f"BERT-MLM training: L{args.layers} H{args.hidden} A{args.heads} FFN{args.ffn}, vocab {args.vocab:,}, "
+          f"seq {args.seq}, batch {args.batch}, dropout {args.dropout}, fused AdamW, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved steps")
+    columns = [("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("lmforge_speedup", "lmforge x", ".2f"),
+               ("mfu", "MFU", ".1%"), ("peak_rss_mb", "peak RSS MB", ",.0f"),
+               ("lmforge_rss_fraction", "lmforge RSS /", ".2f"), ("flops_per_step", "FLOP/step", ".3g")]
+    for t in tables:
+        print()
+        common.print_report(t, f"{t['precision']} (matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s)", columns,
+                            as_json=False)
     return 0
 
 

@@ -5,15 +5,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bert_mlm_benchmark_smoke_run_reports_every_variant():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_bert_mlm.py"), "--smoke", "--json"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert [r["variant"] for r in report["results"]] == ["lmforge", "hf", "hf-selected"]
+def run_benchmark(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("script,variants", [("bench_bert_mlm.py", ["lmforge", "hf", "hf-selected"]),
+                                             ("bench_gpt_clm.py", ["lmforge", "hf"])])
+def test_training_benchmark_reports_every_variant_in_both_precisions(script, variants):
+    report = run_benchmark(script)
+    assert [t["precision"] for t in report["tables"]] == ["fp32", "bf16"]
+    for table in report["tables"]:
+        assert [r["variant"] for r in table["results"]] == variants
+        assert table["matmul_peak_gflops"] > 0
+        for r in table["results"]:
+            assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["mfu"] > 0 and r["peak_rss_mb"] >= 0
+        assert table["results"][0]["lmforge_speedup"] == 1.0
+        flops = {r["variant"]: r["flops_per_step"] for r in table["results"]}
+        if "hf-selected" in flops:  # a head on the selected positions only runs fewer FLOPs than a full one
+            assert flops["lmforge"] < flops["hf"] and flops["hf-selected"] < flops["hf"]
+
+
+def test_data_wait_benchmark_reads_the_share_the_loop_logs():
+    report = run_benchmark("bench_data_wait.py")
+    assert [r["variant"] for r in report["results"]] == ["mlm", "clm"]
     for r in report["results"]:
-        assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and 0 < r["mfu"]
-    assert report["matmul_peak_gflops"] > 0
+        assert 0 < r["data_wait_mean"] < 1 and r["tokens_per_s"] > 0
+
+
+def test_a_bad_benchmark_option_is_a_one_line_usage_error():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_bert_mlm.py"), "--variants", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown variant 'nope'" in proc.stderr and "Traceback" not in proc.stderr
