@@ -144,12 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (CPU bf16 autocast)")
     args = p.parse_args(argv)
-    for name in args.variants.split(","):
-        if name not in VARIANTS:
-            p.error(f"unknown variant {name!r}; use {', '.join(VARIANTS)}")
-    for prec in args.precision.split(","):
-        if prec not in ("fp32", "bf16"):
-            p.error(f"unknown precision {prec!r}; use fp32 or bf16")
+    common.check_choices(p, args.variants, VARIANTS, "variant")
+    common.check_choices(p, args.precision, ("fp32", "bf16"), "precision")
     if args.smoke:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 2000
         args.seq, args.batch, args.rounds = 16, 4, 2

@@ -59,9 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--tasks", default="mlm,clm", help="comma-separated: mlm, clm")
     args = p.parse_args(argv)
-    for task in args.tasks.split(","):
-        if task not in TASKS:
-            p.error(f"unknown task {task!r}; use mlm or clm")
+    common.check_choices(p, args.tasks, TASKS, "task")
     if args.smoke:
         args.steps = 6
     common.setup(args)

@@ -126,6 +126,15 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_choices(parser: argparse.ArgumentParser, value: str, known, what: str) -> list[str]:
+    """The comma-separated `value` as a list; a usage error (exit 2, one line) names any unknown item."""
+    items = value.split(",")
+    unknown = [v for v in items if v not in known]
+    if unknown:
+        parser.error(f"unknown {what} {', '.join(map(repr, unknown))}; use {', '.join(known)}")
+    return items
+
+
 def setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -51,11 +51,12 @@ def classify_texts(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list
         rows = [[tokenizer.cls_id, *encoded[i][: max_len - 2], tokenizer.sep_id] for i in chunk]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.int64)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for r, row in enumerate(rows):
             ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = True
-        logits, rating = model(ids.to(device), attention_mask=mask.to(device))
+        lengths = torch.tensor([len(row) for row in rows])
+        # (batch, width) bool, True for real tokens; None when no row is padded (the model's fast path)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).to(device) if bool((lengths < width).any()) else None
+        logits, rating = model(ids.to(device), attention_mask=mask)
         probs = logits.float().softmax(-1).cpu()
         for r, i in enumerate(chunk):
             label = int(probs[r].argmax())

@@ -68,15 +68,18 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn_dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        b, t, h = x.shape
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (b, t, h), the positions attended to; queries: (b, tq, h), the positions that attend
+        (default: x itself). Returns (b, tq, h)."""
+        queries = x if queries is None else queries
 
-        def heads(proj: nn.Linear) -> torch.Tensor:  # (b, t, h) -> (b, heads, t, head_dim)
-            return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(proj: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:  # (b, t, h) -> (b, heads, t, head_dim)
+            return proj(inputs).view(inputs.size(0), inputs.size(1), self.num_heads, self.head_dim).transpose(1, 2)
 
-        y = attention(heads(self.query), heads(self.key), heads(self.value), attn_mask=attn_mask,
+        y = attention(heads(self.query, queries), heads(self.key, x), heads(self.value, x), attn_mask=attn_mask,
                       dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, h))
+        return self.out(y.transpose(1, 2).reshape(queries.shape))
 
 
 class Layer(nn.Module):
@@ -91,8 +94,12 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (b, t, h). With `queries` ((b, tq, h), e.g. x[:, :1]) only those positions are computed
+        (attending to all of x): returns (b, tq, h); otherwise (b, t, h)."""
+        q = x if queries is None else queries
+        x = self.attention_norm(q + self.dropout(self.attention(x, attn_mask, queries)))
         # Exact (erf) GELU, as BERT and its released checkpoints use, not the tanh approximation.
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
@@ -107,18 +114,22 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, first_only: bool = False) -> torch.Tensor:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
         real tokens, 0/False for padding, or None when nothing is padded (the fast path).
-        Returns hidden states (batch, seq, hidden)."""
+        Returns hidden states (batch, seq, hidden); with `first_only`, (batch, 1, hidden) for the
+        first ([CLS]) position alone: what a sentence classifier reads. The last layer then runs
+        its queries, feed-forward and norms on that one position (its keys and values still see
+        every position), about 1/num_layers less work; equal to the full output's [:, :1]."""
         attn_mask = None
         if attention_mask is not None:
             # (batch, 1, 1, seq) bool: every query may look at every real key, never at padding.
             attn_mask = attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)
-        for layer in self.layers:
-            x = layer(x, attn_mask)
-        return x
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            x = layer(x, attn_mask, x[:, :1] if first_only and last else None)
+        return x[:, :1] if first_only else x
 
 
 class MaskedLMHead(nn.Module):

@@ -47,7 +47,8 @@ class BertClassifier(nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """input_ids: (batch, seq) int64 starting with [CLS]. Returns (polarity logits (batch, labels),
         rating (batch,) float, or None without a rating head)."""
-        cls = self.dropout(self.bert(input_ids, token_type_ids, attention_mask)[:, 0])
+        # first_only: the last encoder layer computes the [CLS] position alone (bert.py says why)
+        cls = self.dropout(self.bert(input_ids, token_type_ids, attention_mask, first_only=True)[:, 0])
         rating = None
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)
