@@ -76,12 +76,18 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: i
     return 2 * n**3 * reps / best
 
 
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs that `fn` actually executes, counted by torch's FlopCounterMode: every matmul,
     batched matmul, convolution and SDPA kernel of forward and backward, at the shapes really
     run (so a head on 15% of positions counts 15% of a full head). Elementwise work (softmax,
-    GELU, LayerNorm, the optimizer) is not counted: MFU is matmul FLOPs over the matmul peak."""
-    with FlopCounterMode(display=False) as counter:
+    GELU, LayerNorm, the optimizer) is not counted: MFU is matmul FLOPs over the matmul peak.
+    torch's table has no entry for the in-place `addmm_` (lmforge's fused loss accumulates its
+    weight gradient with it), so it is added here."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -44,3 +44,21 @@ def test_a_bad_benchmark_option_is_a_one_line_usage_error():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_bert_mlm.py"), "--variants", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown variant 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_flop_count_of_the_fused_loss_equals_the_plain_paths():
+    # MFU must count what runs: the fused loss's chunked matmuls (incl. in-place addmm_) add up to
+    # the plain projection's forward and backward FLOPs.
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+    from lmforge.ops.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+
+    h = torch.randn(600, 32, requires_grad=True)
+    w = torch.randn(1000, 32, requires_grad=True)
+    b = torch.randn(1000, requires_grad=True)
+    t = torch.randint(0, 1000, (600,))
+    fused = common.count_flops(lambda: linear_cross_entropy(h, w, b, t, chunk_rows=256)[0].backward())
+    plain = common.count_flops(lambda: reference_linear_cross_entropy(h, w, b, t)[0].backward())
+    assert fused == plain == 3 * 2 * 600 * 32 * 1000
