@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from lmforge.config import ModelConfig
@@ -89,3 +90,55 @@ def test_fused_head_and_loss_matches_logits_then_cross_entropy_with_gradients():
     assert plain_grads.keys() == fused_grads.keys()
     for name in plain_grads:
         assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_selected_positions_lists_each_rows_selected_positions_in_order():
+    from lmforge.models.bert import selected_positions
+
+    selected = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    positions, valid = selected_positions(selected)
+    assert positions.shape == (3, 3)
+    assert positions[0].tolist() == [1, 3, 4] and positions[1, 0].item() == 0
+    assert valid.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    rows = torch.arange(3)[:, None].expand(-1, 3)
+    assert torch.equal(rows[valid] * 5 + positions[valid], selected.flatten().nonzero()[:, 0])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_layer_on_selected_positions_only_matches_the_full_encoder(padded):
+    # Fast path: the last layer computes only the masked positions. Its logits, loss and every
+    # gradient must equal the plain path's (full encoder, then pick the selected rows).
+    from lmforge.ops.linear_cross_entropy import reference_linear_cross_entropy
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                      max_position_embeddings=32, dropout=0.0)
+    model = BertForMaskedLM(cfg)
+    ids = torch.randint(5, 97, (4, 16))
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    if padded:
+        mask[1, 10:] = False
+        mask[3, 5:] = False
+    selected = (torch.rand(4, 16) < 0.3) & mask
+    selected[0, 2] = True
+    targets = ids[selected]
+    attention = mask if padded else None
+
+    model.eval()
+    with torch.no_grad():
+        full = model.mlm_head(model.bert(ids, attention_mask=attention), model.bert.embeddings.token.weight)
+        fast = model(ids, attention_mask=attention, selected=selected)
+    assert torch.allclose(fast, full[selected], atol=1e-5)
+
+    model.train()
+    loss_fast, _ = model(ids, attention_mask=attention, selected=selected, targets=targets)
+    loss_fast.backward()
+    grads_fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden = model.mlm_head.transform(model.bert(ids, attention_mask=attention)[selected])
+    loss_plain, _ = reference_linear_cross_entropy(hidden, model.bert.embeddings.token.weight,
+                                                   model.mlm_head.bias, targets)
+    loss_plain.backward()
+    assert torch.allclose(loss_fast, loss_plain, atol=1e-4)
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads_fast[name], p.grad, atol=1e-5), name

@@ -114,22 +114,45 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, first_only: bool = False) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, first_only: bool = False,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
         real tokens, 0/False for padding, or None when nothing is padded (the fast path).
-        Returns hidden states (batch, seq, hidden); with `first_only`, (batch, 1, hidden) for the
-        first ([CLS]) position alone: what a sentence classifier reads. The last layer then runs
-        its queries, feed-forward and norms on that one position (its keys and values still see
-        every position), about 1/num_layers less work; equal to the full output's [:, :1]."""
+        Returns hidden states (batch, seq, hidden).
+
+        Only some outputs needed: the last layer then runs its queries, attention output,
+        feed-forward and norms on those positions alone (its keys and values still see every
+        position), which equals the full output at those positions for a fraction of the
+        last layer's work. `first_only`: (batch, 1, hidden) for the [CLS] position, what a
+        sentence classifier reads. `positions` ((batch, k) int64): (batch, k, hidden) for those
+        positions of each row, e.g. the masked positions an MLM loss reads."""
         attn_mask = None
         if attention_mask is not None:
             # (batch, 1, 1, seq) bool: every query may look at every real key, never at padding.
             attn_mask = attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)
         for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
-            x = layer(x, attn_mask, x[:, :1] if first_only and last else None)
-        return x[:, :1] if first_only else x
+            queries = None
+            if i == len(self.layers) - 1:
+                if first_only:
+                    queries = x[:, :1]
+                elif positions is not None:
+                    queries = x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
+            x = layer(x, attn_mask, queries)
+        return x[:, :1] if first_only else x  # (a no-op slice unless there are no layers)
+
+
+def selected_positions(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq) bool -> (positions (batch, k) int64, valid (batch, k) bool), k = the most
+    selected positions in any row: each row's selected positions in ascending order, then filler
+    positions (valid False). `out[valid]` of a (batch, k, ...) result computed at `positions` is
+    in the row-major order of `full[selected]`."""
+    counts = selected.sum(1)
+    k = int(counts.max()) if selected.numel() else 0
+    # a stable sort of "not selected" puts each row's selected positions first, in order
+    order = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)
+    valid = torch.arange(k, device=selected.device)[None, :] < counts[:, None]
+    return order[:, :k], valid
 
 
 class MaskedLMHead(nn.Module):
@@ -173,15 +196,17 @@ class BertForMaskedLM(nn.Module):
                 selected: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None):
         """Logits over the vocabulary. With `selected` ((batch, seq) bool) only at those positions:
         (n_selected, vocab), row-major order; the vocabulary projection, the largest matmul of
-        the model, then runs on ~15% of positions. Without it: (batch, seq, vocab).
+        the model, and the last encoder layer's per-position work then run on ~15% of positions. Without it: (batch, seq, vocab).
 
         With `targets` ((n_selected,) int64 with `selected`, else (batch, seq)) the logits are not
         returned: instead (loss_sum, correct), the summed cross-entropy and the number of
         positions whose most likely token is the target, computed by the fused, chunked
         projection + loss of lmforge/ops (the logits never exist in memory at once)."""
-        hidden = self.bert(input_ids, token_type_ids, attention_mask)
-        if selected is not None:
-            hidden = hidden[selected]
+        if selected is None:
+            hidden = self.bert(input_ids, token_type_ids, attention_mask)
+        else:  # the last layer too computes only the selected positions (BertModel.forward says how)
+            positions, valid = selected_positions(selected)
+            hidden = self.bert(input_ids, token_type_ids, attention_mask, positions=positions)[valid]
         decoder = self.bert.embeddings.token.weight
         if targets is None:
             return self.mlm_head(hidden, decoder)
