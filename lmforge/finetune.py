@@ -23,7 +23,7 @@ from lmforge.models.classifier import BertClassifier
 from lmforge.models.loading import load_model
 from lmforge.pretrain import fill_vocab_size, resume_config, run_task
 from lmforge.tasks.classify import ClassifyTask
-from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
+from lmforge.train.checkpoint import load_model_weights
 from lmforge.train.loop import resolve_device
 from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import create_run_dir
@@ -114,10 +114,7 @@ def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, BertCla
         raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json)")
     cfg = load_config(run_dir / "config.yaml")
     info = json.loads((run_dir / "dataset.json").read_text())
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise LmforgeError(f"{run_dir} has no checkpoint yet")
     rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
     model = BertClassifier(cfg.model, len(info["labels"]), rating_range)
-    model.load_state_dict(load_model_weights(ckpt))
+    model.load_state_dict(load_model_weights(run_dir / "checkpoints", run_dir))
     return cfg, load_tokenizer(str(run_dir / "tokenizer.json")), model.eval()

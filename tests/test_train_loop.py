@@ -156,3 +156,27 @@ def test_compiled_training_on_cpu_matches_eager_and_saves_plain_names(tiny_prepa
     assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(eager, compiled))
     weights = load_file(compiled_dir / "checkpoints" / "step_00000006" / "model.safetensors")
     assert not any(k.startswith("_orig_mod.") for k in weights)
+
+
+def test_resume_skips_a_damaged_latest_checkpoint_and_continues_exactly_from_the_one_before(
+        tiny_prepared, tmp_path, monkeypatch, capsys):
+    full_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "full"))
+    interrupt_during_step(monkeypatch, MaskedLMTask, 7)  # stops after step 8: checkpoints 6 and 8
+    cut_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path / "cut"))
+    monkeypatch.undo()
+    weights = cut_dir / "checkpoints" / f"step_{summary['steps']:08d}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    capsys.readouterr()
+    resume(cut_dir)
+    err = capsys.readouterr().err
+    assert "step_00000008 is damaged: model.safetensors" in err and "trying the checkpoint before it" in err
+    assert _losses(cut_dir) == _losses(full_dir)
+    assert load_model(cut_dir).source == "lmforge"  # predict/export take the newest whole checkpoint
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tiny_prepared, tmp_path):
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=4", "train.checkpoint_every=2"))
+    for state in (run_dir / "checkpoints").glob("step_*/state.json"):
+        state.write_text("{not json")
+    with pytest.raises(LmforgeError, match="has no usable checkpoint to resume from"):
+        resume(run_dir, ["train.max_steps=6"])

@@ -19,7 +19,7 @@ from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.gpt import GPT
 from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
                                model_config_from_hf, read_hf_dir)
-from lmforge.train.checkpoint import latest_checkpoint, load_model_weights
+from lmforge.train.checkpoint import load_model_weights
 
 
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -54,11 +54,8 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         if cfg.task.name == "classify":
             raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
                                f"for its encoder")
-        ckpt = latest_checkpoint(path / "checkpoints")
-        if ckpt is None:
-            raise LmforgeError(f"{path} has no checkpoint yet")
         model = build_model(cfg.model)
-        model.load_state_dict(load_model_weights(ckpt))
+        model.load_state_dict(load_model_weights(path / "checkpoints", path))
         return LoadedModel(model.eval(), cfg.model, load_tokenizer(str(path / "tokenizer.json")), "lmforge")
     if is_hf_dir(path):
         hf_cfg, hf_state = read_hf_dir(path)

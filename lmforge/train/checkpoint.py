@@ -7,7 +7,9 @@ One checkpoint is a folder `checkpoints/step_00001234/`:
                             continue, and the sha256 of both tensor files (checked on load)
 It is written under a temporary name, fsynced and renamed, and only then does the small
 `checkpoints/latest` file (also written by rename) point to it. A crash at any moment leaves
-either the old or the new checkpoint complete, never half of one.
+either the old or the new checkpoint complete, never half of one. Loading checks the sha256s;
+a checkpoint damaged afterwards (truncated by a full disk, edited, half-deleted) is named in a
+warning and the newest whole one before it is used (`load_newest_good`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -125,24 +128,55 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(model tensors, optimizer tensors, state) from a checkpoint folder, after checking the
-    recorded sha256 of each tensor file. Nothing here can execute code from the files."""
+def load_checkpoint(path: Path, with_optimizer: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]], dict]:
+    """(model tensors, optimizer tensors or None, state) from a checkpoint folder, after checking
+    the recorded sha256 of each tensor file read. Nothing here can execute code from the files."""
     state_path = path / "state.json"
     if not state_path.is_file():
         raise LmforgeError(f"{path} is not a checkpoint (no state.json)")
     try:
         state = json.loads(state_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise LmforgeError(f"{state_path} is damaged (not valid JSON)") from None
-    for name, digest in state.get("files", {}).items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
-            raise LmforgeError(f"checkpoint {path} is damaged: {name} does not match its recorded sha256")
-    return load_file(path / "model.safetensors"), load_file(path / "optimizer.safetensors"), state
+    names = ["model.safetensors"] + (["optimizer.safetensors"] if with_optimizer else [])
+    files = state.get("files", {}) if isinstance(state, dict) else {}
+    for name in names:
+        digest = files.get(name)
+        if digest is None or not (path / name).is_file() or _sha256(path / name) != digest:
+            raise LmforgeError(f"checkpoint {path} is damaged: {name} is missing or does not match its recorded sha256")
+    try:
+        tensors = [load_file(path / name) for name in names]
+    except Exception as e:  # safetensors refuses a malformed file; never a traceback for the user
+        raise LmforgeError(f"checkpoint {path} is damaged: {e}") from None
+    return tensors[0], tensors[1] if with_optimizer else None, state
 
 
-def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)[0]
+def checkpoints_newest_first(ckpt_root: Path) -> list[Path]:
+    """The folder `latest` points to, then every other step_* folder, newest first."""
+    latest = latest_checkpoint(ckpt_root)
+    steps = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), reverse=True) if ckpt_root.is_dir() else []
+    return ([latest] if latest else []) + [p for p in steps if p != latest]
+
+
+def load_newest_good(ckpt_root: Path, with_optimizer: bool = True):
+    """(path, model tensors, optimizer tensors, state) of the newest checkpoint that is whole,
+    or None if there is none. A damaged one (truncated, altered, half-deleted) is named in a
+    one-line warning and the one before it is used."""
+    for path in checkpoints_newest_first(ckpt_root):
+        try:
+            return (path, *load_checkpoint(path, with_optimizer))
+        except LmforgeError as e:
+            print(f"lmforge: warning: {e}; trying the checkpoint before it", file=sys.stderr)
+    return None
+
+
+def load_model_weights(ckpt_root: Path, run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of the newest whole checkpoint under `ckpt_root` (of run `run_dir`)."""
+    found = load_newest_good(ckpt_root, with_optimizer=False)
+    if found is None:
+        raise LmforgeError(f"{run_dir} has no usable checkpoint")
+    return found[1]
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:

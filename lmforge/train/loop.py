@@ -29,7 +29,7 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.rng import derive_seed
 from lmforge.tasks.base import Task
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from lmforge.train.checkpoint import load_newest_good, restore_optimizer, save_checkpoint
 from lmforge.train.log import MetricsLogger
 from lmforge.train.machine import cpu_has_native_bf16, resolve_precision
 from lmforge.train.optim import lr_at, make_optimizer, set_lr
@@ -133,10 +133,10 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     step, tokens_seen, time_before = 0, 0, 0.0
     precision = resolve_precision(device, t_cfg.precision)
     if resume:
-        path = latest_checkpoint(ckpt_root)
-        if path is None:
-            raise LmforgeError(f"{run_dir} has no checkpoint to resume from")
-        weights, opt_tensors, state = load_checkpoint(path)
+        found = load_newest_good(ckpt_root)
+        if found is None:
+            raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from")
+        path, weights, opt_tensors, state = found
         model.load_state_dict(weights)
         restore_optimizer(optimizer, opt_tensors, state["optimizer"])
         task.load_data_state(state["data"])
@@ -146,7 +146,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         if step >= t_cfg.max_steps:
             raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
-        tqdm.write(f"lmforge: resuming {run_dir} at step {step}")
+        tqdm.write(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
 
     forward_model = torch.compile(model) if t_cfg.compile else model
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
