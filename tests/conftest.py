@@ -65,14 +65,15 @@ def tiny_config(prepared: PreparedData, out_dir: Path, *overrides: str):
     return load_config(None, base + list(overrides))
 
 
-def interrupt_during_step(monkeypatch, task_cls, at_step: int) -> None:
-    """Make `task_cls.train_batch` send this process SIGINT while drawing step `at_step`'s batch,
-    as a user's Ctrl-C would: the loop finishes that step, checkpoints and stops."""
+def interrupt_during_step(monkeypatch, task_cls, at_step: int, sig: int = signal.SIGINT) -> None:
+    """Make `task_cls.train_batch` send this process `sig` while drawing step `at_step`'s batch,
+    as a user's Ctrl-C (SIGINT) or a scheduler's SIGTERM would: the loop finishes that step,
+    checkpoints and stops."""
     original = task_cls.train_batch
 
     def train_batch(self, step, micro):
         if step == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return original(self, step, micro)
 
     monkeypatch.setattr(task_cls, "train_batch", train_batch)

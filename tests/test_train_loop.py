@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import json
+import signal
 
 import pytest
 import torch
@@ -71,9 +72,10 @@ def test_uninterrupted_run_writes_a_self_explaining_run_directory(tiny_prepared,
     assert run2 != run_dir
 
 
-def test_resume_after_sigint_gives_bit_identical_losses_and_weights(tiny_prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_sigint_gives_bit_identical_losses_and_weights(tiny_prepared, tmp_path, monkeypatch, sig):
     full_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "full"))
-    interrupt_during_step(monkeypatch, MaskedLMTask, 7)
+    interrupt_during_step(monkeypatch, MaskedLMTask, 7, sig)
     cut_dir, cut_summary = pretrain(tiny_config(tiny_prepared, tmp_path / "cut"))
     assert cut_summary["stopped_by"] == "signal" and cut_summary["steps"] == 8
     monkeypatch.undo()
@@ -180,3 +182,28 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tiny_prepared, tm
         state.write_text("{not json")
     with pytest.raises(LmforgeError, match="has no usable checkpoint to resume from"):
         resume(run_dir, ["train.max_steps=6"])
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tiny_prepared, tmp_path, monkeypatch):
+    import hashlib
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=2", "train.checkpoint_every=2"))
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    evil = pickle.dumps({"weight": _Payload()})
+    (ckpt / "model.safetensors").write_bytes(evil)
+    state = json.loads((ckpt / "state.json").read_text())  # the attacker fixes the checksum too
+    state["files"]["model.safetensors"] = hashlib.sha256(evil).hexdigest()
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(LmforgeError, match="no usable checkpoint"):
+        load_model(run_dir)
+    with pytest.raises(LmforgeError, match="no usable checkpoint"):
+        resume(run_dir, ["train.max_steps=4"])
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
