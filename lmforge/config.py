@@ -121,6 +121,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU or CPU with fast native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     num_threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    # A step whose loss or gradient is NaN/Inf is skipped (no update; counted and logged); this
+    # many in a row stop the run with an error naming the step.
+    max_nonfinite_steps: int = 10
     progress: bool = True
 
 
@@ -244,6 +247,7 @@ def validate(cfg: Config) -> Config:
          f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}"),
         (0.0 < d.val_frac < 1.0, f"data.val_frac={d.val_frac} must be in (0, 1)"),
         (t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
+        (t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1"),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size} must be at least 1"),
         (t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be at least 1"),
         (t.eval_every >= 1 and t.checkpoint_every >= 1 and t.log_every >= 1,

@@ -207,3 +207,41 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tiny_prepare
     with pytest.raises(LmforgeError, match="no usable checkpoint"):
         resume(run_dir, ["train.max_steps=4"])
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def _nan_loss_on_calls(monkeypatch, calls):
+    """Make MaskedLMTask.loss return a NaN loss on the given (0-based) call numbers."""
+    original, count = MaskedLMTask.loss, {"n": 0}
+
+    def loss(self, model, batch):
+        out = original(self, model, batch)
+        if count["n"] in calls:
+            out.loss_sum = out.loss_sum * float("nan")
+        count["n"] += 1
+        return out
+
+    monkeypatch.setattr(MaskedLMTask, "loss", loss)
+
+
+def test_a_nonfinite_step_is_skipped_counted_and_leaves_the_weights_alone(tiny_prepared, tmp_path, monkeypatch, capsys):
+    _nan_loss_on_calls(monkeypatch, {2})  # the third training step
+    run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=4", "train.eval_every=100",
+                                            "train.checkpoint_every=1", "train.keep_checkpoints=5"))
+    assert summary["steps"] == 4
+    assert "step 3: loss or gradient is not finite; update skipped" in capsys.readouterr().out
+    records = {r["step"]: r for r in read_metrics(run_dir) if r["split"] == "train"}
+    assert records[2]["skipped_steps"] == 0 and records[3]["skipped_steps"] == 1 and records[3]["loss"] is None
+    assert records[4]["skipped_steps"] == 1 and records[4]["loss"] > 0
+    # step 3 changed nothing: its weights and AdamW moments equal step 2's; step 4 moved on
+    ckpts = run_dir / "checkpoints"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(ckpts / "step_00000002" / name), load_file(ckpts / "step_00000003" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, c = load_file(ckpts / "step_00000002" / "model.safetensors"), load_file(ckpts / "step_00000004" / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tiny_prepared, tmp_path, monkeypatch):
+    _nan_loss_on_calls(monkeypatch, set(range(100)))
+    with pytest.raises(LmforgeError, match=r"step 3: loss or gradient not finite for 3 steps in a row"):
+        pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_nonfinite_steps=3"))

@@ -164,6 +164,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     last_eval: dict = {}
     last_eval_step = last_ckpt_step = -1
     data_wait = step_time = 0.0  # seconds since the last log line
+    nonfinite_steps = state.get("nonfinite_steps", 0) if resume else 0  # skipped updates in all
+    nonfinite_in_a_row = 0
     stopped_by = "max_steps"
 
     def elapsed() -> float:
@@ -172,7 +174,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
         state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
-                 "last_eval": last_eval, "task": task.name, "precision": precision}
+                 "last_eval": last_eval, "task": task.name, "precision": precision,
+                 "nonfinite_steps": nonfinite_steps}
         save_checkpoint(ckpt_root, step, model, optimizer, state, keep=t_cfg.keep_checkpoints)
         last_ckpt_step = step
 
@@ -207,7 +210,17 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             data_wait += time.perf_counter() - step_start
             loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
-            optimizer.step()
+            if bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm)):
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:  # skip the update: one bad batch or overflow must not poison the weights
+                nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                tqdm.write(f"lmforge: warning: step {step + 1}: loss or gradient is not finite; update skipped")
+                if nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
+                    raise LmforgeError(f"step {step + 1}: loss or gradient not finite for {nonfinite_in_a_row} steps in a "
+                                       f"row (train.max_nonfinite_steps={t_cfg.max_nonfinite_steps}); lower optim.lr, "
+                                       f"set optim.max_grad_norm, or check the data")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += sum(b.num_tokens for b in batches)
@@ -224,7 +237,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                     extra["accuracy"] = extra.pop("correct")
                 # data_wait: share of step time spent making batches (the loop waits for them)
                 logger.log(step, "train", loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
-                           tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9), **extra)
+                           tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9),
+                           skipped_steps=nonfinite_steps, **extra)
                 data_wait = step_time = 0.0
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if step % t_cfg.eval_every == 0:
