@@ -23,7 +23,6 @@ its optimizer state and its first two steps added.
 from __future__ import annotations
 
 import copy
-import gc
 
 import torch
 import torch.nn.functional as F
@@ -74,62 +73,6 @@ def loss_of(name: str, model, b: dict) -> torch.Tensor:
     return F.cross_entropy(model.cls(hidden[b["selected"]]), b["input_ids"][b["selected"]])
 
 
-class Variant:
-    """One model + optimizer under test, built inside PeakRSS."""
-
-    def __init__(self, name: str, args, precision: str, first: dict):
-        self.name, self.precision, self.seconds = name, precision, []
-        torch.manual_seed(0)
-        with common.PeakRSS() as mem:
-            self.model = build(name, args).train()
-            self.opt = common.fused_adamw(self.model)
-            self.flops_per_step = common.count_flops(lambda: self.step(first))
-            self.step(first)  # a second step: optimizer state and allocator caches now exist
-        self.peak_rss_mb = mem.added_mb
-
-    def step(self, b: dict) -> float:
-        with common.autocast(self.precision):
-            loss = loss_of(self.name, self.model, b)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.last_loss = loss.item()
-        return self.last_loss
-
-
-def warm_up(args, precision: str) -> None:
-    """Two steps of each variant at a tiny size, uncounted: one-time costs (kernel JIT, thread
-    pools, lazy imports) then fall on no measured variant."""
-    tiny = copy.copy(args)
-    tiny.layers, tiny.hidden, tiny.heads, tiny.ffn, tiny.vocab, tiny.seq, tiny.batch = 1, 32, 2, 64, 2000, 16, 4
-    batches = make_batches(tiny, 2)
-    for name in args.variants.split(","):
-        Variant(name, tiny, precision, batches[0]).step(batches[1])
-
-
-def measure(args, precision: str, batches: list[dict]) -> dict:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak = common.matmul_peak_flops(dtype, *((256, 2) if args.smoke else (2048, 10)))
-    warm_up(args, precision)
-    variants = [Variant(name, args, precision, batches[0]) for name in args.variants.split(",")]
-    common.interleave(variants, args.rounds, lambda v, r: v.step(batches[1 + r % (len(batches) - 1)]))
-    results = []
-    for v in variants:
-        seconds = common.median(v.seconds)
-        results.append({"variant": v.name, "precision": precision, "tokens_per_s": args.batch * args.seq / seconds,
-                        "step_s": seconds, "flops_per_step": v.flops_per_step,
-                        "mfu": v.flops_per_step / seconds / peak, "peak_rss_mb": v.peak_rss_mb,
-                        "final_loss": v.last_loss})
-    ours = next((r for r in results if r["variant"] == "lmforge"), None)
-    for r in results:
-        if ours is not None:
-            r["lmforge_speedup"] = ours["tokens_per_s"] / r["tokens_per_s"]
-            r["lmforge_rss_fraction"] = ours["peak_rss_mb"] / r["peak_rss_mb"] if r["peak_rss_mb"] > 0 else None
-    del variants
-    gc.collect()
-    return {"precision": precision, "matmul_peak_gflops": peak / 1e9, "results": results}
-
-
 def main(argv=None) -> int:
     p = common.base_parser(__doc__)
     p.add_argument("--layers", type=int, default=4)
@@ -139,35 +82,18 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--rounds", type=int, default=12, help="timed steps per variant, interleaved (median reported)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (CPU bf16 autocast)")
+    common.add_training_options(p, VARIANTS, rounds=12)
     args = p.parse_args(argv)
     common.check_choices(p, args.variants, VARIANTS, "variant")
-    common.check_choices(p, args.precision, ("fp32", "bf16"), "precision")
+    common.check_choices(p, args.precision, common.PRECISIONS, "precision")
     if args.smoke:
         args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 2000
         args.seq, args.batch, args.rounds = 16, 4, 2
-    common.setup(args)
-    batches = make_batches(args, min(args.rounds, 8) + 1)
-    tables = [measure(args, prec, batches) for prec in args.precision.split(",")]
-    report = {"benchmark": "bert-mlm-train", "config": vars(args), "torch_threads": torch.get_num_threads(),
-              "tables": tables, "results": [r for t in tables for r in t["results"]]}
-    if args.json:
-        common.print_report(report, "", [], as_json=True)
-        return 0
-    print(f"BERT-MLM training: L{args.layers} H{args.hidden} A{args.heads} FFN{args.ffn}, vocab {args.vocab:,}, "
-          f"seq {args.seq}, batch {args.batch}, dropout {args.dropout}, fused AdamW, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved steps")
-    columns = [("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("lmforge_speedup", "lmforge x", ".2f"),
-               ("mfu", "MFU", ".1%"), ("peak_rss_mb", "peak RSS MB", ",.0f"),
-               ("lmforge_rss_fraction", "lmforge RSS /", ".2f"), ("flops_per_step", "FLOP/step", ".3g")]
-    for t in tables:
-        print()
-        common.print_report(t, f"{t['precision']} (matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s)", columns,
-                            as_json=False)
-    return 0
+    tiny = copy.copy(args)  # warm-up size
+    tiny.layers, tiny.hidden, tiny.heads, tiny.ffn, tiny.vocab, tiny.seq, tiny.batch = 1, 32, 2, 64, 2000, 16, 4
+    title = (f"BERT-MLM training: L{args.layers} H{args.hidden} A{args.heads} FFN{args.ffn}, vocab {args.vocab:,}, "
+             f"seq {args.seq}, batch {args.batch}")
+    return common.run_training_benchmark(args, "bert-mlm-train", title, tiny, make_batches, build, loss_of)
 
 
 if __name__ == "__main__":

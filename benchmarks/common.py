@@ -167,3 +167,92 @@ def print_report(report: dict, title: str, columns: list[tuple[str, str, str]], 
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
     for note in notes or []:
         print(note)
+
+
+# -- training benchmarks (bench_bert_mlm.py, bench_gpt_clm.py) ----------------------------------
+# A script gives: make_batches(args, n) -> list of batch dicts, build(name, args) -> model, and
+# loss_of(name, model, batch) -> the mean loss its users would backpropagate; the rest is here.
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def add_training_options(parser: argparse.ArgumentParser, variants: tuple[str, ...], rounds: int) -> None:
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=rounds, help="timed steps per variant, interleaved (median reported)")
+    parser.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (CPU bf16 autocast)")
+
+
+class TrainVariant:
+    """One model + fused AdamW under test. Built inside PeakRSS, so `peak_rss_mb` is what its
+    construction and its first two steps (one of them FLOP-counted) added."""
+
+    def __init__(self, name: str, args, precision: str, first: dict, build, loss_of):
+        self.name, self.precision, self.loss_of, self.seconds = name, precision, loss_of, []
+        torch.manual_seed(0)
+        with PeakRSS() as mem:
+            self.model = build(name, args).train()
+            self.opt = fused_adamw(self.model)
+            self.flops_per_step = count_flops(lambda: self.step(first))
+            self.step(first)  # a second step: optimizer state and allocator caches now exist
+        self.peak_rss_mb = mem.added_mb
+
+    def step(self, b: dict) -> float:
+        with autocast(self.precision):
+            loss = self.loss_of(self.name, self.model, b)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.item()
+        return self.last_loss
+
+
+def _training_table(args, precision: str, batches: list[dict], tiny, make_batches, build, loss_of) -> dict:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_peak_flops(dtype, *((256, 2) if args.smoke else (2048, 10)))
+    names = args.variants.split(",")
+    # Two uncounted steps of each variant at `tiny` size first: one-time costs (kernel JIT,
+    # thread pools, lazy imports) then fall on no measured variant.
+    tiny_batches = make_batches(tiny, 2)
+    for name in names:
+        TrainVariant(name, tiny, precision, tiny_batches[0], build, loss_of).step(tiny_batches[1])
+    variants = [TrainVariant(name, args, precision, batches[0], build, loss_of) for name in names]
+    interleave(variants, args.rounds, lambda v, r: v.step(batches[1 + r % (len(batches) - 1)]))
+    results = []
+    for v in variants:
+        seconds = median(v.seconds)
+        results.append({"variant": v.name, "precision": precision, "tokens_per_s": args.batch * args.seq / seconds,
+                        "step_s": seconds, "flops_per_step": v.flops_per_step,
+                        "mfu": v.flops_per_step / seconds / peak, "peak_rss_mb": v.peak_rss_mb,
+                        "final_loss": v.last_loss})
+    ours = next((r for r in results if r["variant"] == "lmforge"), None)
+    for r in results:
+        if ours is not None:
+            r["lmforge_speedup"] = ours["tokens_per_s"] / r["tokens_per_s"]
+            r["lmforge_rss_fraction"] = ours["peak_rss_mb"] / r["peak_rss_mb"] if r["peak_rss_mb"] > 0 else None
+    del variants
+    gc.collect()
+    return {"precision": precision, "matmul_peak_gflops": peak / 1e9, "results": results}
+
+
+def run_training_benchmark(args, benchmark: str, title: str, tiny, make_batches, build, loss_of) -> int:
+    """Measure every precision of args.precision (a table each, fresh models) and print the
+    report. `tiny` is a copy of args at warm-up size; `title` heads the printed tables."""
+    setup(args)
+    batches = make_batches(args, min(args.rounds, 8) + 1)
+    tables = [_training_table(args, prec, batches, tiny, make_batches, build, loss_of)
+              for prec in args.precision.split(",")]
+    report = {"benchmark": benchmark, "config": vars(args), "torch_threads": torch.get_num_threads(),
+              "tables": tables, "results": [r for t in tables for r in t["results"]]}
+    if args.json:
+        print_report(report, "", [], as_json=True)
+        return 0
+    print(f"{title}, dropout {args.dropout}, fused AdamW, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved steps")
+    columns = [("variant", "variant", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("lmforge_speedup", "lmforge x", ".2f"),
+               ("mfu", "MFU", ".1%"), ("peak_rss_mb", "peak RSS MB", ",.0f"),
+               ("lmforge_rss_fraction", "lmforge RSS /", ".2f"), ("flops_per_step", "FLOP/step", ".3g")]
+    for t in tables:
+        print()
+        print_report(t, f"{t['precision']} (matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s)", columns, as_json=False)
+    return 0

@@ -77,3 +77,11 @@ def interrupt_during_step(monkeypatch, task_cls, at_step: int, sig: int = signal
         return original(self, step, micro)
 
     monkeypatch.setattr(task_cls, "train_batch", train_batch)
+
+
+class PicklePayload:
+    """Unpickling this runs `touch PWNED_BY_PICKLE` in the current directory: the file a
+    security test checks was never created."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))

@@ -34,11 +34,11 @@ def _tokenizer():
     return train_wordpiece(iter(TEXTS * 5), vocab_size=300)
 
 
-def test_first_only_encoder_output_equals_the_full_outputs_first_position_with_padding():
+def test_first_position_only_encoder_output_equals_the_full_outputs_first_position_with_padding():
     model = _classifier()
     ids, mask = _padded_batch()
     full = model.bert(ids, attention_mask=mask)
-    first = model.bert(ids, attention_mask=mask, first_only=True)
+    first = model.bert(ids, attention_mask=mask, positions=ids.new_zeros(ids.size(0), 1))
     assert first.shape == (4, 1, 32)
     assert torch.allclose(first, full[:, :1], atol=1e-5)
 

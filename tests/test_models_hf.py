@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny_config
+from conftest import PicklePayload, tiny_config
 from lmforge.data.tokenizers import minilm_model_dir
 from lmforge.errors import LmforgeError
 from lmforge.export import export_hf
@@ -86,12 +86,6 @@ def test_name_maps_round_trip():
     assert set(back) == set(names) and ignored == []
 
 
-class _Payload:
-    def __reduce__(self):
-        import os
-        return (os.system, ("touch PWNED_BY_PICKLE",))
-
-
 def test_a_pickle_that_runs_code_is_refused_as_pytorch_model_bin(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hf = tmp_path / "evil"
@@ -99,7 +93,7 @@ def test_a_pickle_that_runs_code_is_refused_as_pytorch_model_bin(tmp_path, monke
     transformers.BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=16).to_json_file(hf / "config.json")
     with open(hf / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"embeddings.word_embeddings.weight": _Payload()}, f)
+        pickle.dump({"embeddings.word_embeddings.weight": PicklePayload()}, f)
     with pytest.raises(LmforgeError, match="refusing .*pytorch_model.bin"):
         load_model(hf)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupt_during_step, tiny_config
+from conftest import PicklePayload, interrupt_during_step, tiny_config
 from lmforge.errors import LmforgeError
 from lmforge.models.loading import load_model
 from lmforge.pretrain import build_model, fill_vocab_size, pretrain, resume
@@ -184,12 +184,6 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tiny_prepared, tm
         resume(run_dir, ["train.max_steps=6"])
 
 
-class _Payload:
-    def __reduce__(self):
-        import os
-        return (os.system, ("touch PWNED_BY_PICKLE",))
-
-
 def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tiny_prepared, tmp_path, monkeypatch):
     import hashlib
     import pickle
@@ -197,7 +191,7 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tiny_prepare
     monkeypatch.chdir(tmp_path)
     run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=2", "train.checkpoint_every=2"))
     ckpt = run_dir / "checkpoints" / "step_00000002"
-    evil = pickle.dumps({"weight": _Payload()})
+    evil = pickle.dumps({"weight": PicklePayload()})
     (ckpt / "model.safetensors").write_bytes(evil)
     state = json.loads((ckpt / "state.json").read_text())  # the attacker fixes the checksum too
     state["files"]["model.safetensors"] = hashlib.sha256(evil).hexdigest()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.sentiment import LABELS
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.errors import LmforgeError
@@ -49,14 +50,9 @@ def classify_texts(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         rows = [[tokenizer.cls_id, *encoded[i][: max_len - 2], tokenizer.sep_id] for i in chunk]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.int64)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
-        lengths = torch.tensor([len(row) for row in rows])
-        # (batch, width) bool, True for real tokens; None when no row is padded (the model's fast path)
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).to(device) if bool((lengths < width).any()) else None
-        logits, rating = model(ids.to(device), attention_mask=mask)
+        ids, mask = pad_rows(rows, tokenizer.pad_id)
+        mask = mask_if_padded(mask, sum(map(len, rows)))
+        logits, rating = model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
         probs = logits.float().softmax(-1).cpu()
         for r, i in enumerate(chunk):
             label = int(probs[r].argmax())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.errors import LmforgeError
 
@@ -34,13 +35,8 @@ def fill_mask(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str]
 def _fill_mask_batch(model: torch.nn.Module, tokenizer: TextTokenizer, encoded: list[list[int]],
                      top_k: int) -> list[list[list[dict]]]:
     """`fill_mask` for one batch of token-id lists (with [CLS]/[SEP]), padded to the longest."""
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.int64)
-    for i, ids in enumerate(encoded):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-    lengths = torch.tensor([len(ids) for ids in encoded])
-    # (batch, width) bool, True for real tokens; None when nothing is padded (attention's fast path)
-    attention = torch.arange(width)[None, :] < lengths[:, None] if bool((lengths < width).any()) else None
+    input_ids, attention = pad_rows(encoded, tokenizer.pad_id)
+    attention = mask_if_padded(attention, sum(map(len, encoded)))
     selected = input_ids == tokenizer.mask_id
     device = next(model.parameters()).device
     logits = model(input_ids.to(device), attention_mask=None if attention is None else attention.to(device),

@@ -114,18 +114,17 @@ class BertModel(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, first_only: bool = False,
+                attention_mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
         real tokens, 0/False for padding, or None when nothing is padded (the fast path).
         Returns hidden states (batch, seq, hidden).
 
-        Only some outputs needed: the last layer then runs its queries, attention output,
+        With `positions` ((batch, k) int64): (batch, k, hidden), the outputs at those positions of
+        each row only, e.g. the masked positions an MLM loss reads or the [CLS] position a
+        sentence classifier reads. The last layer then runs its queries, attention output,
         feed-forward and norms on those positions alone (its keys and values still see every
-        position), which equals the full output at those positions for a fraction of the
-        last layer's work. `first_only`: (batch, 1, hidden) for the [CLS] position, what a
-        sentence classifier reads. `positions` ((batch, k) int64): (batch, k, hidden) for those
-        positions of each row, e.g. the masked positions an MLM loss reads."""
+        position): equal to the full output there, for a fraction of the last layer's work."""
         attn_mask = None
         if attention_mask is not None:
             # (batch, 1, 1, seq) bool: every query may look at every real key, never at padding.
@@ -133,13 +132,10 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         for i, layer in enumerate(self.layers):
             queries = None
-            if i == len(self.layers) - 1:
-                if first_only:
-                    queries = x[:, :1]
-                elif positions is not None:
-                    queries = x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
+            if positions is not None and i == len(self.layers) - 1:
+                queries = x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
             x = layer(x, attn_mask, queries)
-        return x[:, :1] if first_only else x  # (a no-op slice unless there are no layers)
+        return x
 
 
 def selected_positions(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

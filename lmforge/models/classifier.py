@@ -47,8 +47,9 @@ class BertClassifier(nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """input_ids: (batch, seq) int64 starting with [CLS]. Returns (polarity logits (batch, labels),
         rating (batch,) float, or None without a rating head)."""
-        # first_only: the last encoder layer computes the [CLS] position alone (bert.py says why)
-        cls = self.dropout(self.bert(input_ids, token_type_ids, attention_mask, first_only=True)[:, 0])
+        # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
+        first = input_ids.new_zeros(input_ids.size(0), 1)
+        cls = self.dropout(self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0])
         rating = None
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import Config
+from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.sentiment import LABELS, LabeledData
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.rng import derive_seed
@@ -56,12 +57,7 @@ class ClassifyTask(Task):
 
     # -- batches ---------------------------------------------------------------------------------
     def collate(self, indices: list[int]) -> Batch:
-        width = max(len(self.ids[i]) for i in indices)
-        input_ids = torch.full((len(indices), width), self.tokenizer.pad_id, dtype=torch.int64)
-        attention = torch.zeros((len(indices), width), dtype=torch.bool)
-        for row, i in enumerate(indices):
-            input_ids[row, :len(self.ids[i])] = torch.tensor(self.ids[i])
-            attention[row, :len(self.ids[i])] = True
+        input_ids, attention = pad_rows([self.ids[i] for i in indices], self.tokenizer.pad_id)
         index = torch.tensor(indices)
         tensors = {"input_ids": input_ids, "attention_mask": attention, "labels": self.labels[index],
                    "ratings": self.ratings[index], "index": index}
@@ -99,7 +95,7 @@ class ClassifyTask(Task):
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         t = batch.tensors
-        mask = _mask_if_padded(t["attention_mask"], batch.num_tokens)
+        mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
         logits, rating = model(t["input_ids"], attention_mask=mask)
         ce = F.cross_entropy(logits.float(), t["labels"], reduction="sum")
         loss = ce
@@ -122,7 +118,7 @@ class ClassifyTask(Task):
         for start in range(0, len(indices), size):
             batch = self.collate(indices[start:start + size])
             t = {k: v.to(device) for k, v in batch.tensors.items()}
-            mask = _mask_if_padded(t["attention_mask"], batch.num_tokens)
+            mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
             logits, rating = model(t["input_ids"], attention_mask=mask)
             probs.append(logits.float().softmax(-1).cpu())
             ratings.append(rating.float().cpu() if rating is not None else torch.full((len(logits),), math.nan))
@@ -193,12 +189,6 @@ class ClassifyTask(Task):
         if "rating_mae" in m:
             out["test_rating_mae"] = m["rating_mae"]
         return out
-
-
-def _mask_if_padded(attention_mask: torch.Tensor, num_tokens: int) -> Optional[torch.Tensor]:
-    """The (batch, seq) mask, or None when every row is full (no padding): the model's fast path,
-    with the same result. `num_tokens` (real tokens, counted at collate time) avoids a device sync."""
-    return attention_mask if num_tokens < attention_mask.numel() else None
 
 
 def _plot_confusion(matrix: np.ndarray, path: Path, title: Optional[str] = None) -> None:

@@ -150,7 +150,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
 
     forward_model = torch.compile(model) if t_cfg.compile else model
     logger = MetricsLogger(run_dir, resume_step=step if resume else None)
-    if precision == "bf16" and device.type == "cpu" and t_cfg.precision == "bf16" and not cpu_has_native_bf16():
+    if t_cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         tqdm.write("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
                    "slower than fp32; use train.precision=auto")
     amp = autocast_for(precision, device)
@@ -210,7 +210,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             data_wait += time.perf_counter() - step_start
             loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
-            if bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm)):
+            if bool(torch.isfinite(loss_sum + grad_norm)):  # one check (one device sync) for both
                 optimizer.step()
                 nonfinite_in_a_row = 0
             else:  # skip the update: one bad batch or overflow must not poison the weights

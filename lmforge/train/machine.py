@@ -3,8 +3,8 @@
 - Threads: torch's default (one per physical core) is right for training; `train.num_threads`
   overrides it, e.g. to leave a core free for the data pipeline or another job.
 - No allocator tuning: lmforge's step keeps no large temporaries (ops/linear_cross_entropy.py,
-  fused AdamW), and raising glibc's mmap threshold measured no gain for it here (it does help
-  transformers' dense-logits step; benchmarks/ can show that with --tune-allocator).
+  fused AdamW), and raising glibc's mmap threshold measured no gain for it here (it did help
+  transformers' dense-logits step).
 - bf16: worth it on CUDA GPUs with bf16 and on CPUs with native bf16 matmuls (AVX512-BF16 or
   AMX); elsewhere bf16 autocast is emulated and far slower than fp32 (~25x on an AVX2 machine).
   `train.precision=auto` therefore picks bf16 on a CPU only when the CPU reports native bf16 AND
