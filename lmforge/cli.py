@@ -8,6 +8,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -22,14 +23,21 @@ later ones winning, e.g.
 `lmforge pretrain --print-config` shows the resolved config; `--list-keys` every valid key.
 """
 
+# errno values that mean "the disk is full or not writable", reported as a one-line error
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.corpora import open_corpus
-    from lmforge.data.shards import prepare
+    from lmforge.data.shards import check_out_dir, prepare
     from lmforge.data.tokenizers import load_tokenizer, train_bpe, train_wordpiece
 
+    # Arguments first: a refusal should cost no tokenizer training and leave no temporary folder.
+    check_out_dir(args.out, args.force)
+    if not 0 < args.val_frac < 1:
+        raise LmforgeError(f"--val-frac={args.val_frac} must be between 0 and 1 (exclusive), e.g. 0.05")
     corpus = open_corpus(args.corpus)
-    if args.train_tokenizer:
+    if args.train_tokenizer is not None:
         print(f"lmforge: training a {args.train_tokenizer}-entry {args.kind} vocabulary on {args.corpus}")
         train = train_bpe if args.kind == "bpe" else train_wordpiece
         tokenizer = train((text for _, text in corpus.documents()), args.train_tokenizer)
@@ -87,6 +95,9 @@ def _predict(args: argparse.Namespace) -> int:
     from lmforge.models.loading import load_model
 
     loaded = load_model(args.run_dir)
+    if loaded.config.arch != "bert":
+        raise LmforgeError(f"{args.run_dir} is a {loaded.config.arch} model; `predict` fills in [MASK] with a BERT "
+                           f"run (use `lmforge generate` to continue text)")
     results = fill_mask(loaded.model, loaded.tokenizer, args.texts, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"text": t, "masks": r} for t, r in zip(args.texts, results)], indent=2))
@@ -122,6 +133,8 @@ def _classify(args: argparse.Namespace) -> int:
 
     if (args.text is None) == (args.input is None):
         raise LmforgeError("give exactly one of --text \"...\" or --input FILE")
+    if args.text is not None and not args.text.strip():
+        raise LmforgeError("--text is empty; give the text to classify")
     texts = [args.text] if args.text is not None else read_inputs(Path(args.input))
     cfg, tokenizer, model = load_classifier(args.run_dir)
     results = classify_texts(model, tokenizer, texts, cfg.data.seq_len)
@@ -137,9 +150,10 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmforge.eval.generate import generate
+    from lmforge.eval.generate import check_sampling, generate
     from lmforge.models.loading import load_model
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     loaded = load_model(args.run_dir)
     if loaded.config.arch != "gpt":
         raise LmforgeError(f"{args.run_dir} is a {loaded.config.arch} model; `generate` needs a GPT run "
@@ -176,8 +190,15 @@ def _add_run_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
     p.add_argument("--list-keys", action="store_true", help="list every valid config key and exit")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is the same one `error: ...` line (exit 2) as any other."""
+
+    def error(self, message: str):
+        raise LmforgeError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmforge",
         description="Pretrain and fine-tune transformer language models: BERT masked LMs, GPT causal LMs, "
                     "and classifiers fine-tuned on top.",
@@ -271,14 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.verb is None:
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            parser.print_help()
+            return 2
         return args.func(args)
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        # A full disk or an unwritable directory is the machine's state, not a bug: one line, and
+        # the run's last checkpoint is whole (checkpoints are written by rename).
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where} (free disk space or make it writable; a training run stopped this "
+              f"way continues from its last checkpoint with `lmforge {args.verb} --resume RUN_DIR`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

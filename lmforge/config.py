@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,7 +119,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     samples_every: Optional[int] = None  # decoded table to samples.md; null = at each evaluation
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 autocast on a CUDA GPU or CPU with fast native bf16, else fp32) | fp32 | bf16
+    # auto: bf16 autocast on a CUDA GPU with bf16 or a CPU with fast native bf16; fp16 autocast with
+    # loss scaling on an older CUDA GPU; else fp32. Or force one: fp32 | bf16 | fp16
+    precision: str = "auto"
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     num_threads: Optional[int] = None  # torch CPU threads; null = torch's default
     # A step whose loss or gradient is NaN/Inf is skipped (no update; counted and logged); this
@@ -155,12 +158,24 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _key_type(key: str) -> Any:
+    """The annotated type of a dotted key: 'train.max_steps' -> int, 'data.cache_dir' -> Optional[str]."""
+    t: Any = Config
+    for part in key.split("."):
+        t = typing.get_type_hints(t)[part]
+    return t
+
+
 def _unknown_key_error(key: str) -> LmforgeError:
+    inside = [k for k in all_keys() if k.startswith(key + ".")]
+    if inside:  # `model=5`: a section given a value
+        return LmforgeError(f"'{key}' is a config section, not a key; set one of its keys, e.g. {inside[0]}=... "
+                            f"(`lmforge pretrain --list-keys` lists them)")
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     if not close:  # a wrong section with a right leaf ("training.max_steps"): match the leaf
         leaf = key.rsplit(".", 1)[-1]
         close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
-    hint = f"; did you mean '{close[0]}'?" if close else "; see `lmforge pretrain --help-config`"
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `lmforge pretrain --list-keys`"
     return LmforgeError(f"unknown config key '{key}'{hint}")
 
 
@@ -194,12 +209,21 @@ def _coerce(key: str, value: Any, t: Any) -> Any:
     else:  # pragma: no cover - only the types above are used in the dataclasses
         raise TypeError(f"unsupported config type {t!r} for {key}")
     name = getattr(t, "__name__", str(t))
-    raise LmforgeError(f"config key '{key}' wants {name}, got {value!r}")
+    default: Any = Config()
+    for part in key.split("."):
+        default = getattr(default, part)
+    shown = str(default).lower() if t is bool else default  # as it is typed: true, not True
+    example = f"{key}=null, or a {name}" if default is None else f"{key}={shown}"
+    raise LmforgeError(f"config key '{key}' wants {name}, got {value!r}; e.g. {example}")
 
 
 def _update(obj: Any, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
-        raise LmforgeError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+        if not prefix:
+            raise LmforgeError(f"a config file must be a mapping of sections (model:, data:, train:, ...), got "
+                               f"{type(data).__name__} {data!r:.60}; see configs/ for examples")
+        raise LmforgeError(f"config section '{prefix.rstrip('.')}' must be a mapping of its keys (e.g. "
+                           f"{prefix}{all_keys(type(obj))[0]}), got {data!r:.60}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in data.items():
@@ -221,7 +245,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: a YAML date that is no date, e.g. 2024-13-45
         value = raw
     return key, value
 
@@ -237,24 +261,51 @@ def validate(cfg: Config) -> Config:
     """Reject configs that cannot train, with a message that says what to change."""
     m, t, o, d, k = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.task
     checks = [
-        (m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
+        (m.hidden_size >= 1, f"model.hidden_size={m.hidden_size} must be positive"),
+        (m.num_heads >= 1, f"model.num_heads={m.num_heads} must be at least 1"),
+        (m.num_heads < 1 or m.hidden_size % m.num_heads == 0,  # (every check is evaluated; no division by 0)
          f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; pick a divisor"),
+        (m.vocab_size is None or m.vocab_size >= 1,
+         f"model.vocab_size={m.vocab_size} must be positive, or null to take the tokenizer's"),
+        (m.type_vocab_size >= 1, f"model.type_vocab_size={m.type_vocab_size} must be at least 1"),
+        (m.layer_norm_eps > 0 and m.init_std >= 0,
+         f"model.layer_norm_eps={m.layer_norm_eps} must be positive and model.init_std={m.init_std} not negative"),
         (m.num_layers >= 1, f"model.num_layers={m.num_layers} must be at least 1"),
         (m.intermediate_size >= 1, f"model.intermediate_size={m.intermediate_size} must be positive"),
         (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)"),
         (d.seq_len >= 4, f"data.seq_len={d.seq_len} is too short; use at least 4"),
+        (d.train_tokenizer_vocab is None or d.train_tokenizer_vocab >= 1,
+         f"data.train_tokenizer_vocab={d.train_tokenizer_vocab} must be positive (e.g. 8000), or null to use "
+         f"data.tokenizer"),
+        (math.isfinite(cfg.loss.rating_weight) and cfg.loss.rating_weight >= 0,
+         f"loss.rating_weight={cfg.loss.rating_weight} must be a finite number >= 0 (0 turns the rating head off)"),
         (d.seq_len <= m.max_position_embeddings,
-         f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}"),
+         f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
+         f"lower data.seq_len or raise model.max_position_embeddings"),
         (0.0 < d.val_frac < 1.0, f"data.val_frac={d.val_frac} must be in (0, 1)"),
         (t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
         (t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1"),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size} must be at least 1"),
+        (t.eval_batch_size is None or t.eval_batch_size >= 1,
+         f"train.eval_batch_size={t.eval_batch_size} must be at least 1, or null for 4 x train.batch_size"),
+        (t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be at least 1"),
+        (t.num_threads is None or t.num_threads >= 1,
+         f"train.num_threads={t.num_threads} must be at least 1, or null for torch's default"),
+        (t.samples_every is None or t.samples_every >= 1,
+         f"train.samples_every={t.samples_every} must be at least 1, or null to sample at each evaluation"),
+        (k.sample_tokens >= 1, f"task.sample_tokens={k.sample_tokens} must be at least 1"),
         (t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be at least 1"),
         (t.eval_every >= 1 and t.checkpoint_every >= 1 and t.log_every >= 1,
          "train.eval_every, train.checkpoint_every and train.log_every must be at least 1"),
         (t.max_time_s is None or t.max_time_s > 0, f"train.max_time_s={t.max_time_s} must be positive"),
-        (t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r}: use auto, fp32 or bf16"),
+        (t.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
+        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative"),
+        (0.0 <= o.beta1 < 1.0, f"optim.beta1={o.beta1} must be in [0, 1), e.g. 0.9"),
+        (0.0 <= o.beta2 < 1.0, f"optim.beta2={o.beta2} must be in [0, 1), e.g. 0.999"),
+        (o.eps > 0, f"optim.eps={o.eps} must be positive, e.g. 1e-6"),
+        (0.0 <= o.min_lr_frac <= 1.0, f"optim.min_lr_frac={o.min_lr_frac} must be in [0, 1]"),
         (0.0 <= o.warmup_frac <= 1.0, f"optim.warmup_frac={o.warmup_frac} must be in [0, 1]"),
         (o.schedule in ("linear", "cosine", "constant"),
          f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
@@ -262,8 +313,9 @@ def validate(cfg: Config) -> Config:
         (m.arch in ("bert", "gpt"), f"model.arch={m.arch!r} is not known; known: bert, gpt"),
         (k.name != "mlm" or m.arch == "bert", f"task.name=mlm needs model.arch=bert, not {m.arch!r}"),
         (k.name != "clm" or m.arch == "gpt", f"task.name=clm needs model.arch=gpt, not {m.arch!r}"),
-        (t.tokens_per_step is None or t.tokens_per_step % (t.batch_size * d.seq_len) == 0,
-         f"train.tokens_per_step={t.tokens_per_step} must be a multiple of train.batch_size x data.seq_len "
+        (t.tokens_per_step is None
+         or (t.tokens_per_step > 0 and t.tokens_per_step % max(1, t.batch_size * d.seq_len) == 0),
+         f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of train.batch_size x data.seq_len "
          f"= {t.batch_size * d.seq_len}"),
         (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
         (k.name in ("mlm", "clm", "classify"), f"task.name={k.name!r} is not a known task; known: mlm, clm, classify"),
@@ -286,17 +338,31 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise LmforgeError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                               f"{e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
-            raise LmforgeError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+            if mark is None:
+                raise LmforgeError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            started = f" ({context} started at line {e.context_mark.line + 1})" if context and e.context_mark else ""
+            raise LmforgeError(f"config file {path} is not valid YAML at line {mark.line + 1}, column "
+                               f"{mark.column + 1}: {e.problem}{started}; fix the syntax there") from None
+        except ValueError as e:  # a YAML date that is no date, e.g. `seed: 2024-13-45`
+            raise LmforgeError(f"config file {path} is not valid YAML: {e}") from None
         _update(cfg, data)
     for text in overrides or []:
         key, value = parse_override(text)
         if key not in all_keys():
             raise _unknown_key_error(key)
+        if _key_type(key) in (str, Optional[str]) and value is not None and not isinstance(value, str):
+            # A name or path is kept as typed: YAML alone reads 1.10 as 1.1 and 2024-01-01 as a date.
+            value = text.split("=", 1)[1].strip()
         _update(cfg, _nest(key, value))
-    if cfg.train.tokens_per_step is not None:
-        cfg.train.grad_accum_steps = max(1, cfg.train.tokens_per_step // (cfg.train.batch_size * cfg.data.seq_len))
+    if cfg.train.tokens_per_step is not None:  # a zero batch_size x seq_len is reported by validate()
+        tokens_per_micro_step = max(1, cfg.train.batch_size * cfg.data.seq_len)
+        cfg.train.grad_accum_steps = max(1, cfg.train.tokens_per_step // tokens_per_micro_step)
     return validate(cfg)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from lmforge.data.shards import check_out_dir
 from lmforge.data.tokenizers import TextTokenizer
-from lmforge.errors import LmforgeError
 from lmforge.models.hf import gpt2_to_hf_state_dict, hf_config_from_model, hf_gpt2_config_from_model, to_hf_state_dict
 from lmforge.models.loading import load_model
 from lmforge.train.checkpoint import clean_state_dict
@@ -46,8 +46,7 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
     directory (load it with `AutoModel`; the classifier heads are lmforge's own and stay in the
     run). Refuses to overwrite an existing `out` unless `force`; writes a temporary folder first."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise LmforgeError(f"{out} already exists; choose another --out or pass --force")
+    check_out_dir(out, force)
     if (Path(model_path) / "dataset.json").is_file():  # a fine-tuning run: export its encoder
         from lmforge.finetune import load_classifier
 

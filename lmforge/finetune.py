@@ -15,18 +15,17 @@ from typing import Optional
 
 import torch
 
-from lmforge.config import Config, load_config
+from lmforge.config import Config, DataConfig, load_config
 from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
 from lmforge.models.classifier import BertClassifier
-from lmforge.models.loading import load_model
-from lmforge.pretrain import fill_vocab_size, resume_config, run_task
+from lmforge.models.loading import check_tokenizer_fits, load_checkpoint_weights, load_model, run_weights
+from lmforge.pretrain import fill_vocab_size, resume_config, run_task, save_overrides
 from lmforge.tasks.classify import ClassifyTask
-from lmforge.train.checkpoint import load_model_weights
 from lmforge.train.loop import resolve_device
 from lmforge.train.machine import set_threads
-from lmforge.train.run_dir import create_run_dir
+from lmforge.train.run_dir import check_out_dir, create_run_dir
 
 BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
 
@@ -40,13 +39,19 @@ def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.T
         return tokenizer, None
     path = BUNDLED_MODELS[spec](cfg.data.cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
     loaded = load_model(path, mlm_head_required=False)
+    if cfg.data.tokenizer != DataConfig().tokenizer:  # set on purpose: it must be the source's own
+        given = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
+        if given.tok.get_vocab(with_added_tokens=True) != loaded.tokenizer.tok.get_vocab(with_added_tokens=True):
+            raise LmforgeError(f"data.tokenizer={cfg.data.tokenizer} ({given.vocab_size} tokens) does not match the "
+                               f"tokenizer of model.init_from={spec} ({loaded.tokenizer.vocab_size} tokens); drop "
+                               f"data.tokenizer: a model is fine-tuned with the tokenizer it was trained with")
     src = loaded.config
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps"):
         setattr(cfg.model, key, getattr(src, key))
     if cfg.data.seq_len > src.max_position_embeddings:
         raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
-                           f"of {spec}")
+                           f"of {spec}; set data.seq_len={src.max_position_embeddings} or lower")
     encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith("bert.")}
     return loaded.tokenizer, encoder
 
@@ -64,6 +69,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     if cfg.task.name != "classify":
         raise LmforgeError(f"`lmforge finetune` trains task.name=classify, not {cfg.task.name!r}; "
                            f"use configs/mr-minilm.yaml or set task.name=classify")
+    check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
@@ -74,6 +80,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     if encoder is not None:
         missing, unexpected = model.load_state_dict(encoder, strict=False)
         assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
+    task = ClassifyTask(cfg, data, split, tokenizer, model)  # before the run directory: one that fails leaves none
     run_dir = create_run_dir(cfg, "classify")
     tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "dataset.json").write_text(json.dumps({
@@ -81,7 +88,6 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
         "rating_range": data.rating_range, "split_seed": cfg.data.split_seed,
         "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
     (run_dir / "split.json").write_text(json.dumps(split) + "\n")
-    task = ClassifyTask(cfg, data, split, tokenizer, model)
     print(f"lmforge: run directory {run_dir}")
     print(f"lmforge: {data.name}: {len(split['train']):,} train / {len(split['validation']):,} validation / "
           f"{len(split['test']):,} test examples; {sum(p.numel() for p in model.parameters()):,} parameters "
@@ -94,27 +100,29 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
 
 def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
     """Continue a fine-tuning run from its latest checkpoint, in the same directory."""
-    cfg, device = resume_config(run_dir, overrides)
-    if cfg.task.name != "classify":
-        raise LmforgeError(f"{run_dir} is a pretraining run; continue it with `lmforge pretrain --resume`")
+    cfg, device = resume_config(run_dir, overrides, fine_tuning=True)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     recorded = json.loads((run_dir / "dataset.json").read_text())
     if recorded["identity"] != data.identity:
         raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
     split = json.loads((run_dir / "split.json").read_text())
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
-    model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
-    return run_dir, run_task(cfg, ClassifyTask(cfg, data, split, tokenizer, model), run_dir, device, resume=True)
+    task = ClassifyTask(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range))
+    save_overrides(run_dir, cfg, overrides)
+    return run_dir, run_task(cfg, task, run_dir, device, resume=True)
 
 
 def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, BertClassifier]:
     """(config, tokenizer, classifier with the latest weights, in eval mode) of a finetune run."""
     run_dir = Path(run_dir)
     if not (run_dir / "dataset.json").is_file() or not (run_dir / "config.yaml").is_file():
-        raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json)")
+        raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json); give a run "
+                           f"made by `lmforge finetune`")
     cfg = load_config(run_dir / "config.yaml")
     info = json.loads((run_dir / "dataset.json").read_text())
     rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
     model = BertClassifier(cfg.model, len(info["labels"]), rating_range)
-    model.load_state_dict(load_model_weights(run_dir / "checkpoints", run_dir))
-    return cfg, load_tokenizer(str(run_dir / "tokenizer.json")), model.eval()
+    load_checkpoint_weights(model, run_weights(run_dir), run_dir)
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
+    check_tokenizer_fits(tokenizer, cfg.model, run_dir / "tokenizer.json")
+    return cfg, tokenizer, model.eval()

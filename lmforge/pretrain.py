@@ -6,6 +6,7 @@ config -> tokenizer -> prepared shards (cached) -> model -> task -> the loop -> 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,9 +26,10 @@ from lmforge.models.loading import build_model as build_arch
 from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
 from lmforge.tasks.mlm import MaskedLMTask
+from lmforge.train.checkpoint import checkpoints_newest_first
 from lmforge.train.loop import resolve_device, train, write_summary
 from lmforge.train.machine import set_threads
-from lmforge.train.run_dir import create_run_dir
+from lmforge.train.run_dir import check_out_dir, create_run_dir, flatten
 
 # Settings that may change when a run is resumed; everything else would make it another run.
 RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_time_s", "train.progress", "train.device",
@@ -97,12 +99,14 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     if cfg.task.name not in ("mlm", "clm"):
         raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm or clm, not {cfg.task.name!r}; "
                            f"use `lmforge finetune` for classify")
+    check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     data = prepared_data(cfg, progress=cfg.train.progress)
     cfg = fill_vocab_size(cfg, data.tokenizer)
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = build_model(cfg)
+    task = build_task(cfg, data, model)  # before the run directory: a task that cannot start leaves none
     run_dir = create_run_dir(cfg, cfg.task.name)
     data.tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "data.json").write_text(json.dumps({"prepared": str(data.folder), **data.manifest["splits"]},
@@ -110,15 +114,13 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     print(f"lmforge: run directory {run_dir}")
     print(f"lmforge: {sum(p.numel() for p in model.parameters()):,} parameters, data {data.folder}, "
           f"device {device}")
-    return run_dir, run_task(cfg, build_task(cfg, data, model), run_dir, device, resume=False)
+    return run_dir, run_task(cfg, task, run_dir, device, resume=False)
 
 
 def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
     """Continue a run from its latest checkpoint, in the same directory."""
     run_dir = Path(run_dir)
-    cfg, device = resume_config(run_dir, overrides)
-    if cfg.task.name == "classify":
-        raise LmforgeError(f"{run_dir} is a fine-tuning run; continue it with `lmforge finetune --resume`")
+    cfg, device = resume_config(run_dir, overrides, fine_tuning=False)
     recorded = json.loads((run_dir / "data.json").read_text())["prepared"] if (run_dir / "data.json").is_file() else None
     if recorded and (Path(recorded) / "manifest.json").is_file():
         data = PreparedData(recorded)  # the very shards the run started on
@@ -126,12 +128,15 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, 
         data = prepared_data(cfg, progress=cfg.train.progress)  # deterministic: re-made identically
     if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
         raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
-    model = build_model(cfg)
-    return run_dir, run_task(cfg, build_task(cfg, data, model), run_dir, device, resume=True)
+    task = build_task(cfg, data, build_model(cfg))
+    save_overrides(run_dir, cfg, overrides)
+    return run_dir, run_task(cfg, task, run_dir, device, resume=True)
 
 
-def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config, torch.device]:
-    """The run's config with the allowed overrides applied (and saved), and the device."""
+def resume_config(run_dir: Path, overrides: Optional[list[str]], fine_tuning: bool) -> tuple[Config, torch.device]:
+    """The run's config with the allowed overrides applied, and the device, after every check that
+    can refuse the resume. Nothing is written: `save_overrides` does that once nothing can refuse,
+    so a refused resume leaves the run directory exactly as it was."""
     if not (run_dir / "config.yaml").is_file():
         raise LmforgeError(f"{run_dir} is not an lmforge run directory (no config.yaml)")
     for text in overrides or []:
@@ -140,16 +145,56 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]]) -> tuple[Config
             raise LmforgeError(f"'{key}' cannot change when resuming (it would be a different run); "
                                f"allowed: {', '.join(RESUMABLE_OVERRIDES)}")
     cfg = load_config(run_dir / "config.yaml", overrides)
-    if overrides:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if fine_tuning and cfg.task.name != "classify":
+        raise LmforgeError(f"{run_dir} is a pretraining run; continue it with `lmforge pretrain --resume`")
+    if not fine_tuning and cfg.task.name == "classify":
+        raise LmforgeError(f"{run_dir} is a fine-tuning run; continue it with `lmforge finetune --resume`")
+    _check_model_unchanged(run_dir, cfg)
+    _check_steps_left(run_dir, cfg)
     set_threads(cfg.train.num_threads)
     return cfg, resolve_device(cfg.train.device)
+
+
+def _check_model_unchanged(run_dir: Path, cfg: Config) -> None:
+    """config.yaml's model section must be the one the run started with (hparams.json is written
+    once, at the start): the checkpoints only load into that model."""
+    path = run_dir / "hparams.json"
+    if not path.is_file():
+        return
+    started = json.loads(path.read_text())
+    for key, value in flatten({"model": dataclasses.asdict(cfg.model)}).items():
+        if key in started and started[key] != value:
+            raise LmforgeError(f"{key}={value} in {run_dir / 'config.yaml'} differs from the {started[key]} the run "
+                               f"started with; the model cannot change when resuming: restore {key}="
+                               f"{started[key]}, or start a new run")
+
+
+def _check_steps_left(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run with no checkpoint or with no steps left here, before train.max_steps=N is
+    saved (the loop checks the same when it loads the checkpoint, after the overrides would be)."""
+    newest = checkpoints_newest_first(run_dir / "checkpoints")
+    if not newest:
+        raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from (it stopped before its first "
+                           f"checkpoint was written); start the run again")
+    try:
+        step = json.loads((newest[0] / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # damaged: the loop falls back to an older checkpoint and says so
+    # at max_steps without summary.json: killed before its final reports; the loop writes them
+    if isinstance(step, int) and step >= cfg.train.max_steps and (run_dir / "summary.json").is_file():
+        raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={cfg.train.max_steps}); "
+                           f"to train longer, resume with a larger train.max_steps=N")
+
+
+def save_overrides(run_dir: Path, cfg: Config, overrides: Optional[list[str]]) -> None:
+    """Write the resumed config (with its new train.* settings) back, so the next resume sees them."""
+    if overrides:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
 
 def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool) -> dict:
     """The loop, then the task's final reports, summary.json and report.png. Returns the summary."""
     result = train(cfg, task, run_dir, device, resume=resume)
     extra = task.finish(task.model, run_dir, device)
-    summary = write_summary(run_dir, task, result, extra)
     write_report(run_dir)
-    return summary
+    return write_summary(run_dir, task, result, extra)  # last: its presence marks a finished run

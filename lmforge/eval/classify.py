@@ -11,21 +11,42 @@ import torch
 
 from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.sentiment import LABELS
+from lmforge.data.text import READ_ARGS, invalid_utf8_warning, repair
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.errors import LmforgeError
 
 
 def read_inputs(path: Path) -> list[str]:
-    """Texts from a plain text file (one per line) or a .csv/.tsv file with a `text` column."""
+    """Texts from a plain text file (one per line) or a .csv/.tsv file with a `text` column.
+
+    Bytes that are not UTF-8 become U+FFFD, counted in one warning line. A file with no text at
+    all is an error; an empty line among others is reported per line by `classify_texts`."""
     if not path.is_file():
         raise LmforgeError(f"input file not found: {path}")
+    # utf-8-sig: a byte-order mark (Excel, Notepad) is not text; invalid bytes are repaired below.
     if path.suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, **READ_ARGS, newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            if "text" not in (reader.fieldnames or []):
-                raise LmforgeError(f"{path} has no 'text' column (columns: {', '.join(reader.fieldnames or [])})")
-            return [row["text"] or "" for row in reader]
-    return path.read_text(encoding="utf-8").splitlines()
+            try:
+                if reader.fieldnames is not None and "text" not in reader.fieldnames:
+                    raise LmforgeError(f"{path} has no 'text' column (columns: {', '.join(reader.fieldnames)}); "
+                                       f"name the column of texts 'text' in the header row")
+                texts = [row["text"] or "" for row in reader]
+            except csv.Error as e:  # e.g. a field longer than the csv module's limit of 131072 characters
+                raise LmforgeError(f"{path} is not a readable {path.suffix[1:]} file: {e}") from None
+    else:
+        # One text per line, a line ending at \n, \r\n or \r only: not at the form feeds, U+2028 and
+        # other separators that str.splitlines() also splits on, which would shift every later result.
+        with open(path, **READ_ARGS) as f:
+            texts = [line[:-1] if line.endswith("\n") else line for line in f]
+    repaired = [repair(text) for text in texts]
+    bad_bytes = sum(bad for _, bad in repaired)
+    if bad_bytes:
+        print(invalid_utf8_warning(bad_bytes, str(path)), file=sys.stderr)
+    texts = [text for text, _ in repaired]
+    if not any(text.strip() for text in texts):
+        raise LmforgeError(f"{path} has no text to classify (it is empty or blank); put one text per line")
+    return texts
 
 
 @torch.inference_mode()

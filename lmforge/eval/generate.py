@@ -38,6 +38,21 @@ def next_token_distribution(logits: torch.Tensor, vocab_size: int, temperature: 
     return probs
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                   num_samples: int) -> None:
+    """Raise LmforgeError naming the first setting `generate` cannot use (called before a model loads)."""
+    checks = [
+        (max_new_tokens >= 1, f"--max-new-tokens={max_new_tokens} must be at least 1"),
+        (temperature >= 0, f"--temperature={temperature} must be at least 0 (0 = greedy)"),
+        (top_k is None or top_k >= 1, f"--top-k={top_k} must be at least 1"),
+        (top_p is None or 0 < top_p <= 1, f"--top-p={top_p} must be in (0, 1]; leave it out to sample from all"),
+        (num_samples >= 1, f"--num-samples={num_samples} must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LmforgeError(message)
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, num_samples: int = 1, seed: int = 0,
@@ -47,8 +62,7 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: i
     table is full. Returns the new token ids of each sample."""
     if not prompt_ids:
         raise LmforgeError("the prompt is empty; give at least one token of text")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
-        raise LmforgeError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
     max_pos = model.cfg.max_position_embeddings
     if len(prompt_ids) >= max_pos:
         print(f"warning: the prompt has {len(prompt_ids)} tokens; keeping its last {max_pos - 1} "

@@ -19,7 +19,7 @@ from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.gpt import GPT
 from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
                                model_config_from_hf, read_hf_dir)
-from lmforge.train.checkpoint import load_model_weights
+from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
 
 
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
@@ -29,6 +29,36 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
     if cfg.arch == "gpt":
         return GPT(cfg)
     raise LmforgeError(f"model.arch={cfg.arch!r} is not known; known: bert, gpt")
+
+
+def run_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of the newest whole checkpoint of the lmforge run `run_dir`."""
+    if not checkpoints_newest_first(run_dir / "checkpoints"):
+        raise LmforgeError(f"{run_dir} has no checkpoint (it stopped before its first one was written); "
+                           f"continue it with `--resume {run_dir}` or train it again")
+    return load_model_weights(run_dir / "checkpoints", run_dir)
+
+
+def load_checkpoint_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """Load a run's checkpoint tensors into `model` (built from the run's config.yaml), or say in one
+    line where they differ: config.yaml was edited after training, or the checkpoint is another's."""
+    expected = model.state_dict()
+    for name in sorted(set(expected) | set(weights)):
+        if name not in weights or name not in expected or weights[name].shape != expected[name].shape:
+            there = tuple(weights[name].shape) if name in weights else "missing"
+            here = tuple(expected[name].shape) if name in expected else "absent"
+            raise LmforgeError(f"{run_dir / 'config.yaml'} does not match its checkpoint: {name} is {there} in the "
+                               f"checkpoint but {here} by the config; restore the config the run was trained with")
+    model.load_state_dict(weights)
+
+
+def check_tokenizer_fits(tokenizer: TextTokenizer, cfg: ModelConfig, where: Path) -> None:
+    """A tokenizer with more tokens than the model's vocabulary is not the one it was trained with
+    (its ids would index past the embedding table)."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LmforgeError(f"{where} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                           f"{cfg.vocab_size}: it is not the tokenizer this model was trained with; put back the "
+                           f"model's own tokenizer")
 
 
 @dataclass
@@ -55,8 +85,10 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
             raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
                                f"for its encoder")
         model = build_model(cfg.model)
-        model.load_state_dict(load_model_weights(path / "checkpoints", path))
-        return LoadedModel(model.eval(), cfg.model, load_tokenizer(str(path / "tokenizer.json")), "lmforge")
+        load_checkpoint_weights(model, run_weights(path), path)
+        tokenizer = load_tokenizer(str(path / "tokenizer.json"))
+        check_tokenizer_fits(tokenizer, cfg.model, path / "tokenizer.json")
+        return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
     if is_hf_dir(path):
         hf_cfg, hf_state = read_hf_dir(path)
         if hf_cfg.get("model_type") == "gpt2":
@@ -65,7 +97,9 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
             state, ignored = gpt2_from_hf_state_dict(hf_state, model.token.weight.size(0))
             model.load_state_dict(state)
             notes = [f"not used from {path}: {', '.join(sorted(ignored)[:6])}"] if ignored else []
-            return LoadedModel(model.eval(), cfg, load_tokenizer(str(path)), "hf", notes)
+            tokenizer = load_tokenizer(str(path))
+            check_tokenizer_fits(tokenizer, cfg, path)
+            return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes)
         cfg = model_config_from_hf(hf_cfg)
         state, ignored = from_hf_state_dict(hf_state)
         model = BertForMaskedLM(cfg)  # initialised, so a missing head starts as N(0, 0.02)
@@ -81,7 +115,9 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
                 print(f"warning: {notes[-1]}", file=sys.stderr)
         if ignored:
             notes.append(f"not used from {path}: {', '.join(sorted(ignored)[:6])}")
-        return LoadedModel(model.eval(), cfg, load_tokenizer(str(path)), "hf", notes)
+        tokenizer = load_tokenizer(str(path))
+        check_tokenizer_fits(tokenizer, cfg, path)
+        return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes)
     raise LmforgeError(f"{path} is neither an lmforge run directory (config.yaml) nor a Hugging Face model "
                        f"directory (config.json + model.safetensors or pytorch_model.bin)")
 

@@ -92,11 +92,27 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int = 3) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`.
+
+    A write that fails (full disk, read-only or vanished directory) removes its temporary folder
+    and raises LmforgeError; the previous checkpoint and `latest` are left as they were."""
+    try:
+        return _save_checkpoint(ckpt_root, step, model, optimizer, state, keep)
+    except OSError as e:
+        shutil.rmtree(ckpt_root / f".step_{step:08d}.tmp", ignore_errors=True)
+        previous = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise LmforgeError(f"could not write checkpoint step {step} in {ckpt_root}: {e.strerror or e} ({kept}); "
+                           f"free disk space or make the directory writable, then continue with --resume "
+                           f"{ckpt_root.parent}") from None
+
+
+def _save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     state: dict[str, Any], keep: int) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".step_{step:08d}.tmp"
-    if tmp.exists():
+    if tmp.exists():  # left by a process killed while writing
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(clean_state_dict(model), tmp / "model.safetensors")
@@ -108,11 +124,16 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # same step saved again (e.g. a final checkpoint right after a periodic one)
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # the same step again, e.g. retraining past a damaged checkpoint: move it aside
+        replaced = ckpt_root / f".step_{step:08d}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     write_text_atomic(ckpt_root / "latest", final.name + "\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

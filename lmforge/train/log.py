@@ -18,11 +18,17 @@ from lmforge.train.checkpoint import write_text_atomic
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True,
+                 keep_eval_at_resume_step: bool = True):
+        """`keep_eval_at_resume_step=False` also drops a validation record AT resume_step: the
+        evaluation a stopped run makes where it stopped, which an uninterrupted run would not."""
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
+            def kept_record(r: dict) -> bool:
+                return r["step"] < resume_step or (r["step"] == resume_step and
+                                                   (r["split"] != "validation" or keep_eval_at_resume_step))
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if line.strip() and kept_record(json.loads(line))]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
         self.tb = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.rng import derive_seed
 from lmforge.tasks.base import Task
-from lmforge.train.checkpoint import load_newest_good, restore_optimizer, save_checkpoint
+from lmforge.train.checkpoint import load_newest_good, restore_optimizer, save_checkpoint, write_text_atomic
 from lmforge.train.log import MetricsLogger
-from lmforge.train.machine import cpu_has_native_bf16, resolve_precision
+from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
 from lmforge.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -53,9 +54,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for a resolved precision of 'bf16' (train/machine.py decides), else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 / fp16 autocast for a resolved precision of 'bf16' / 'fp16' (train/machine.py decides),
+    else nothing."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -69,12 +71,14 @@ class TrainResult:
 
 
 def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, device: torch.device,
-                         amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, dict, int]:
+                         amp: contextlib.AbstractContextManager, scaler: Optional[torch.amp.GradScaler] = None
+                         ) -> tuple[torch.Tensor, dict, int]:
     """Forward and backward every micro-batch of one optimizer step into `.grad`.
 
     Each micro-batch's summed loss is divided by the number of targets in the WHOLE step, so the
     gradient equals that of one batch holding all micro-batches (the mean over all targets), not
-    a mean of per-micro-batch means. Returns (summed loss, summed task metrics, total targets).
+    a mean of per-micro-batch means. With fp16, `scaler` multiplies the loss before backward so
+    that small gradients do not underflow. Returns (summed loss, summed task metrics, total targets).
     """
     total_targets = max(1, sum(b.num_targets for b in batches))
     loss_sum = torch.zeros((), device=device)
@@ -83,7 +87,8 @@ def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, devi
         batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
         with amp:
             out = task.loss(model, batch)
-        (out.loss_sum / total_targets).backward()
+        loss = out.loss_sum / total_targets
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += out.loss_sum.detach().float()
         for k, v in out.sums.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
@@ -128,6 +133,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     optimizer = make_optimizer(model, cfg.optim, device)
+    scaler = None  # fp16's loss scaler, made once the precision is known
     ckpt_root = run_dir / "checkpoints"
 
     step, tokens_seen, time_before = 0, 0, 0.0
@@ -135,7 +141,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     if resume:
         found = load_newest_good(ckpt_root)
         if found is None:
-            raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from")
+            raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from (it stopped before its first "
+                               f"checkpoint was written, or every checkpoint is damaged); start the run again")
         path, weights, opt_tensors, state = found
         model.load_state_dict(weights)
         restore_optimizer(optimizer, opt_tensors, state["optimizer"])
@@ -143,26 +150,44 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
         if t_cfg.precision == "auto":  # keep the precision the run started with, so resume stays exact
             precision = state.get("precision", precision)
-        if step >= t_cfg.max_steps:
+        if precision == "fp16":
+            scaler = torch.amp.GradScaler(device.type)
+            if "loss_scaler" in state:
+                scaler.load_state_dict(state["loss_scaler"])
+        if step >= t_cfg.max_steps and (run_dir / "summary.json").is_file():
             raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
-        tqdm.write(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
+        if step >= t_cfg.max_steps:  # killed after its last checkpoint, before summary.json was written
+            tqdm.write(f"lmforge: {run_dir} trained all {step} steps but stopped before its final reports; "
+                       f"writing them")
+        else:
+            tqdm.write(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
 
     forward_model = torch.compile(model) if t_cfg.compile else model
-    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
+    logger = MetricsLogger(run_dir, resume_step=step if resume else None,
+                           keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps)
+    if precision == "fp16" and scaler is None:
+        # fp16 overflows above 65,504: the scaler multiplies the loss by a large factor, skips a step
+        # whose gradients overflowed and halves the factor, and grows it again after 2,000 good steps
+        scaler = torch.amp.GradScaler(device.type)
     if t_cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         tqdm.write("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
                    "slower than fp32; use train.precision=auto")
+    if precision == "fp16" and device.type == "cpu":
+        tqdm.write("lmforge: warning: train.precision=fp16 on a CPU is emulated and slow; it is meant for "
+                   "older CUDA GPUs (use train.precision=auto)")
     amp = autocast_for(precision, device)
     tqdm.write(f"lmforge: training on {device.type} in {precision}"
-               + (" (bf16 autocast)" if precision == "bf16" else ""))
+               + {"bf16": " (bf16 autocast)", "fp16": " (fp16 autocast, loss scaling)"}.get(precision, ""))
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
 
     started = time.time()
     last_log_time, last_log_tokens = started, tokens_seen
-    last_eval: dict = {}
-    last_eval_step = last_ckpt_step = -1
+    last_eval: dict = state.get("last_eval", {}) if resume else {}
+    # The final checkpoint is always written after the final evaluation (see the end of the loop)
+    last_eval_step = step if resume and step >= t_cfg.max_steps else -1
+    last_ckpt_step = step if resume else -1  # the resumed state is already on disk
     data_wait = step_time = 0.0  # seconds since the last log line
     nonfinite_steps = state.get("nonfinite_steps", 0) if resume else 0  # skipped updates in all
     nonfinite_in_a_row = 0
@@ -176,6 +201,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
                  "last_eval": last_eval, "task": task.name, "precision": precision,
                  "nonfinite_steps": nonfinite_steps}
+        if scaler is not None:
+            state["loss_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_root, step, model, optimizer, state, keep=t_cfg.keep_checkpoints)
         last_ckpt_step = step
 
@@ -192,6 +219,10 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             logger.text("validation/samples", result.table_markdown, step)
         tqdm.write("step {:>6} | val " .format(step) + " | ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
 
+    if resume:
+        trim_samples(run_dir / "samples.md", step)
+    else:
+        checkpoint()  # step 0: a run killed before its first periodic checkpoint can still be resumed
     bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step", disable=not t_cfg.progress,
                dynamic_ncols=True)
     with _StopFlag() as stop:
@@ -208,19 +239,31 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             step_start = time.perf_counter()
             batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
             data_wait += time.perf_counter() - step_start
-            loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp)
+            loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp, scaler)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # true gradients, for clipping and the norm we log
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
             if bool(torch.isfinite(loss_sum + grad_norm)):  # one check (one device sync) for both
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
                 nonfinite_in_a_row = 0
             else:  # skip the update: one bad batch or overflow must not poison the weights
                 nonfinite_steps += 1
-                nonfinite_in_a_row += 1
-                tqdm.write(f"lmforge: warning: step {step + 1}: loss or gradient is not finite; update skipped")
+                # fp16 gradient overflow with a finite loss is the loss scaler's business (it lowers
+                # its factor below); only a non-finite loss counts towards stopping the run
+                overflow = scaler is not None and bool(torch.isfinite(loss_sum))
+                nonfinite_in_a_row = 0 if overflow else nonfinite_in_a_row + 1
+                what = (f"fp16 gradients overflowed at loss scale {scaler.get_scale():g}" if overflow
+                        else "loss or gradient is not finite")
+                tqdm.write(f"lmforge: warning: step {step + 1}: {what}; update skipped")
                 if nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
                     raise LmforgeError(f"step {step + 1}: loss or gradient not finite for {nonfinite_in_a_row} steps in a "
                                        f"row (train.max_nonfinite_steps={t_cfg.max_nonfinite_steps}); lower optim.lr, "
                                        f"set optim.max_grad_norm, or check the data")
+            if scaler is not None:
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += sum(b.num_tokens for b in batches)
@@ -238,12 +281,14 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                 # data_wait: share of step time spent making batches (the loop waits for them)
                 logger.log(step, "train", loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                            tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9),
-                           skipped_steps=nonfinite_steps, **extra)
+                           skipped_steps=nonfinite_steps, **memory_mb(device), **extra,
+                           **({"loss_scale": scaler.get_scale()} if scaler is not None else {}))
                 data_wait = step_time = 0.0
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % t_cfg.eval_every == 0:
+            # at max_steps: evaluate, then checkpoint, so that the last checkpoint holds the last evaluation
+            if step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
                 evaluate()
-            if step % t_cfg.checkpoint_every == 0:
+            if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
                 checkpoint()
     bar.close()
     if last_eval_step != step:
@@ -255,9 +300,21 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                        last_eval=last_eval)
 
 
+def trim_samples(path: Path, step: int) -> None:
+    """Drop the sections of samples.md written after `step` by an interrupted process, so that a
+    resumed run's file reads like an uninterrupted one (metrics.jsonl is trimmed the same way)."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    cut = next((m.start() for m in re.finditer(r"^## step (\d+) ", text, flags=re.M) if int(m.group(1)) > step), None)
+    if cut is not None:
+        write_text_atomic(path, text[:cut - 1])  # each section starts with the "\n" before its "## step"
+
+
 def write_summary(run_dir: Path, task: Task, result: TrainResult, extra: Optional[dict] = None) -> dict:
     summary = {**task.summary(result.last_eval), **(extra or {}), "steps": result.steps,
                "tokens_seen": result.tokens_seen, "wall_time_s": round(result.wall_time_s, 2),
                "stopped_by": result.stopped_by}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Written last, and atomically: a run with summary.json and max_steps reached is finished
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -25,12 +25,26 @@ from pathlib import Path
 import torch
 
 from lmforge.config import Config, dump_yaml, to_dict
+from lmforge.errors import LmforgeError
 
 CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout lmforge runs from
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an out_dir that cannot hold run folders, before any work is done: a file (or a path
+    through one), or a run directory itself (the new run would be made inside the old one)."""
+    root = Path(out_dir).expanduser()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise LmforgeError(f"out_dir={out_dir}: {existing} is a file; set out_dir to a folder (runs are made in it)")
+    if (root / "config.yaml").is_file():
+        raise LmforgeError(f"out_dir={out_dir} is a run directory; set out_dir to the folder that holds runs "
+                           f"(e.g. its parent), or continue that run with --resume {out_dir}")
+
+
 def create_run_dir(cfg: Config, task: str) -> Path:
     """Make a fresh, uniquely named run folder under cfg.out_dir and write the provenance files."""
+    check_out_dir(cfg.out_dir)
     root = Path(cfg.out_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y.%m.%d.%H.%M.%S")

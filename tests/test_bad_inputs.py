@@ -1,0 +1,413 @@
+"""Bad inputs to every verb: exit code 2, one `error: ...` line that names the problem and the fix,
+no traceback, and nothing written or overwritten (issue 6).
+
+Each case runs `lmforge.cli.main(argv)` in-process against tiny runs trained once for the module
+(a BERT, a GPT and a fine-tuned classifier, 2 steps each). Every file and folder under the
+case's own tmp dir and under those shared runs is snapshotted (path, size, mtime_ns, sha256)
+before and after the call; the two must be equal, so a command that creates a run directory,
+rewrites a config or leaves a temporary folder behind before failing is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+from lmforge.cli import main
+from lmforge.data.corpora import open_corpus
+from lmforge.data.shards import PreparedData, prepare
+from lmforge.data.tokenizers import BERT_SPECIAL, TextTokenizer, train_bpe
+from lmforge.finetune import finetune
+from lmforge.pretrain import pretrain
+
+TWO_STEPS = ("train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1")
+
+
+@dataclass
+class Runs:
+    """What the cases point at; `paths` fills the `{name}` placeholders of a case's argv."""
+
+    root: Path
+    paths: dict[str, str]
+
+
+def _big_bert_tokenizer(path: Path) -> Path:
+    """A valid BERT WordPiece tokenizer.json with 505 entries: more than the tiny runs' vocabulary."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    vocab = path.with_suffix(".txt")
+    vocab.write_text("".join(t + "\n" for t in [*BERT_SPECIAL, *(f"w{i}" for i in range(500))]))
+    TextTokenizer(BertWordPieceTokenizer(str(vocab), lowercase=True)._tokenizer, "big").save(path)
+    vocab.unlink()
+    return path
+
+
+def _reviews(path: Path) -> Path:
+    rng = random.Random(0)
+    lines = ["text\tlabel\trating"]
+    for _ in range(60):
+        label = rng.randrange(2)
+        lines.append(f"the cat is {rng.choice(['good', 'great'] if label else ['bad', 'dull'])} .\t{label}\t"
+                     f"{2.0 if label else -2.0}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_corpus, tiny_prepared) -> Runs:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    out = root / "runs"
+    bert, _ = pretrain(tiny_config(tiny_prepared, out, *TWO_STEPS))
+    corpus = open_corpus(str(tiny_corpus))
+    gpt_prepared = prepare(corpus, train_bpe((t for _, t in corpus.documents()), 300), root / "gpt_prepared",
+                           val_frac=0.2, split_seed=1, progress=False)
+    gpt, _ = pretrain(tiny_config(PreparedData(gpt_prepared), out, "model.arch=gpt", "task.name=clm", *TWO_STEPS))
+    reviews = _reviews(root / "reviews.tsv")
+    tok = tiny_prepared.folder / "tokenizer.json"
+    clf, _ = finetune(tiny_config(tiny_prepared, out, "task.name=classify", f"data.dataset={reviews}",
+                                  f"data.tokenizer={tok}", "train.batch_size=16", *TWO_STEPS))
+    paths = {"bert": bert, "gpt": gpt, "clf": clf, "prepared": tiny_prepared.folder, "gpt_prepared": gpt_prepared,
+             "tok": tok, "big_tok": _big_bert_tokenizer(root / "big_tokenizer.json"), "reviews": reviews}
+    return Runs(root, {k: str(v) for k, v in paths.items()})
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every path under `roots` (the roots too) -> (kind, size, mtime_ns, sha256 of a file's bytes).
+    A folder's mtime changes when an entry is added or removed, even if it is removed again."""
+    out = {}
+    for root in roots:
+        for dirpath, _, filenames in os.walk(root):
+            for name in [None, *filenames]:
+                p = Path(dirpath) if name is None else Path(dirpath) / name
+                st = p.lstat()
+                digest = hashlib.sha256(p.read_bytes()).hexdigest() if name is not None and p.is_file() else None
+                out[str(p)] = ("dir" if name is None else "file", st.st_size if name else None, st.st_mtime_ns, digest)
+    return out
+
+
+# -- case setup helpers: files a case needs, made before the snapshot ---------------------------
+
+
+def files_at(contents: dict[str, str | bytes | None]) -> Callable[[Path, Runs], None]:
+    """Write each `name: content` under the case's tmp dir (None makes an empty folder)."""
+    def setup(tmp: Path, runs: Runs) -> None:
+        for name, content in contents.items():
+            path = tmp / name
+            if content is None:
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+    return setup
+
+
+def run_copy(run: str, edit: Callable[[Path, Runs], None]) -> Callable[[Path, Runs], None]:
+    """Copy the shared run `run` to tmp/<run> and apply `edit` to the copy."""
+    def setup(tmp: Path, runs: Runs) -> None:
+        copy = tmp / run
+        shutil.copytree(runs.paths[run], copy)
+        edit(copy, runs)
+    return setup
+
+
+def edit_config(**changes) -> Callable[[Path, Runs], None]:
+    """Change `section.key` values in a run's config.yaml (as a user editing it by hand would)."""
+    def edit(run_dir: Path, runs: Runs) -> None:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            cfg[section][key] = value
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return edit
+
+
+def swap_tokenizer(run_dir: Path, runs: Runs) -> None:
+    shutil.copy(runs.paths["big_tok"], run_dir / "tokenizer.json")
+
+
+def drop_checkpoints(run_dir: Path, runs: Runs) -> None:
+    shutil.rmtree(run_dir / "checkpoints")
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # `{tmp}` and the keys of Runs.paths are filled in
+    expect: str  # a distinctive substring of the one error line
+    setup: Optional[Callable[[Path, Runs], None]] = field(default=None)
+
+
+PRE = ["--tokenizer", "{tok}", "--out", "{tmp}/out"]  # prepare: a local tokenizer (no download)
+# pretrain/finetune: a tiny model on the tiny prepared data, so a case gets past validation without a
+# download, and fails fast (or trains 2 steps and fails the test) if its bad input is not caught
+TINY = ["out_dir={tmp}/runs", "data.corpus={prepared}", "data.tokenizer={tok}", "data.seq_len=32",
+        "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64",
+        "train.progress=false", "train.max_steps=2"]
+FT = [*TINY, "data.dataset={reviews}"]
+
+CASES = [
+    # -- the command line itself
+    Case("unknown-verb", ["frobnicate"], "invalid choice: 'frobnicate'"),
+    Case("prepare-without-out", ["prepare", "--corpus", "{tmp}"], "the following arguments are required: --out"),
+    Case("predict-top-k-not-a-number", ["predict", "{bert}", "a [MASK]", "--top-k", "many"],
+         "argument --top-k: invalid int value: 'many'"),
+    # -- prepare
+    Case("prepare-empty-folder", ["prepare", "--corpus", "{tmp}/empty", *PRE], "has no .txt or .md files",
+         files_at({"empty": None})),
+    Case("prepare-folder-of-blank-files", ["prepare", "--corpus", "{tmp}/blank", *PRE], "has no text",
+         files_at({"blank/a.txt": "\n  \n", "blank/b.md": ""})),
+    Case("prepare-empty-file", ["prepare", "--corpus", "{tmp}/empty.txt", *PRE], "has no text",
+         files_at({"empty.txt": ""})),
+    Case("prepare-jsonl-without-text-field", ["prepare", "--corpus", "{tmp}/c.jsonl", *PRE],
+         "has no string field 'text'", files_at({"c.jsonl": '{"body": "a cat"}\n'})),
+    Case("prepare-missing-corpus", ["prepare", "--corpus", "{tmp}/nope.txt", *PRE], "unknown corpus"),
+    Case("prepare-missing-tokenizer", ["prepare", "--corpus", "{tmp}/c.txt", "--tokenizer", "{tmp}/nope.json",
+                                       "--out", "{tmp}/out"], "tokenizer file not found",
+         files_at({"c.txt": "a cat\n"})),
+    Case("prepare-out-exists", ["prepare", "--corpus", "{tmp}/c.txt", "--train-tokenizer", "100",
+                                "--out", "{tmp}/out"], "already exists and is not empty; choose another --out",
+         files_at({"c.txt": "a cat\n", "out/keep.txt": "mine"})),
+    Case("prepare-out-is-a-file", ["prepare", "--corpus", "{tmp}/c.txt", *PRE, "--force"],
+         "already exists and is a file", files_at({"c.txt": "a cat\n", "out": "mine"})),
+    Case("prepare-val-frac-zero", ["prepare", "--corpus", "{tmp}/c.txt", "--val-frac", "0", *PRE],
+         "--val-frac=0.0 must be between 0 and 1", files_at({"c.txt": "a cat\n"})),
+    Case("prepare-tokenizer-too-small", ["prepare", "--corpus", "{tmp}/c.txt", "--train-tokenizer", "5",
+                                         "--out", "{tmp}/out"], "too small; use at least 100",
+         files_at({"c.txt": "a cat\n"})),
+    # -- pretrain: config keys, types, sizes
+    Case("misspelt-key", ["pretrain", *TINY, "train.max_step=5"], "did you mean 'train.max_steps'"),
+    Case("misspelt-key-in-yaml", ["pretrain", "--config", "{tmp}/c.yaml", *TINY], "did you mean 'model.hidden_size'",
+         files_at({"c.yaml": "model:\n  hiden_size: 64\n"})),
+    Case("wrong-section", ["pretrain", *TINY, "training.max_steps=5"], "did you mean 'train.max_steps'"),
+    Case("not-key-value", ["pretrain", "train.max_steps"], "is not of the form key=value"),
+    Case("section-given-a-value", ["pretrain", "model=5"],
+         "'model' is a config section, not a key; set one of its keys"),
+    Case("int-given-a-word", ["pretrain", *TINY, "train.batch_size=many"],
+         "'train.batch_size' wants int, got 'many'; e.g. train.batch_size=32"),
+    Case("int-given-a-fraction", ["pretrain", *TINY, "train.max_steps=2.5"], "'train.max_steps' wants int, got 2.5"),
+    Case("float-given-a-word-in-yaml", ["pretrain", "--config", "{tmp}/c.yaml", *TINY], "'optim.lr' wants float",
+         files_at({"c.yaml": "optim:\n  lr: fast\n"})),
+    Case("bool-given-a-word", ["pretrain", *TINY, "train.progress=maybe"], "'train.progress' wants bool"),
+    Case("batch-size-zero", ["pretrain", *TINY, "train.batch_size=0"], "train.batch_size=0 must be at least 1"),
+    Case("layers-zero", ["pretrain", *TINY, "model.num_layers=0"], "model.num_layers=0 must be at least 1"),
+    Case("hidden-negative", ["pretrain", *TINY, "model.hidden_size=-64"], "model.hidden_size=-64 must be positive"),
+    Case("heads-zero", ["pretrain", *TINY, "model.num_heads=0"], "model.num_heads=0 must be at least 1"),
+    Case("seq-len-zero", ["pretrain", *TINY, "data.seq_len=0"], "data.seq_len=0 is too short"),
+    Case("max-steps-negative", ["pretrain", *TINY, "train.max_steps=-1"], "train.max_steps=-1 must be at least 1"),
+    Case("lr-zero", ["pretrain", *TINY, "optim.lr=0"], "optim.lr=0.0 must be positive"),
+    Case("lr-negative", ["pretrain", *TINY, "optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
+    Case("vocab-size-zero", ["pretrain", *TINY, "model.vocab_size=0"], "model.vocab_size=0 must be positive"),
+    Case("eval-batch-size-zero", ["pretrain", *TINY, "train.eval_batch_size=0"], "train.eval_batch_size=0 must be"),
+    Case("beta2-above-one", ["pretrain", *TINY, "optim.beta2=1.5"], "optim.beta2=1.5 must be in [0, 1)"),
+    Case("dropout-one", ["pretrain", *TINY, "model.dropout=1"], "model.dropout=1.0 must be in [0, 1)"),
+    Case("heads-do-not-divide-hidden", ["pretrain", "model.num_heads=3"],
+         "model.num_heads=3 does not divide model.hidden_size=128; pick a divisor"),
+    Case("seq-len-above-positions", ["pretrain", "data.seq_len=600"],
+         "data.seq_len=600 exceeds model.max_position_embeddings=512; lower data.seq_len or raise "
+         "model.max_position_embeddings"),
+    Case("mlm-with-gpt", ["pretrain", *TINY, "model.arch=gpt"], "task.name=mlm needs model.arch=bert"),
+    Case("pretrain-a-classifier", ["pretrain", "task.name=classify", *TINY], "use `lmforge finetune`"),
+    # -- pretrain: files
+    Case("config-missing", ["pretrain", "--config", "{tmp}/nope.yaml"], "config file not found"),
+    Case("config-bad-yaml", ["pretrain", "--config", "{tmp}/c.yaml", *TINY],
+         "is not valid YAML at line 3, column 6: expected ',' or ']'",
+         files_at({"c.yaml": "model:\n  hidden_size: [64\ntrain: {}\n"})),
+    Case("config-not-a-mapping", ["pretrain", "--config", "{tmp}/c.yaml", *TINY], "must be a mapping of sections",
+         files_at({"c.yaml": "- model\n- train\n"})),
+    Case("config-not-utf8", ["pretrain", "--config", "{tmp}/c.yaml", *TINY], "is not UTF-8 text",
+         files_at({"c.yaml": b"train:\n  max_steps: 5 \xff\xfe\n"})),
+    Case("corpus-empty-folder", ["pretrain", *TINY, "data.corpus={tmp}/empty"], "has no .txt or .md files",
+         files_at({"empty": None})),
+    Case("corpus-empty-file", ["pretrain", *TINY, "data.corpus={tmp}/empty.txt"], "has no text",
+         files_at({"empty.txt": "\n\n"})),
+    Case("corpus-missing", ["pretrain", *TINY, "data.corpus={tmp}/nope"], "unknown corpus"),
+    Case("tokenizer-missing", ["pretrain", *TINY, "data.corpus={tmp}/c.txt", "data.tokenizer={tmp}/nope.json"],
+         "tokenizer file not found", files_at({"c.txt": "a cat\n"})),
+    Case("vocab-smaller-than-tokenizer", ["pretrain", *TINY, "model.vocab_size=50"],
+         "is smaller than the tokenizer's"),
+    Case("mlm-on-gpt-tokens", ["pretrain", *TINY, "data.corpus={gpt_prepared}"],
+         "task.name=mlm needs a BERT tokenizer"),
+    Case("seq-len-longer-than-the-data", ["pretrain", *TINY, "model.max_position_embeddings=8192",
+                                          "data.seq_len=8000"], "tokens; use a bigger corpus or a shorter"),
+    Case("out-dir-is-a-run", ["pretrain", *TINY, "out_dir={bert}"], "is a run directory"),
+    Case("out-dir-is-a-file", ["pretrain", *TINY, "out_dir={tmp}/f"], "is a file", files_at({"f": "mine"})),
+    # -- pretrain --resume
+    Case("resume-with-config", ["pretrain", "--resume", "{bert}", "--config", "{tmp}/c.yaml"], "drop --config"),
+    Case("resume-missing-run", ["pretrain", "--resume", "{tmp}/nope"], "is not an lmforge run directory"),
+    Case("resume-changing-the-model", ["pretrain", "--resume", "{bert}", "model.hidden_size=64"],
+         "'model.hidden_size' cannot change when resuming"),
+    Case("resume-with-edited-model-config", ["pretrain", "--resume", "{tmp}/bert"],
+         "model.hidden_size=64 in", run_copy("bert", edit_config(model__hidden_size=64))),
+    Case("resume-finished-run-lower-max-steps", ["pretrain", "--resume", "{bert}", "train.max_steps=1"],
+         "already finished at step 2"),
+    Case("resume-a-classifier-as-pretraining", ["pretrain", "--resume", "{clf}", "train.max_steps=5"],
+         "is a fine-tuning run; continue it with `lmforge finetune --resume`"),
+    # -- finetune
+    Case("finetune-misspelt-key", ["finetune", *FT, "optim.lr_=1e-4"], "did you mean 'optim.lr'"),
+    Case("finetune-other-task", ["finetune", *FT, "task.name=mlm"], "`lmforge finetune` trains task.name=classify"),
+    Case("finetune-tsv-without-text", ["finetune", *FT, "data.dataset={tmp}/r.tsv"], "has no column 'text'",
+         files_at({"r.tsv": "review\tlabel\nfine\t1\n"})),
+    Case("finetune-empty-dataset", ["finetune", *FT, "data.dataset={tmp}/r.tsv"], "has no rows",
+         files_at({"r.tsv": ""})),
+    Case("finetune-bad-label", ["finetune", *FT, "data.dataset={tmp}/r.csv"], "label 'maybe' is not 0/1",
+         files_at({"r.csv": "text,label\nfine,maybe\n"})),
+    Case("finetune-missing-dataset", ["finetune", *FT, "data.dataset={tmp}/nope.tsv"], "unknown dataset"),
+    Case("finetune-missing-tokenizer", ["finetune", *FT, "data.tokenizer={tmp}/nope.json"],
+         "tokenizer file not found"),
+    Case("finetune-tokenizer-does-not-match-init-run", ["finetune", *FT, "model.init_from={bert}",
+                                                        "data.tokenizer={big_tok}"],
+         "does not match the tokenizer of model.init_from"),
+    Case("finetune-init-from-missing", ["finetune", *FT, "model.init_from={tmp}/nope"],
+         "is neither an lmforge run directory"),
+    Case("finetune-seq-len-above-init-positions", ["finetune", *FT, "model.init_from={bert}",
+                                                   "model.max_position_embeddings=512", "data.seq_len=100"],
+         "data.seq_len=100 exceeds the 64 positions of"),
+    Case("finetune-resume-a-pretraining-run", ["finetune", "--resume", "{bert}", "train.max_steps=5"],
+         "is a pretraining run; continue it with `lmforge pretrain --resume`"),
+    Case("finetune-resume-with-config", ["finetune", "--resume", "{clf}", "--config", "{tmp}/c.yaml"],
+         "drop --config"),
+    Case("finetune-resume-with-edited-model-config", ["finetune", "--resume", "{tmp}/clf"],
+         "model.num_layers=1 in", run_copy("clf", edit_config(model__num_layers=1))),
+    # -- classify
+    Case("classify-neither-text-nor-input", ["classify", "{clf}"], "give exactly one of --text"),
+    Case("classify-both-text-and-input", ["classify", "{clf}", "--text", "fine", "--input", "{tmp}/in.txt"],
+         "give exactly one of --text", files_at({"in.txt": "fine\n"})),
+    Case("classify-missing-input", ["classify", "{clf}", "--input", "{tmp}/nope.txt"], "input file not found"),
+    Case("classify-entirely-empty-input", ["classify", "{clf}", "--input", "{tmp}/in.txt"], "has no text",
+         files_at({"in.txt": ""})),
+    Case("classify-input-of-blank-lines", ["classify", "{clf}", "--input", "{tmp}/in.txt"], "has no text",
+         files_at({"in.txt": "\n  \n\n"})),
+    Case("classify-empty-text", ["classify", "{clf}", "--text", " "], "--text is empty"),
+    Case("classify-empty-tsv", ["classify", "{clf}", "--input", "{tmp}/in.tsv"], "has no text",
+         files_at({"in.tsv": ""})),
+    Case("classify-tsv-without-text-column", ["classify", "{clf}", "--input", "{tmp}/in.tsv"],
+         "has no 'text' column", files_at({"in.tsv": "review\tid\nfine\t1\n"})),
+    Case("classify-a-pretraining-run", ["classify", "{bert}", "--text", "fine"],
+         "is not an lmforge fine-tuning run directory"),
+    Case("classify-missing-run", ["classify", "{tmp}/nope", "--text", "fine"],
+         "is not an lmforge fine-tuning run directory"),
+    Case("classify-tokenizer-does-not-match-checkpoint", ["classify", "{tmp}/clf", "--text", "fine"],
+         "tokenizer.json has 505 tokens but the model", run_copy("clf", swap_tokenizer)),
+    # -- predict
+    Case("predict-without-mask", ["predict", "{bert}", "no mask here"], "no [MASK] in 'no mask here'"),
+    Case("predict-top-k-negative", ["predict", "{bert}", "a [MASK]", "--top-k", "-1"], "--top-k must be at least 1"),
+    Case("predict-missing-run", ["predict", "{tmp}/nope", "a [MASK]"], "is neither an lmforge run directory"),
+    Case("predict-a-classifier", ["predict", "{clf}", "a [MASK]"], "use `lmforge classify` with it"),
+    Case("predict-with-gpt", ["predict", "{gpt}", "a [MASK]"], "`predict` fills in [MASK] with a BERT run"),
+    Case("predict-tokenizer-does-not-match-checkpoint", ["predict", "{tmp}/bert", "a [MASK]"],
+         "tokenizer.json has 505 tokens but the model", run_copy("bert", swap_tokenizer)),
+    Case("predict-config-does-not-match-checkpoint", ["predict", "{tmp}/bert", "a [MASK]"],
+         "does not match its checkpoint", run_copy("bert", edit_config(model__hidden_size=64))),
+    # -- generate
+    Case("generate-with-bert", ["generate", "{bert}", "the"], "`generate` needs a GPT run"),
+    Case("generate-with-a-classifier", ["generate", "{clf}", "the"], "is a fine-tuning run"),
+    Case("generate-missing-run", ["generate", "{tmp}/nope", "the"], "is neither an lmforge run directory"),
+    Case("generate-top-k-negative", ["generate", "{gpt}", "the", "--top-k", "-1"], "--top-k=-1 must be at least 1"),
+    Case("generate-max-new-tokens-negative", ["generate", "{gpt}", "the", "--max-new-tokens", "-5"],
+         "--max-new-tokens=-5 must be at least 1"),
+    Case("generate-temperature-negative", ["generate", "{gpt}", "the", "--temperature", "-1"],
+         "--temperature=-1.0 must be at least 0"),
+    Case("generate-top-p-zero", ["generate", "{gpt}", "the", "--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
+    Case("generate-num-samples-zero", ["generate", "{gpt}", "the", "--num-samples", "0"],
+         "--num-samples=0 must be at least 1"),
+    Case("generate-empty-prompt", ["generate", "{gpt}", ""], "the prompt is empty"),
+    # -- export
+    Case("export-out-exists", ["export", "{bert}", "--out", "{tmp}/out"],
+         "already exists and is not empty; choose another --out or pass --force",
+         files_at({"out/keep.txt": "mine"})),
+    Case("export-out-is-a-file", ["export", "{bert}", "--out", "{tmp}/out", "--force"],
+         "already exists and is a file", files_at({"out": "mine"})),
+    Case("export-missing-model", ["export", "{tmp}/nope", "--out", "{tmp}/out"], "is neither an lmforge run"),
+    Case("export-run-without-checkpoint", ["export", "{tmp}/bert", "--out", "{tmp}/out"],
+         "has no checkpoint (it stopped before its first one", run_copy("bert", drop_checkpoints)),
+    Case("export-config-does-not-match-checkpoint", ["export", "{tmp}/clf", "--out", "{tmp}/out"],
+         "does not match its checkpoint", run_copy("clf", edit_config(model__intermediate_size=32))),
+]
+
+
+def test_the_table_covers_every_verb_with_at_least_30_cases():
+    verbs = {c.argv[0] for c in CASES}
+    assert {"prepare", "pretrain", "finetune", "classify", "predict", "generate", "export"} <= verbs
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(case, runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a relative out_dir (runs/) would land here, inside the snapshot
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # any cache write is seen too
+    (tmp_path / "cache").mkdir()
+    if case.setup:
+        case.setup(tmp_path, runs)
+    argv = [a.format(tmp=tmp_path, **runs.paths) for a in case.argv]
+    before = snapshot(tmp_path, runs.root)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert case.expect in err, err
+    assert snapshot(tmp_path, runs.root) == before
+
+
+# -- not exit 2: reported and carried on ---------------------------------------------------------
+
+
+def test_classify_reports_an_empty_line_and_classifies_the_rest(runs, tmp_path, capsys):
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("the cat is good .\n\nthe cat is dull .\n")
+    capsys.readouterr()
+    assert main(["classify", runs.paths["clf"], "--input", str(inputs)]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()
+    assert len(rows) == 3 and rows[1] == "error (empty input)\t" and rows[0].split("\t")[0] in ("positive", "negative")
+    assert err.splitlines() == ["warning: input 2 is empty; skipped"]
+
+
+def test_invalid_utf8_in_a_corpus_is_replaced_with_one_warning(runs, tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "good.txt").write_text("the cat sees the hill .\n" * 20)
+    (folder / "bad1.txt").write_bytes(b"the dog \xff\xfe likes the city .\n" * 20)
+    (folder / "bad2.txt").write_bytes(b"a small bird \xc3 finds the moon .\n" * 20)
+    capsys.readouterr()  # --train-tokenizer: the corpus is read twice, and still warned about once
+    assert main(["prepare", "--corpus", str(folder), "--train-tokenizer", "100", "--val-frac", "0.4",
+                 "--split-seed", "3", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 60 invalid UTF-8 bytes in 2 of 3 files of corpus " + str(folder)
+                        + " were replaced by U+FFFD"]
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    single = tmp_path / "single.txt"  # one text file: the bytes are counted the same way
+    single.write_bytes(b"the cat \xe2\x82 sees the hill .\n\nthe dog likes the city .\n" * 10)
+    assert main(["prepare", "--corpus", str(single), "--tokenizer", runs.paths["tok"], "--val-frac", "0.5",
+                 "--out", str(tmp_path / "out2")]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        f"warning: 20 invalid UTF-8 bytes in corpus {single} were replaced by U+FFFD"]
+
+
+def test_invalid_utf8_in_classify_input_is_replaced_with_one_warning(runs, tmp_path, capsys):
+    inputs = tmp_path / "in.txt"
+    inputs.write_bytes(b"the cat is good \xff.\nthe cat is dull .\n")
+    capsys.readouterr()
+    assert main(["classify", runs.paths["clf"], "--input", str(inputs)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2 and "\ufffd" in out
+    assert err.splitlines() == [f"warning: 1 invalid UTF-8 byte in {inputs} was replaced by U+FFFD"]
