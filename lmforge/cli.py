@@ -301,14 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
+    except Exception as e:
         # A full disk or an unwritable directory is the machine's state, not a bug: one line, and
-        # the run's last checkpoint is whole (checkpoints are written by rename).
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror}{where} (free disk space or make it writable; a training run stopped this "
-              f"way continues from its last checkpoint with `lmforge {args.verb} --resume RUN_DIR`)", file=sys.stderr)
+        # the run's last checkpoint is whole (checkpoints are written by rename). safetensors
+        # reports its write failures as SafetensorError("... I/O error: <reason> (os error N)").
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            what = e.strerror + (f": {e.filename}" if e.filename else "")
+        elif type(e).__name__ == "SafetensorError" and "I/O error" in str(e):
+            what = str(e).split("I/O error: ", 1)[1]
+        else:
+            raise
+        print(f"error: {what} (free disk space or make it writable; a training run stopped this way continues "
+              f"from its last checkpoint with `lmforge {args.verb} --resume RUN_DIR`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

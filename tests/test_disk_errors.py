@@ -2,7 +2,7 @@
 
 The failure is injected where the bytes are written (safetensors' save_file, the metrics file)
 with the errno the kernel gives (ENOSPC, EROFS, EACCES), after part of the file is on disk, as a
-real full disk would leave it. The previous checkpoint, `latest` and the run directory must be
+real full disk would leave it; one test has the kernel itself refuse the write (RLIMIT_FSIZE). The previous checkpoint, `latest` and the run directory must be
 intact, no temporary folder may be left, and once the disk has room again `--resume` must
 continue to exactly the run that was never interrupted.
 """
@@ -13,6 +13,7 @@ import errno
 import os
 
 import pytest
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import lmforge.train.checkpoint as checkpoint
@@ -23,7 +24,7 @@ from lmforge.train.log import MetricsLogger, read_metrics
 
 
 def _failing_on_call(monkeypatch, owner, name, call: int, err: int):
-    """owner.name raises OSError(err) on its `call`-th call, after writing half of what it wrote."""
+    """owner.name fails with errno `err` on its `call`-th call, after writing half of what it wrote."""
     original = getattr(owner, name)
     calls = []
 
@@ -33,7 +34,8 @@ def _failing_on_call(monkeypatch, owner, name, call: int, err: int):
             original(tensors, path, *args, **kwargs)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
-            raise OSError(err, os.strerror(err), str(path))
+            # what safetensors raises for a failed write (its Rust I/O error, not an OSError)
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(err)} (os error {err})")
         return original(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(owner, name, failing)
@@ -102,3 +104,42 @@ def test_a_full_disk_while_logging_metrics_is_one_clear_error(tiny_prepared, tmp
     monkeypatch.undo()
     assert main(["pretrain", "--resume", str(run_dir)]) == 0
     assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"] == list(range(1, 13))
+
+
+def test_a_real_kernel_write_failure_mid_checkpoint_is_one_clear_error(tiny_prepared, tmp_path):
+    """Not injected: the kernel refuses the write (a file-size limit, EFBIG, as a quota would)."""
+    import subprocess
+    import sys
+
+    config = _config_file(tiny_prepared, tmp_path, tmp_path / "runs")
+    assert main(["pretrain", "--config", str(config), "train.max_steps=6"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    limit = (run_dir / "checkpoints" / "step_00000006" / "model.safetensors").stat().st_size // 2
+    before = _snapshot(run_dir / "checkpoints")
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from lmforge.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "pretrain", "--resume", str(run_dir), "train.max_steps=12"],
+                          capture_output=True, text=True, timeout=600)
+    stderr = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(stderr) == 1, proc.stderr[-2000:]
+    assert "could not write checkpoint step 12" in stderr[0] and "File too large" in stderr[0]
+    assert "the previous checkpoint step_00000006 is intact" in stderr[0]
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(run_dir / "checkpoints") == before  # nothing half-written left, nothing changed
+    assert main(["pretrain", "--resume", str(run_dir), "train.max_steps=12"]) == 0
+    assert [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"] == list(range(1, 13))
+
+
+def test_a_full_disk_during_export_is_one_clear_error_and_leaves_no_output(tiny_prepared, tmp_path, monkeypatch, capsys):
+    import lmforge.export
+
+    config = _config_file(tiny_prepared, tmp_path, tmp_path / "runs")
+    assert main(["pretrain", "--config", str(config), "train.max_steps=2"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    _failing_on_call(monkeypatch, lmforge.export, "save_file", 1, errno.ENOSPC)
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("error: No space left on device"), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "runs.yaml"]  # no output, no temp folder

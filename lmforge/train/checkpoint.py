@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
@@ -98,11 +99,12 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     and raises LmforgeError; the previous checkpoint and `latest` are left as they were."""
     try:
         return _save_checkpoint(ckpt_root, step, model, optimizer, state, keep)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
         shutil.rmtree(ckpt_root / f".step_{step:08d}.tmp", ignore_errors=True)
         previous = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise LmforgeError(f"could not write checkpoint step {step} in {ckpt_root}: {e.strerror or e} ({kept}); "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise LmforgeError(f"could not write checkpoint step {step} in {ckpt_root}: {reason} ({kept}); "
                            f"free disk space or make the directory writable, then continue with --resume "
                            f"{ckpt_root.parent}") from None
 
