@@ -22,19 +22,31 @@ import torch.nn.functional as F
 
 def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Tensor, mask_prob: float = 0.15,
                 mask_token_frac: float = 0.8, random_token_frac: float = 0.1,
-                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator] = None,
+                rows: Optional[tuple[int, int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply BERT masking to a whole batch at once.
 
     input_ids:    (batch, seq) int64 token ids (padding included).
     special_mask: (vocab_size,) bool, True for ids that are never selected nor used as random
                   replacements (padding, [CLS], [SEP], [MASK], [UNK], reserved slots).
+    rows:         (first, end, total): `input_ids` are rows first..end of a batch of `total` rows
+                  (a data-parallel rank's share). The random numbers are drawn for all `total`
+                  rows and cut, so each row gets the mask it would get in the whole batch.
     Returns (masked_ids, selected): masked_ids is (batch, seq) int64, the input with the selected
     positions replaced; selected is (batch, seq) bool, True where the loss is taken. The targets
     are `input_ids[selected]`.
     """
+    first, end, total = rows if rows is not None else (0, input_ids.size(0), input_ids.size(0))
+    if end - first != input_ids.size(0):
+        raise ValueError(f"rows={rows} do not match {input_ids.size(0)} input rows")
+    shape = (total, input_ids.size(1))
+
+    def uniform() -> torch.Tensor:  # this rank's rows of a (total, seq) draw
+        return torch.rand(shape, generator=generator, device=input_ids.device)[first:end]
+
     special_mask = special_mask.to(input_ids.device)
     maskable = ~special_mask[input_ids]
-    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    draw = uniform()
     counts = maskable.sum(1)
     wanted = torch.round(counts * mask_prob).long()
     if mask_prob > 0:
@@ -44,11 +56,11 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     in_order = torch.arange(input_ids.size(1), device=input_ids.device)[None, :] < wanted[:, None]
     selected = torch.zeros_like(maskable).scatter_(1, order, in_order)
     # One more uniform per position decides what a selected token becomes.
-    how = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    how = uniform()
     to_mask = selected & (how < mask_token_frac)
     to_random = selected & (how >= mask_token_frac) & (how < mask_token_frac + random_token_frac)
     allowed = torch.nonzero(~special_mask).squeeze(1)  # ids a random replacement may take
-    pick = torch.randint(len(allowed), input_ids.shape, generator=generator, device=input_ids.device)
+    pick = torch.randint(len(allowed), shape, generator=generator, device=input_ids.device)[first:end]
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(to_random, allowed[pick], masked)
     return masked, selected

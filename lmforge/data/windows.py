@@ -54,8 +54,10 @@ class WindowSampler:
             self._epoch = epoch
         return self._perm
 
-    def next(self, count: int) -> np.ndarray:
-        """(count, length) int64: the next `count` windows."""
+    def next(self, count: int, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """(count, length) int64: the next `count` windows. With `rows=(lo, hi)`, `count` windows
+        are still consumed (a global batch) but only rows lo..hi of them are read: a data-parallel
+        rank's share, identical to the same rows of a single process's batch of `count`."""
         n = len(self.windows)
         picks = []
         pos, end = self.consumed, self.consumed + count
@@ -65,7 +67,8 @@ class WindowSampler:
             picks.append(self._order(epoch)[offset:offset + take].numpy())
             pos += take
         self.consumed = end
-        return self.windows.get(np.concatenate(picks))
+        order = np.concatenate(picks)
+        return self.windows.get(order if rows is None else order[rows[0]:rows[1]])
 
     def state(self) -> dict:
         return {"consumed_windows": self.consumed, "epoch": self.consumed // len(self.windows),

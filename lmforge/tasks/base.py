@@ -42,8 +42,21 @@ class EvalResult:
 
 
 class Task(ABC):
+    """A model, its batches, its loss and its metrics: all the loop needs.
+
+    Data parallelism: `shard` is (rank, world size), set by the loop. `train_batch` then returns
+    this rank's rows of the step's global batch (world x train.batch_size rows), which are the
+    same rows, with the same random masks, that one process with the whole batch would make,
+    so results do not depend on the number of processes."""
+
     name: str
     model: nn.Module
+    shard: tuple[int, int] = (0, 1)
+
+    def global_rows(self, per_rank: int) -> tuple[int, tuple[int, int]]:
+        """(rows in the global micro-batch, (first, end) row of this rank's share)."""
+        rank, world = self.shard
+        return per_rank * world, (rank * per_rank, (rank + 1) * per_rank)
 
     @abstractmethod
     def train_batch(self, step: int, micro: int) -> Batch: ...

@@ -54,7 +54,8 @@ class CausalLMTask(Task):
                      num_tokens=w[:, 1:].numel())
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        return self._batch(self.sampler.next(self.cfg.train.batch_size))
+        total, rows = self.global_rows(self.cfg.train.batch_size)
+        return self._batch(self.sampler.next(total, rows))
 
     def data_state(self) -> dict:
         return self.sampler.state()

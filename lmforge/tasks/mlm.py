@@ -75,17 +75,19 @@ class MaskedLMTask(Task):
         sep = torch.full((b, 1), self.tokenizer.sep_id, dtype=torch.int64)
         return torch.cat([cls, ids, sep], dim=1)
 
-    def _mask(self, input_ids: torch.Tensor, generator: torch.Generator) -> Batch:
+    def _mask(self, input_ids: torch.Tensor, generator: torch.Generator,
+              rows: tuple[int, int, int] | None = None) -> Batch:
         k = self.cfg.task
         masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
                                        mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
-                                       random_token_frac=k.random_token_frac, generator=generator)
+                                       random_token_frac=k.random_token_frac, generator=generator, rows=rows)
         return Batch({"input_ids": input_ids, "masked_ids": masked, "selected": selected},
                      num_targets=int(selected.sum()), num_tokens=input_ids.numel())
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        input_ids = self._frame(self.sampler.next(self.cfg.train.batch_size))
-        return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro))
+        total, (lo, hi) = self.global_rows(self.cfg.train.batch_size)
+        input_ids = self._frame(self.sampler.next(total, (lo, hi)))
+        return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro), rows=(lo, hi, total))
 
     def data_state(self) -> dict:
         return self.sampler.state()
