@@ -20,7 +20,8 @@ from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
 from lmforge.models.classifier import BertClassifier
-from lmforge.models.loading import check_tokenizer_fits, load_checkpoint_weights, load_model, run_weights
+from lmforge.models.loading import (check_tokenizer_fits, load_checkpoint_weights, load_model, load_run_tokenizer,
+                                    run_weights)
 from lmforge.pretrain import fill_vocab_size, resume_config, run_task, save_overrides
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.train.loop import resolve_device
@@ -85,7 +86,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "dataset.json").write_text(json.dumps({
         "dataset": data.name, "identity": data.identity, "examples": len(data.examples), "labels": list(LABELS),
-        "rating_range": data.rating_range, "split_seed": cfg.data.split_seed,
+        "rating_range": data.rating_range, "split_seed": cfg.data.split_seed, "tokenizer_sha256": tokenizer.sha256,
         "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
     (run_dir / "split.json").write_text(json.dumps(split) + "\n")
     print(f"lmforge: run directory {run_dir}")
@@ -123,6 +124,6 @@ def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, BertCla
     rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
     model = BertClassifier(cfg.model, len(info["labels"]), rating_range)
     load_checkpoint_weights(model, run_weights(run_dir), run_dir)
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
+    tokenizer = load_run_tokenizer(run_dir, "dataset.json")
     check_tokenizer_fits(tokenizer, cfg.model, run_dir / "tokenizer.json")
     return cfg, tokenizer, model.eval()

@@ -109,8 +109,8 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     task = build_task(cfg, data, model)  # before the run directory: a task that cannot start leaves none
     run_dir = create_run_dir(cfg, cfg.task.name)
     data.tokenizer.save(run_dir / "tokenizer.json")
-    (run_dir / "data.json").write_text(json.dumps({"prepared": str(data.folder), **data.manifest["splits"]},
-                                                  indent=2) + "\n")
+    info = {"prepared": str(data.folder), "tokenizer_sha256": data.tokenizer.sha256, **data.manifest["splits"]}
+    (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"lmforge: run directory {run_dir}")
     print(f"lmforge: {sum(p.numel() for p in model.parameters()):,} parameters, data {data.folder}, "
           f"device {device}")

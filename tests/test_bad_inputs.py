@@ -11,6 +11,7 @@ rewrites a config or leaves a temporary folder behind before failing is caught.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -135,6 +136,15 @@ def edit_config(**changes) -> Callable[[Path, Runs], None]:
 
 def swap_tokenizer(run_dir: Path, runs: Runs) -> None:
     shutil.copy(runs.paths["big_tok"], run_dir / "tokenizer.json")
+
+
+def edit_one_token(run_dir: Path, runs: Runs) -> None:
+    """The same number of tokens, one of them spelled differently: only the recorded sha256 tells."""
+    tok = json.loads((run_dir / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    word = next(w for w in vocab if w.isalpha() and len(w) > 3)
+    vocab[word[::-1] + "zz"] = vocab.pop(word)
+    (run_dir / "tokenizer.json").write_text(json.dumps(tok))
 
 
 def drop_checkpoints(run_dir: Path, runs: Runs) -> None:
@@ -302,7 +312,9 @@ CASES = [
     Case("classify-missing-run", ["classify", "{tmp}/nope", "--text", "fine"],
          "is not an lmforge fine-tuning run directory"),
     Case("classify-tokenizer-does-not-match-checkpoint", ["classify", "{tmp}/clf", "--text", "fine"],
-         "tokenizer.json has 505 tokens but the model", run_copy("clf", swap_tokenizer)),
+         "is not the tokenizer this run was trained with", run_copy("clf", swap_tokenizer)),
+    Case("classify-tokenizer-of-the-same-size-edited", ["classify", "{tmp}/clf", "--text", "fine"],
+         "put back the run's own tokenizer.json", run_copy("clf", edit_one_token)),
     # -- predict
     Case("predict-without-mask", ["predict", "{bert}", "no mask here"], "no [MASK] in 'no mask here'"),
     Case("predict-top-k-negative", ["predict", "{bert}", "a [MASK]", "--top-k", "-1"], "--top-k must be at least 1"),
@@ -310,7 +322,9 @@ CASES = [
     Case("predict-a-classifier", ["predict", "{clf}", "a [MASK]"], "use `lmforge classify` with it"),
     Case("predict-with-gpt", ["predict", "{gpt}", "a [MASK]"], "`predict` fills in [MASK] with a BERT run"),
     Case("predict-tokenizer-does-not-match-checkpoint", ["predict", "{tmp}/bert", "a [MASK]"],
-         "tokenizer.json has 505 tokens but the model", run_copy("bert", swap_tokenizer)),
+         "is not the tokenizer this run was trained with", run_copy("bert", swap_tokenizer)),
+    Case("predict-tokenizer-of-the-same-size-edited", ["predict", "{tmp}/bert", "a [MASK]"],
+         "put back the run's own tokenizer.json", run_copy("bert", edit_one_token)),
     Case("predict-config-does-not-match-checkpoint", ["predict", "{tmp}/bert", "a [MASK]"],
          "does not match its checkpoint", run_copy("bert", edit_config(model__hidden_size=64))),
     # -- generate

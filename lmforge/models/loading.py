@@ -6,6 +6,7 @@ with it. Loading never executes code from the files (safetensors, JSON, weights-
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,19 @@ def load_checkpoint_weights(model: torch.nn.Module, weights: dict[str, torch.Ten
     model.load_state_dict(weights)
 
 
+def load_run_tokenizer(run_dir: Path, record: str) -> TextTokenizer:
+    """The run's tokenizer.json, checked against the sha256 the run recorded in `record` (data.json
+    or dataset.json) when it started: a tokenizer swapped in later, even one of the same size,
+    would silently give wrong predictions."""
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
+    info = json.loads((run_dir / record).read_text()) if (run_dir / record).is_file() else {}
+    recorded = info.get("tokenizer_sha256")
+    if recorded is not None and recorded != tokenizer.sha256:
+        raise LmforgeError(f"{run_dir / 'tokenizer.json'} is not the tokenizer this run was trained with (its sha256 "
+                           f"differs from the one in {record}); put back the run's own tokenizer.json")
+    return tokenizer
+
+
 def check_tokenizer_fits(tokenizer: TextTokenizer, cfg: ModelConfig, where: Path) -> None:
     """A tokenizer with more tokens than the model's vocabulary is not the one it was trained with
     (its ids would index past the embedding table)."""
@@ -86,7 +100,7 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
                                f"for its encoder")
         model = build_model(cfg.model)
         load_checkpoint_weights(model, run_weights(path), path)
-        tokenizer = load_tokenizer(str(path / "tokenizer.json"))
+        tokenizer = load_run_tokenizer(path, "data.json")
         check_tokenizer_fits(tokenizer, cfg.model, path / "tokenizer.json")
         return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
     if is_hf_dir(path):
