@@ -78,6 +78,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     if result is None:
         return 0
     run_dir, summary = result
+    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     print()
     kind = "causal-LM" if "val_perplexity" in summary else "MLM"
     perplexity = f", perplexity {summary['val_perplexity']:.1f}" if "val_perplexity" in summary else ""
@@ -117,6 +119,8 @@ def _finetune(args: argparse.Namespace) -> int:
     if result is None:
         return 0
     run_dir, summary = result
+    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     print()
     rating = f", rating MAE {summary['test_rating_mae']:.3f}" if "test_rating_mae" in summary else ""
     print(f"test accuracy {summary['test_accuracy']:.4f}, F1 {summary['test_f1']:.4f}{rating} "

@@ -131,6 +131,13 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # How several processes started by torchrun share the work (lmforge/distributed): ddp.
+    # Ignored in a single process.
+    strategy: str = "ddp"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -138,6 +145,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     out_dir: str = "runs/"
 
 
@@ -301,6 +309,7 @@ def validate(cfg: Config) -> Config:
         (t.precision in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
+        (cfg.distributed.strategy in ("ddp",), f"distributed.strategy={cfg.distributed.strategy!r}: use ddp"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative"),
         (0.0 <= o.beta1 < 1.0, f"optim.beta1={o.beta1} must be in [0, 1), e.g. 0.9"),
         (0.0 <= o.beta2 < 1.0, f"optim.beta2={o.beta2} must be in [0, 1), e.g. 0.999"),

@@ -9,6 +9,7 @@ BertClassifier -> ClassifyTask -> the same loop as pretraining -> test-split rep
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -71,6 +72,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
         raise LmforgeError(f"`lmforge finetune` trains task.name=classify, not {cfg.task.name!r}; "
                            f"use configs/mr-minilm.yaml or set task.name=classify")
     check_out_dir(cfg.out_dir)
+    _single_process_only()
     set_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
@@ -99,8 +101,15 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     return run_dir, run_task(cfg, task, run_dir, device, resume=False)
 
 
+def _single_process_only() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LmforgeError("`lmforge finetune` runs in one process for now (its batches are not yet split across "
+                           "ranks); start it without torchrun")
+
+
 def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
     """Continue a fine-tuning run from its latest checkpoint, in the same directory."""
+    _single_process_only()
     cfg, device = resume_config(run_dir, overrides, fine_tuning=True)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     recorded = json.loads((run_dir / "dataset.json").read_text())

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from lmforge import distributed
 from lmforge.config import Config, dump_yaml, load_config
 from lmforge.data.corpora import open_corpus
 from lmforge.data.packages import cache_root
@@ -101,19 +102,27 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
                            f"use `lmforge finetune` for classify")
     check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
-    data = prepared_data(cfg, progress=cfg.train.progress)
+    par, device = distributed.setup(resolve_device(cfg.train.device))
+    if not par.main:
+        par.barrier()  # rank 0 tokenizes the corpus into the cache first; the others then read it
+    data = prepared_data(cfg, progress=cfg.train.progress and par.main)
+    if par.main:
+        par.barrier()
     cfg = fill_vocab_size(cfg, data.tokenizer)
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = build_model(cfg)
     task = build_task(cfg, data, model)  # before the run directory: a task that cannot start leaves none
-    run_dir = create_run_dir(cfg, cfg.task.name)
-    data.tokenizer.save(run_dir / "tokenizer.json")
-    info = {"prepared": str(data.folder), "tokenizer_sha256": data.tokenizer.sha256, **data.manifest["splits"]}
-    (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"lmforge: run directory {run_dir}")
-    print(f"lmforge: {sum(p.numel() for p in model.parameters()):,} parameters, data {data.folder}, "
-          f"device {device}")
+    run_dir = Path(par.broadcast(str(create_run_dir(cfg, cfg.task.name)) if par.main else None))
+    if par.main:
+        data.tokenizer.save(run_dir / "tokenizer.json")
+        info = {"prepared": str(data.folder), "tokenizer_sha256": data.tokenizer.sha256, **data.manifest["splits"]}
+        (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"lmforge: run directory {run_dir}")
+        print(f"lmforge: {sum(p.numel() for p in model.parameters()):,} parameters, data {data.folder}, "
+              f"device {device}" + (f", {par.world} processes ({cfg.distributed.strategy}); global batch "
+                                    f"{cfg.train.batch_size} x {cfg.train.grad_accum_steps} x {par.world} = "
+                                    f"{cfg.train.batch_size * cfg.train.grad_accum_steps * par.world} sequences"
+                                    if par.world > 1 else ""))
     return run_dir, run_task(cfg, task, run_dir, device, resume=False)
 
 
@@ -152,7 +161,7 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]], fine_tuning: bo
     _check_model_unchanged(run_dir, cfg)
     _check_steps_left(run_dir, cfg)
     set_threads(cfg.train.num_threads)
-    return cfg, resolve_device(cfg.train.device)
+    return cfg, distributed.setup(resolve_device(cfg.train.device))[1]  # joins torchrun's ranks, if any
 
 
 def _check_model_unchanged(run_dir: Path, cfg: Config) -> None:
@@ -188,13 +197,19 @@ def _check_steps_left(run_dir: Path, cfg: Config) -> None:
 
 def save_overrides(run_dir: Path, cfg: Config, overrides: Optional[list[str]]) -> None:
     """Write the resumed config (with its new train.* settings) back, so the next resume sees them."""
-    if overrides:
+    if overrides and distributed.current().main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
 
 def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool) -> dict:
     """The loop, then the task's final reports, summary.json and report.png. Returns the summary."""
     result = train(cfg, task, run_dir, device, resume=resume)
+    par = distributed.current()
+    if not par.main:  # rank 0 writes the reports
+        par.barrier()
+        return {}
     extra = task.finish(task.model, run_dir, device)
     write_report(run_dir)
-    return write_summary(run_dir, task, result, extra)  # last: its presence marks a finished run
+    summary = write_summary(run_dir, task, result, extra)  # last: its presence marks a finished run
+    par.barrier()
+    return summary

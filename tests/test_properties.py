@@ -109,6 +109,7 @@ CONSTRAINED = {
     "train.batch_size": POSITIVE_INT, "train.grad_accum_steps": POSITIVE_INT, "train.eval_every": POSITIVE_INT,
     "train.checkpoint_every": POSITIVE_INT, "train.log_every": POSITIVE_INT,
     "train.max_time_s": st.none() | st.floats(1e-3, 1e9), "train.precision": st.sampled_from(["auto", "fp32", "bf16", "fp16"]),
+    "distributed.strategy": st.sampled_from(["ddp"]),
     "optim.lr": st.floats(1e-9, 10.0), "optim.warmup_frac": st.floats(0.0, 1.0),
     "optim.schedule": st.sampled_from(["linear", "cosine", "constant"]),
     "optim.decay": st.sampled_from(["linear", "2d"]),

@@ -68,14 +68,14 @@ class CausalLMTask(Task):
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        b = self.global_rows(self.cfg.train.batch_size)[0]  # the global batch: the same set at any world size
         if self._eval_windows is None:
-            picks = self.val_windows.spread(self.cfg.train.eval_batches * self.cfg.train.batch_size)
+            picks = self.val_windows.spread(self.cfg.train.eval_batches * b)
             self._eval_windows = self.val_windows.get(picks)
         was_training = model.training
         model.eval()
         loss_sum = unigram_sum = correct = 0.0
         count = 0
-        b = self.cfg.train.batch_size
         logp = self.unigram_logp.to(device)
         for start in range(0, len(self._eval_windows), b):
             t = {k: v.to(device) for k, v in self._batch(self._eval_windows[start:start + b]).tensors.items()}

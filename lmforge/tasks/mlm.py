@@ -101,10 +101,10 @@ class MaskedLMTask(Task):
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_batches(self) -> list[Batch]:
-        """The fixed validation set: up to eval_batches x batch_size windows spread evenly over
-        the split, masked once with a fixed seed."""
+        """The fixed validation set: up to eval_batches x the global batch size windows spread
+        evenly over the split, masked once with a fixed seed."""
         if self._eval_batches is None:
-            b = self.cfg.train.batch_size
+            b = self.global_rows(self.cfg.train.batch_size)[0]  # the global batch: the same set at any world size
             picks = self.val_windows.spread(self.cfg.train.eval_batches * b)
             n = len(picks)
             gen = generator_for(self.cfg.train.seed, "eval-masks")

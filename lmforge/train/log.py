@@ -59,6 +59,19 @@ class MetricsLogger:
             self.tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's files)."""
+
+    def log(self, step: int, split: str, **metrics: Any) -> None:
+        pass
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _plain(v: Any) -> Any:
     """Python scalars for JSON; non-finite floats become null (JSON has no NaN)."""
     if hasattr(v, "item"):

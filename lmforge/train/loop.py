@@ -27,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge.config import Config
+from lmforge.distributed import Parallel, current, wrap
 from lmforge.errors import LmforgeError
 from lmforge.rng import derive_seed
 from lmforge.tasks.base import Task
 from lmforge.train.checkpoint import load_newest_good, restore_optimizer, save_checkpoint, write_text_atomic
-from lmforge.train.log import MetricsLogger
+from lmforge.train.log import MetricsLogger, NullLogger
 from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
 from lmforge.train.optim import lr_at, make_optimizer, set_lr
 
@@ -71,24 +72,33 @@ class TrainResult:
 
 
 def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, device: torch.device,
-                         amp: contextlib.AbstractContextManager, scaler: Optional[torch.amp.GradScaler] = None
-                         ) -> tuple[torch.Tensor, dict, int]:
+                         amp: contextlib.AbstractContextManager, scaler: Optional[torch.amp.GradScaler] = None,
+                         par: Parallel = Parallel()) -> tuple[torch.Tensor, dict, int]:
     """Forward and backward every micro-batch of one optimizer step into `.grad`.
 
     Each micro-batch's summed loss is divided by the number of targets in the WHOLE step, so the
     gradient equals that of one batch holding all micro-batches (the mean over all targets), not
     a mean of per-micro-batch means. With fp16, `scaler` multiplies the loss before backward so
-    that small gradients do not underflow. Returns (summed loss, summed task metrics, total targets).
+    that small gradients do not underflow.
+
+    Data parallel (`par.world` > 1): the targets are counted over every rank's micro-batches, and
+    each rank's loss is multiplied by the world size, so that DDP's average of the ranks'
+    gradients is the gradient of the mean over all targets of the global batch. Gradients are
+    all-reduced once, on the last micro-batch (no_sync before it).
+    Returns (this rank's summed loss, its summed task metrics, total targets over all ranks).
     """
-    total_targets = max(1, sum(b.num_targets for b in batches))
+    local = torch.tensor(float(sum(b.num_targets for b in batches)), device=device)
+    total_targets = max(1, int(par.sum_(local).item()))
     loss_sum = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
-        with amp:
-            out = task.loss(model, batch)
-        loss = out.loss_sum / total_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        defer_sync = par.world > 1 and i < len(batches) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if defer_sync else contextlib.nullcontext():
+            with amp:
+                out = task.loss(model, batch)
+            loss = out.loss_sum * (par.world / total_targets)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += out.loss_sum.detach().float()
         for k, v in out.sums.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
@@ -163,9 +173,15 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         else:
             tqdm.write(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
 
-    forward_model = torch.compile(model) if t_cfg.compile else model
-    logger = MetricsLogger(run_dir, resume_step=step if resume else None,
-                           keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps)
+    par = current()
+    task.shard = (par.rank, par.world)
+    wrapped = wrap(model, cfg.distributed.strategy, par, device)
+    forward_model = torch.compile(wrapped) if t_cfg.compile else wrapped
+    # rank 0 evaluates alone, on the plain model (a DDP forward would wait for the other ranks)
+    eval_model = forward_model if par.world == 1 else model
+    logger = (MetricsLogger(run_dir, resume_step=step if resume else None,
+                            keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps)
+              if par.main else NullLogger())
     if precision == "fp16" and scaler is None:
         # fp16 overflows above 65,504: the scaler multiplies the loss by a large factor, skips a step
         # whose gradients overflowed and halves the factor, and grows it again after 2,000 good steps
@@ -198,18 +214,23 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
+        last_ckpt_step = step
+        if not par.main:  # one writer; every rank holds the same weights and optimizer state
+            return
         state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
                  "last_eval": last_eval, "task": task.name, "precision": precision,
                  "nonfinite_steps": nonfinite_steps}
         if scaler is not None:
             state["loss_scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_root, step, model, optimizer, state, keep=t_cfg.keep_checkpoints)
-        last_ckpt_step = step
 
     def evaluate() -> None:
         nonlocal last_eval, last_eval_step
+        last_eval_step = step
+        if not par.main:
+            return
         with amp:
-            result = task.evaluate(forward_model, device)
+            result = task.evaluate(eval_model, device)
         last_eval, last_eval_step = result.metrics, step
         logger.log(step, "validation", tokens=tokens_seen, **result.metrics)
         samples_every = t_cfg.samples_every or t_cfg.eval_every
@@ -220,17 +241,22 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         tqdm.write("step {:>6} | val " .format(step) + " | ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
 
     if resume:
-        trim_samples(run_dir / "samples.md", step)
+        if par.main:
+            trim_samples(run_dir / "samples.md", step)
     else:
         checkpoint()  # step 0: a run killed before its first periodic checkpoint can still be resumed
-    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step", disable=not t_cfg.progress,
+    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step", disable=not (t_cfg.progress and par.main),
                dynamic_ncols=True)
+    agreed = torch.zeros(2)  # (ranks asked to stop by a signal, ranks out of time), summed over ranks
     with _StopFlag() as stop:
         while step < t_cfg.max_steps:
-            if t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s:
+            if par.world == 1:  # several ranks stop together, on the flags summed in the last step
+                agreed[0] = float(stop.requested)
+                agreed[1] = float(t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s)
+            if agreed[1] > 0:
                 stopped_by = "max_time_s"
                 break
-            if stop.requested:
+            if agreed[0] > 0:
                 stopped_by = "signal"
                 break
             lr = lr_at(step, t_cfg.max_steps, cfg.optim)
@@ -239,7 +265,17 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             step_start = time.perf_counter()
             batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
             data_wait += time.perf_counter() - step_start
-            loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp, scaler)
+            loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp, scaler,
+                                                                 par)
+            num_tokens = sum(b.num_tokens for b in batches)
+            if par.world > 1:  # one all-reduce: the loss and metrics of the global batch, and the stop flags
+                out_of_time = t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s
+                packed = par.sum_(torch.stack([loss_sum.cpu(), torch.tensor(float(num_tokens)),
+                                               torch.tensor(float(stop.requested)), torch.tensor(float(out_of_time)),
+                                               *(v.cpu() for v in sums.values())]).to(device))
+                loss_sum, num_tokens = packed[0], int(packed[1].item())
+                agreed = packed[2:4].cpu()
+                sums = dict(zip(sums, packed[4:]))
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true gradients, for clipping and the norm we log
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
@@ -266,7 +302,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += sum(b.num_tokens for b in batches)
+            tokens_seen += num_tokens
             step_time += time.perf_counter() - step_start
             bar.update(1)
 
