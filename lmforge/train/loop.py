@@ -87,8 +87,10 @@ def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, devi
     all-reduced once, on the last micro-batch (no_sync before it).
     Returns (this rank's summed loss, its summed task metrics, total targets over all ranks).
     """
-    local = torch.tensor(float(sum(b.num_targets for b in batches)), device=device)
-    total_targets = max(1, int(par.sum_(local).item()))
+    total_targets = sum(b.num_targets for b in batches)
+    if par.world > 1:  # no tensor and no device sync for a single process
+        total_targets = int(par.sum_(torch.tensor(float(total_targets), device=device)).item())
+    total_targets = max(1, total_targets)
     loss_sum = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
@@ -245,18 +247,21 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             trim_samples(run_dir / "samples.md", step)
     else:
         checkpoint()  # step 0: a run killed before its first periodic checkpoint can still be resumed
-    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step", disable=not (t_cfg.progress and par.main),
-               dynamic_ncols=True)
-    agreed = torch.zeros(2)  # (ranks asked to stop by a signal, ranks out of time), summed over ranks
+    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step",
+               disable=not (t_cfg.progress and par.main), dynamic_ncols=True)
+
+    def out_of_time() -> bool:
+        return t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s
+
+    signalled = timed_out = False  # with several ranks: any rank's flag, agreed in the last step's all-reduce
     with _StopFlag() as stop:
         while step < t_cfg.max_steps:
-            if par.world == 1:  # several ranks stop together, on the flags summed in the last step
-                agreed[0] = float(stop.requested)
-                agreed[1] = float(t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s)
-            if agreed[1] > 0:
+            if par.world == 1:
+                signalled, timed_out = stop.requested, out_of_time()
+            if timed_out:
                 stopped_by = "max_time_s"
                 break
-            if agreed[0] > 0:
+            if signalled:
                 stopped_by = "signal"
                 break
             lr = lr_at(step, t_cfg.max_steps, cfg.optim)
@@ -269,13 +274,10 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                                                                  par)
             num_tokens = sum(b.num_tokens for b in batches)
             if par.world > 1:  # one all-reduce: the loss and metrics of the global batch, and the stop flags
-                out_of_time = t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s
-                packed = par.sum_(torch.stack([loss_sum.cpu(), torch.tensor(float(num_tokens)),
-                                               torch.tensor(float(stop.requested)), torch.tensor(float(out_of_time)),
-                                               *(v.cpu() for v in sums.values())]).to(device))
-                loss_sum, num_tokens = packed[0], int(packed[1].item())
-                agreed = packed[2:4].cpu()
-                sums = dict(zip(sums, packed[4:]))
+                counts = torch.tensor([num_tokens, stop.requested, out_of_time()], dtype=torch.float32, device=device)
+                packed = par.sum_(torch.cat([loss_sum.view(1), counts, *(v.view(1) for v in sums.values())]))
+                num_tokens, signalled, timed_out = (int(x) for x in packed[1:4].tolist())
+                loss_sum, sums = packed[0], dict(zip(sums, packed[4:]))
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true gradients, for clipping and the norm we log
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
