@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -294,10 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launcher_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher passes `--local_rank=N` before the verb (torchrun sets LOCAL_RANK
+    instead): take it into the environment, where lmforge/distributed reads it."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg == "--local_rank" and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+        elif i > 0 and argv[i - 1] == "--local_rank":
+            continue
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_launcher_local_rank(sys.argv[1:] if argv is None else argv))
         if args.verb is None:
             parser.print_help()
             return 2

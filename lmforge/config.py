@@ -132,9 +132,19 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    # How several processes started by torchrun share the work (lmforge/distributed): ddp.
-    # Ignored in a single process.
+    # How several processes started by torchrun (or the deepspeed launcher) share the work
+    # (lmforge/distributed): ddp (whole model on every rank) | fsdp (FSDP2: parameters, gradients
+    # and optimizer state sharded) | deepspeed (ZeRO, below). Ignored in a single process.
     strategy: str = "ddp"
+    # deepspeed only. ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients),
+    # 3 (+ parameters).
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO 1-3: AdamW state and step on the CPU (ZeRO-Offload)
+    offload_param: bool = False  # ZeRO 3: parameters kept in CPU memory between uses (ZeRO-Infinity)
+    # A DeepSpeed JSON/YAML config whose blocks are passed through (e.g. zero_optimization's
+    # bucket sizes, communication settings). lmforge fills batch sizes, accumulation, clipping
+    # and precision from train.* / optim.* and refuses a file that sets them differently.
+    deepspeed_config: Optional[str] = None
 
 
 @dataclass
@@ -309,7 +319,16 @@ def validate(cfg: Config) -> Config:
         (t.precision in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
-        (cfg.distributed.strategy in ("ddp",), f"distributed.strategy={cfg.distributed.strategy!r}: use ddp"),
+        (cfg.distributed.strategy in ("ddp", "fsdp", "deepspeed"),
+         f"distributed.strategy={cfg.distributed.strategy!r}: use ddp, fsdp or deepspeed"),
+        (cfg.distributed.zero_stage in (0, 1, 2, 3),
+         f"distributed.zero_stage={cfg.distributed.zero_stage}: use 0, 1, 2 or 3"),
+        (cfg.distributed.strategy != "deepspeed" or not cfg.distributed.offload_param or cfg.distributed.zero_stage == 3,
+         "distributed.offload_param=true needs distributed.zero_stage=3 (only stage 3 partitions parameters)"),
+        (cfg.distributed.strategy != "deepspeed" or not cfg.distributed.offload_optimizer
+         or cfg.distributed.zero_stage >= 1, "distributed.offload_optimizer=true needs distributed.zero_stage=1, 2 or 3"),
+        (cfg.distributed.strategy != "fsdp" or cfg.train.precision != "fp16",
+         "train.precision=fp16 with distributed.strategy=fsdp is not supported; use bf16 (or fp32)"),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative"),
         (0.0 <= o.beta1 < 1.0, f"optim.beta1={o.beta1} must be in [0, 1), e.g. 0.9"),
         (0.0 <= o.beta2 < 1.0, f"optim.beta2={o.beta2} must be in [0, 1), e.g. 0.999"),

@@ -9,13 +9,13 @@ BertClassifier -> ClassifyTask -> the same loop as pretraining -> test-split rep
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from lmforge import distributed
 from lmforge.config import Config, DataConfig, load_config
 from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
@@ -72,10 +72,13 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
         raise LmforgeError(f"`lmforge finetune` trains task.name=classify, not {cfg.task.name!r}; "
                            f"use configs/mr-minilm.yaml or set task.name=classify")
     check_out_dir(cfg.out_dir)
-    _single_process_only()
     set_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
+    par, device = distributed.setup(resolve_device(cfg.train.device))
+    if not par.main:
+        par.barrier()  # rank 0 reads (and caches) the dataset first
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
+    if par.main:
+        par.barrier()
     split = _split(cfg, data)
     tokenizer, encoder = _init_source(cfg)
     torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
@@ -84,7 +87,15 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
         missing, unexpected = model.load_state_dict(encoder, strict=False)
         assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
     task = ClassifyTask(cfg, data, split, tokenizer, model)  # before the run directory: one that fails leaves none
-    run_dir = create_run_dir(cfg, "classify")
+    run_dir = Path(par.broadcast(str(create_run_dir(cfg, "classify")) if par.main else None))
+    if par.main:
+        _describe_run(cfg, run_dir, data, split, tokenizer, task, model, device, par)
+    return run_dir, run_task(cfg, task, run_dir, device, resume=False,
+                             build=lambda: BertClassifier(cfg.model, len(LABELS), data.rating_range))
+
+
+def _describe_run(cfg, run_dir, data, split, tokenizer, task, model, device, par) -> None:
+    """Rank 0: the run's tokenizer, dataset identity and split, and what it will train."""
     tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "dataset.json").write_text(json.dumps({
         "dataset": data.name, "identity": data.identity, "examples": len(data.examples), "labels": list(LABELS),
@@ -94,22 +105,17 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     print(f"lmforge: run directory {run_dir}")
     print(f"lmforge: {data.name}: {len(split['train']):,} train / {len(split['validation']):,} validation / "
           f"{len(split['test']):,} test examples; {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"(init: {cfg.model.init_from or 'random'}); device {device}")
+          f"(init: {cfg.model.init_from or 'random'}); device {device}"
+          + (f", {par.world} processes ({cfg.distributed.strategy}); global batch {cfg.train.batch_size} x "
+             f"{cfg.train.grad_accum_steps} x {par.world} = "
+             f"{cfg.train.batch_size * cfg.train.grad_accum_steps * par.world} examples" if par.world > 1 else ""))
     if task.truncated:
         print(f"warning: {task.truncated} examples are longer than data.seq_len={cfg.data.seq_len} and were "
               f"truncated", file=sys.stderr)
-    return run_dir, run_task(cfg, task, run_dir, device, resume=False)
-
-
-def _single_process_only() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LmforgeError("`lmforge finetune` runs in one process for now (its batches are not yet split across "
-                           "ranks); start it without torchrun")
 
 
 def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, dict]:
     """Continue a fine-tuning run from its latest checkpoint, in the same directory."""
-    _single_process_only()
     cfg, device = resume_config(run_dir, overrides, fine_tuning=True)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     recorded = json.loads((run_dir / "dataset.json").read_text())
@@ -119,7 +125,8 @@ def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tup
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
     task = ClassifyTask(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range))
     save_overrides(run_dir, cfg, overrides)
-    return run_dir, run_task(cfg, task, run_dir, device, resume=True)
+    return run_dir, run_task(cfg, task, run_dir, device, resume=True,
+                             build=lambda: BertClassifier(cfg.model, len(LABELS), data.rating_range))
 
 
 def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, BertClassifier]:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -27,14 +27,18 @@ from lmforge.models.loading import build_model as build_arch
 from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
 from lmforge.tasks.mlm import MaskedLMTask
-from lmforge.train.checkpoint import checkpoints_newest_first
+from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
 from lmforge.train.loop import resolve_device, train, write_summary
 from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import check_out_dir, create_run_dir, flatten
 
 # Settings that may change when a run is resumed; everything else would make it another run.
 RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_time_s", "train.progress", "train.device",
-                       "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+                       "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                       # another world size or strategy, with the same global batch (checked)
+                       "train.batch_size", "train.grad_accum_steps", "distributed.strategy",
+                       "distributed.zero_stage", "distributed.offload_optimizer", "distributed.offload_param",
+                       "distributed.deepspeed_config")
 
 
 def prepared_data(cfg: Config, progress: bool = True) -> PreparedData:
@@ -161,7 +165,9 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]], fine_tuning: bo
     _check_model_unchanged(run_dir, cfg)
     _check_steps_left(run_dir, cfg)
     set_threads(cfg.train.num_threads)
-    return cfg, distributed.setup(resolve_device(cfg.train.device))[1]  # joins torchrun's ranks, if any
+    par, device = distributed.setup(resolve_device(cfg.train.device))  # joins torchrun's ranks, if any
+    _check_global_batch(run_dir, cfg, par.world)
+    return cfg, device
 
 
 def _check_model_unchanged(run_dir: Path, cfg: Config) -> None:
@@ -195,20 +201,44 @@ def _check_steps_left(run_dir: Path, cfg: Config) -> None:
                            f"to train longer, resume with a larger train.max_steps=N")
 
 
+def _check_global_batch(run_dir: Path, cfg: Config, world: int) -> None:
+    """A run resumes under another world size or strategy only with the global batch (sequences
+    per optimizer step) it trained with: then the data, masks and schedule continue as if
+    uninterrupted (the sampler's position and every random draw are global, not per process)."""
+    newest = checkpoints_newest_first(run_dir / "checkpoints")
+    try:
+        trained = json.loads((newest[0] / "state.json").read_text()).get("global_batch") if newest else None
+    except (OSError, ValueError, AttributeError):
+        return  # damaged: the loop falls back to an older checkpoint and checks it there
+    here = cfg.train.batch_size * cfg.train.grad_accum_steps * world
+    if isinstance(trained, int) and trained != here:
+        raise LmforgeError(f"{run_dir} trained with {trained} sequences per step; here train.batch_size="
+                           f"{cfg.train.batch_size} x train.grad_accum_steps={cfg.train.grad_accum_steps} x {world} "
+                           f"process(es) = {here}. Keep the global batch when resuming, e.g. with half the "
+                           f"processes double train.batch_size or train.grad_accum_steps")
+
+
 def save_overrides(run_dir: Path, cfg: Config, overrides: Optional[list[str]]) -> None:
     """Write the resumed config (with its new train.* settings) back, so the next resume sees them."""
     if overrides and distributed.current().main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
 
-def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool) -> dict:
-    """The loop, then the task's final reports, summary.json and report.png. Returns the summary."""
+def run_task(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool,
+             build: Optional[Callable[[], torch.nn.Module]] = None) -> dict:
+    """The loop, then the task's final reports, summary.json and report.png. Returns the summary.
+    `build` makes a fresh model like task.model: with sharded parameters (fsdp, deepspeed), rank 0
+    loads the final checkpoint into one for the reports."""
     result = train(cfg, task, run_dir, device, resume=resume)
     par = distributed.current()
     if not par.main:  # rank 0 writes the reports
         par.barrier()
         return {}
-    extra = task.finish(task.model, run_dir, device)
+    model = task.model
+    if par.world > 1 and cfg.distributed.strategy != "ddp":  # sharded: rank 0 reports on the whole model
+        model = (build or (lambda: build_model(cfg)))().to(device)
+        model.load_state_dict(load_model_weights(run_dir / "checkpoints", run_dir))
+    extra = task.finish(model, run_dir, device)
     write_report(run_dir)
     summary = write_summary(run_dir, task, result, extra)  # last: its presence marks a finished run
     par.barrier()

@@ -82,7 +82,8 @@ def _accepts_all(key: str, texts: list[str]) -> bool:
 # type if validate() does not range it (found by probing, so new checks do not break these tests),
 # else a value in the range every ranged key accepts: ints in [1, 1e6], floats in (0, 0.1].
 JOINT = {"model.hidden_size", "model.num_heads", "data.seq_len", "model.max_position_embeddings", "model.arch",
-         "task.name", "train.tokens_per_step", "task.mask_token_frac", "task.random_token_frac"}
+         "task.name", "train.tokens_per_step", "task.mask_token_frac", "task.random_token_frac",
+         "distributed.zero_stage"}  # 0-3: drawn from CONSTRAINED
 INT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is int and k not in JOINT]
 FLOAT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is float and k not in JOINT]
 UNRANGED_INT_KEYS = [k for k in INT_KEYS if _accepts_all(k, ["-7", "0", str(10**15)])]
@@ -109,7 +110,7 @@ CONSTRAINED = {
     "train.batch_size": POSITIVE_INT, "train.grad_accum_steps": POSITIVE_INT, "train.eval_every": POSITIVE_INT,
     "train.checkpoint_every": POSITIVE_INT, "train.log_every": POSITIVE_INT,
     "train.max_time_s": st.none() | st.floats(1e-3, 1e9), "train.precision": st.sampled_from(["auto", "fp32", "bf16", "fp16"]),
-    "distributed.strategy": st.sampled_from(["ddp"]),
+    "distributed.strategy": st.sampled_from(["ddp"]), "distributed.zero_stage": st.sampled_from([0, 1, 2, 3]),
     "optim.lr": st.floats(1e-9, 10.0), "optim.warmup_frac": st.floats(0.0, 1.0),
     "optim.schedule": st.sampled_from(["linear", "cosine", "constant"]),
     "optim.decay": st.sampled_from(["linear", "2d"]),

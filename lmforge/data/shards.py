@@ -23,7 +23,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm

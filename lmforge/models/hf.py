@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError

@@ -64,8 +64,9 @@ class ClassifyTask(Task):
         return Batch(tensors, num_targets=len(indices), num_tokens=int(attention.sum()))
 
     def _batches_of_epoch(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (train.batch_size x world size examples each)."""
         if epoch != self._epoch:
-            b = self.cfg.train.batch_size
+            b = self.global_rows(self.cfg.train.batch_size)[0]
             rng = random.Random(derive_seed(self.cfg.train.seed, "classify-epoch", epoch))
             order = list(self.split["train"])
             rng.shuffle(order)
@@ -78,13 +79,25 @@ class ClassifyTask(Task):
         return self._epoch_batches
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.split["train"]) / self.cfg.train.batch_size)
+        return math.ceil(len(self.split["train"]) / self.global_rows(self.cfg.train.batch_size)[0])
 
     def train_batch(self, step: int, micro: int) -> Batch:
+        """This rank's share of the next global batch. A full batch splits into equal shares; the
+        short last batch of an epoch into near-equal ones. A rank left with no example (fewer
+        examples than ranks) gets one with no weight: every rank must run a backward."""
         per_epoch = self.steps_per_epoch()
         epoch, k = divmod(self.consumed, per_epoch)
         self.consumed += 1
-        return self.collate(self._batches_of_epoch(epoch)[k])
+        rows = self._batches_of_epoch(epoch)[k]
+        rank, world = self.shard
+        if world == 1:
+            return self.collate(rows)
+        mine = [int(i) for i in np.array_split(np.array(rows), world)[rank]]
+        if not mine:
+            batch = self.collate(rows[:1])
+            batch.num_targets = batch.num_tokens = 0
+            return batch
+        return self.collate(mine)
 
     def data_state(self) -> dict:
         return {"consumed_batches": self.consumed, "epoch": self.consumed / self.steps_per_epoch()}
@@ -104,10 +117,12 @@ class ClassifyTask(Task):
             l1 = (rating.float() - t["ratings"]).abs().sum()
             loss = loss + self.cfg.loss.rating_weight * l1
             sums["rating_abs_error"] = l1.detach()
+        if batch.num_targets == 0:  # a stand-in example (see train_batch): gradients and counts of zero
+            loss, sums = loss * 0.0, {k: v * 0 for k, v in sums.items()}
         return LossOutput(loss, sums)
 
     # -- evaluation ------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: sharded engines (ZeRO-3) keep tensors gathered here for training
     def predict_split(self, model: nn.Module, split: str, device: torch.device) -> dict[str, torch.Tensor]:
         """Probabilities (n, labels), ratings (n,) and labels (n,) for a split, in split order."""
         was_training = model.training

@@ -66,7 +66,7 @@ class CausalLMTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         return clm_loss(model, batch.tensors)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: sharded engines (ZeRO-3) keep tensors gathered here for training
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         b = self.global_rows(self.cfg.train.batch_size)[0]  # the global batch: the same set at any world size
         if self._eval_windows is None:

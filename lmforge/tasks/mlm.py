@@ -112,7 +112,7 @@ class MaskedLMTask(Task):
                                   for i in range(0, n, b)]
         return self._eval_batches
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: sharded engines (ZeRO-3) keep tensors gathered here for training
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         was_training = model.training
         model.eval()

@@ -79,8 +79,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict (keyed by parameter index) as safetensors' tensors + JSON meta."""
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
@@ -91,14 +91,16 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, dict],
                     state: dict[str, Any], keep: int = 3) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`.
+    `full_state` is (model tensors, optimizer tensors, optimizer meta) as an Engine's full_state
+    gives them (lmforge/distributed/engine.py).
 
     A write that fails (full disk, read-only or vanished directory) removes its temporary folder
     and raises LmforgeError; the previous checkpoint and `latest` are left as they were."""
     try:
-        return _save_checkpoint(ckpt_root, step, model, optimizer, state, keep)
+        return _save_checkpoint(ckpt_root, step, full_state, state, keep)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
         shutil.rmtree(ckpt_root / f".step_{step:08d}.tmp", ignore_errors=True)
         previous = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
@@ -109,7 +111,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
                            f"{ckpt_root.parent}") from None
 
 
-def _save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, dict],
                      state: dict[str, Any], keep: int) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
@@ -117,8 +119,8 @@ def _save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: to
     if tmp.exists():  # left by a process killed while writing
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(clean_state_dict(model), tmp / "model.safetensors")
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    weights, opt_tensors, opt_meta = full_state
+    save_file(weights, tmp / "model.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
     payload = {"step": step, "optimizer": opt_meta, "files": files, **state}
@@ -202,10 +204,15 @@ def load_model_weights(ckpt_root: Path, run_dir: Path) -> dict[str, torch.Tensor
     return found[1]
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Inverse of `_optimizer_tensors`: rebuild the optimizer's state_dict and load it."""
+def indexed_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The optimizer state_dict a checkpoint's tensors and meta describe (train/checkpoint.py)."""
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of `optimizer_tensors`: rebuild the optimizer's state_dict and load it."""
+    optimizer.load_state_dict(indexed_state_dict(tensors, meta))

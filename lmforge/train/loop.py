@@ -27,14 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge.config import Config
-from lmforge.distributed import Parallel, current, wrap
+from lmforge.distributed import Engine, Parallel, current, make_engine
 from lmforge.errors import LmforgeError
 from lmforge.rng import derive_seed
 from lmforge.tasks.base import Task
-from lmforge.train.checkpoint import load_newest_good, restore_optimizer, save_checkpoint, write_text_atomic
+from lmforge.train.checkpoint import load_newest_good, save_checkpoint, write_text_atomic
 from lmforge.train.log import MetricsLogger, NullLogger
 from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
-from lmforge.train.optim import lr_at, make_optimizer, set_lr
+from lmforge.train.optim import lr_at
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -73,7 +73,8 @@ class TrainResult:
 
 def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, device: torch.device,
                          amp: contextlib.AbstractContextManager, scaler: Optional[torch.amp.GradScaler] = None,
-                         par: Parallel = Parallel()) -> tuple[torch.Tensor, dict, int]:
+                         par: Parallel = Parallel(), engine: Optional[Engine] = None
+                         ) -> tuple[torch.Tensor, dict, int]:
     """Forward and backward every micro-batch of one optimizer step into `.grad`.
 
     Each micro-batch's summed loss is divided by the number of targets in the WHOLE step, so the
@@ -82,25 +83,26 @@ def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, devi
     that small gradients do not underflow.
 
     Data parallel (`par.world` > 1): the targets are counted over every rank's micro-batches, and
-    each rank's loss is multiplied by the world size, so that DDP's average of the ranks'
-    gradients is the gradient of the mean over all targets of the global batch. Gradients are
-    all-reduced once, on the last micro-batch (no_sync before it).
+    each rank's loss is multiplied by the world size, so that the engine's average of the ranks'
+    gradients is the gradient of the mean over all targets of the global batch. `engine`
+    (lmforge/distributed) reduces gradients once, on the last micro-batch, and runs the backward;
+    `model` is what the loss is computed with (the engine's forward model, maybe compiled).
     Returns (this rank's summed loss, its summed task metrics, total targets over all ranks).
     """
     total_targets = sum(b.num_targets for b in batches)
     if par.world > 1:  # no tensor and no device sync for a single process
         total_targets = int(par.sum_(torch.tensor(float(total_targets), device=device)).item())
     total_targets = max(1, total_targets)
+    engine = engine or Engine(model, optimizer=None)
     loss_sum = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
-        defer_sync = par.world > 1 and i < len(batches) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if defer_sync else contextlib.nullcontext():
+        with engine.micro_batch(last=i == len(batches) - 1):
             with amp:
                 out = task.loss(model, batch)
             loss = out.loss_sum * (par.world / total_targets)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            engine.backward(scaler.scale(loss) if scaler is not None else loss)
         loss_sum += out.loss_sum.detach().float()
         for k, v in out.sums.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
@@ -111,16 +113,18 @@ class _StopFlag:
     """SIGINT/SIGTERM ask the loop to stop at the next step boundary (with a checkpoint); a second
     SIGINT interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.requested = False
+        self.quiet = quiet  # torchrun forwards a signal to every rank; rank 0 says it
         self._old = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write(f"lmforge: {signal.Signals(signum).name} received, stopping after this step "
-                   f"(send SIGINT again to abort without a checkpoint)")
+        if not self.quiet:
+            tqdm.write(f"lmforge: {signal.Signals(signum).name} received, stopping after this step "
+                       f"(send SIGINT again to abort without a checkpoint)")
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,7 +148,9 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-    optimizer = make_optimizer(model, cfg.optim, device)
+    par = current()
+    say = tqdm.write if par.main else (lambda text: None)  # one voice: every rank would say the same
+    global_batch = t_cfg.batch_size * t_cfg.grad_accum_steps * par.world
     scaler = None  # fp16's loss scaler, made once the precision is known
     ckpt_root = run_dir / "checkpoints"
 
@@ -156,8 +162,12 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from (it stopped before its first "
                                f"checkpoint was written, or every checkpoint is damaged); start the run again")
         path, weights, opt_tensors, state = found
-        model.load_state_dict(weights)
-        restore_optimizer(optimizer, opt_tensors, state["optimizer"])
+        if state.get("global_batch", global_batch) != global_batch:
+            raise LmforgeError(f"{run_dir} trained with {state['global_batch']} sequences per step; here train."
+                               f"batch_size x train.grad_accum_steps x {par.world} processes = {global_batch}. Keep "
+                               f"the global batch when resuming (e.g. with half the processes, double "
+                               f"train.batch_size or train.grad_accum_steps)")
+        model.load_state_dict(weights)  # every rank, before any wrapping (DeepSpeed copies it at start)
         task.load_data_state(state["data"])
         step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
         if t_cfg.precision == "auto":  # keep the precision the run started with, so resume stays exact
@@ -170,34 +180,38 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
         if step >= t_cfg.max_steps:  # killed after its last checkpoint, before summary.json was written
-            tqdm.write(f"lmforge: {run_dir} trained all {step} steps but stopped before its final reports; "
+            say(f"lmforge: {run_dir} trained all {step} steps but stopped before its final reports; "
                        f"writing them")
         else:
-            tqdm.write(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
+            say(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
 
-    par = current()
     task.shard = (par.rank, par.world)
-    wrapped = wrap(model, cfg.distributed.strategy, par, device)
-    forward_model = torch.compile(wrapped) if t_cfg.compile else wrapped
-    # rank 0 evaluates alone, on the plain model (a DDP forward would wait for the other ranks)
-    eval_model = forward_model if par.world == 1 else model
+    # the strategy (ddp, fsdp, deepspeed; plain in one process) wraps the model and makes AdamW
+    engine = make_engine(model, cfg, par, device, precision)
+    if resume:  # every rank loads the same whole state; sharded engines keep their part
+        engine.load_full_state(weights, opt_tensors, state["optimizer"])
+        del weights, opt_tensors
+    forward_model = torch.compile(engine.forward_model) if t_cfg.compile else engine.forward_model
+    # With whole parameters on every rank, rank 0 evaluates alone on the plain model (a DDP
+    # forward would wait for the other ranks); sharded parameters need every rank's forward
+    eval_model = forward_model if par.world == 1 else engine.model
+    evaluates = par.main or engine.evaluate_on_all_ranks
     logger = (MetricsLogger(run_dir, resume_step=step if resume else None,
                             keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps)
               if par.main else NullLogger())
-    if precision == "fp16" and scaler is None:
+    if precision == "fp16" and scaler is None and engine.uses_grad_scaler:
         # fp16 overflows above 65,504: the scaler multiplies the loss by a large factor, skips a step
         # whose gradients overflowed and halves the factor, and grows it again after 2,000 good steps
         scaler = torch.amp.GradScaler(device.type)
     if t_cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        tqdm.write("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
+        say("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
                    "slower than fp32; use train.precision=auto")
     if precision == "fp16" and device.type == "cpu":
-        tqdm.write("lmforge: warning: train.precision=fp16 on a CPU is emulated and slow; it is meant for "
+        say("lmforge: warning: train.precision=fp16 on a CPU is emulated and slow; it is meant for "
                    "older CUDA GPUs (use train.precision=auto)")
     amp = autocast_for(precision, device)
-    tqdm.write(f"lmforge: training on {device.type} in {precision}"
+    say(f"lmforge: training on {device.type} in {precision}"
                + {"bf16": " (bf16 autocast)", "fp16": " (fp16 autocast, loss scaling)"}.get(precision, ""))
-    params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
 
     started = time.time()
@@ -217,23 +231,26 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     def checkpoint() -> None:
         nonlocal last_ckpt_step
         last_ckpt_step = step
-        if not par.main:  # one writer; every rank holds the same weights and optimizer state
+        full_state = engine.full_state()  # every rank: gathering sharded state is a collective
+        if not par.main:  # one writer
             return
         state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
                  "last_eval": last_eval, "task": task.name, "precision": precision,
-                 "nonfinite_steps": nonfinite_steps}
+                 "nonfinite_steps": nonfinite_steps, "global_batch": global_batch}
         if scaler is not None:
             state["loss_scaler"] = scaler.state_dict()
-        save_checkpoint(ckpt_root, step, model, optimizer, state, keep=t_cfg.keep_checkpoints)
+        save_checkpoint(ckpt_root, step, full_state, state, keep=t_cfg.keep_checkpoints)
 
     def evaluate() -> None:
         nonlocal last_eval, last_eval_step
         last_eval_step = step
-        if not par.main:
+        if not evaluates:
             return
         with amp:
             result = task.evaluate(eval_model, device)
         last_eval, last_eval_step = result.metrics, step
+        if not par.main:
+            return
         logger.log(step, "validation", tokens=tokens_seen, **result.metrics)
         samples_every = t_cfg.samples_every or t_cfg.eval_every
         if result.table_markdown and (step % samples_every == 0 or step == t_cfg.max_steps):
@@ -254,7 +271,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         return t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s
 
     signalled = timed_out = False  # with several ranks: any rank's flag, agreed in the last step's all-reduce
-    with _StopFlag() as stop:
+    with _StopFlag(quiet=not par.main) as stop:
         while step < t_cfg.max_steps:
             if par.world == 1:
                 signalled, timed_out = stop.requested, out_of_time()
@@ -265,44 +282,40 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                 stopped_by = "signal"
                 break
             lr = lr_at(step, t_cfg.max_steps, cfg.optim)
-            set_lr(optimizer, lr)
-            torch.manual_seed(derive_seed(t_cfg.seed, "step", step))  # dropout: a function of the step
+            engine.set_lr(lr)
+            # dropout: a function of the step (and of the rank: ranks' rows must not share masks)
+            torch.manual_seed(derive_seed(t_cfg.seed, "step", step, *(("rank", par.rank) if par.rank else ())))
             step_start = time.perf_counter()
             batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
             data_wait += time.perf_counter() - step_start
             loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp, scaler,
-                                                                 par)
+                                                                 par, engine)
             num_tokens = sum(b.num_tokens for b in batches)
             if par.world > 1:  # one all-reduce: the loss and metrics of the global batch, and the stop flags
                 counts = torch.tensor([num_tokens, stop.requested, out_of_time()], dtype=torch.float32, device=device)
                 packed = par.sum_(torch.cat([loss_sum.view(1), counts, *(v.view(1) for v in sums.values())]))
                 num_tokens, signalled, timed_out = (int(x) for x in packed[1:4].tolist())
                 loss_sum, sums = packed[0], dict(zip(sums, packed[4:]))
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # true gradients, for clipping and the norm we log
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # norm before clipping
-            if bool(torch.isfinite(loss_sum + grad_norm)):  # one check (one device sync) for both
-                if scaler is not None:
-                    scaler.step(optimizer)
-                else:
-                    optimizer.step()
+            grad_norm, updated = engine.step(max_norm, loss_sum, scaler)
+            if updated:
                 nonfinite_in_a_row = 0
-            else:  # skip the update: one bad batch or overflow must not poison the weights
+            else:
                 nonfinite_steps += 1
                 # fp16 gradient overflow with a finite loss is the loss scaler's business (it lowers
-                # its factor below); only a non-finite loss counts towards stopping the run
-                overflow = scaler is not None and bool(torch.isfinite(loss_sum))
+                # its factor below, or DeepSpeed's does); only a non-finite loss counts towards stopping
+                overflow = precision == "fp16" and bool(torch.isfinite(loss_sum))
                 nonfinite_in_a_row = 0 if overflow else nonfinite_in_a_row + 1
-                what = (f"fp16 gradients overflowed at loss scale {scaler.get_scale():g}" if overflow
+                what = ("fp16 gradients overflowed" + (f" at loss scale {scaler.get_scale():g}" if scaler else "")
+                        if overflow
                         else "loss or gradient is not finite")
-                tqdm.write(f"lmforge: warning: step {step + 1}: {what}; update skipped")
+                say(f"lmforge: warning: step {step + 1}: {what}; update skipped")
                 if nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
                     raise LmforgeError(f"step {step + 1}: loss or gradient not finite for {nonfinite_in_a_row} steps in a "
                                        f"row (train.max_nonfinite_steps={t_cfg.max_nonfinite_steps}); lower optim.lr, "
                                        f"set optim.max_grad_norm, or check the data")
             if scaler is not None:
                 scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             step += 1
             tokens_seen += num_tokens
             step_time += time.perf_counter() - step_start

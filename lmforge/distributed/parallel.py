@@ -1,0 +1,76 @@
+"""This process's place in a torchrun job (rank, world size, local rank) and joining the job.
+
+`setup` reads what torchrun puts in the environment (RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address) and joins the process group: NCCL on CUDA GPUs (one GPU per process, by
+LOCAL_RANK), gloo on CPUs. Without torchrun it is a single process and nothing happens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in the job: rank, world size, rank on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes."""
+        return self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """In place: the sum of `t` over all ranks."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (any picklable value made by lmforge itself)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+_current = Parallel()
+
+
+def current() -> Parallel:
+    """The job as `setup` found it (a single process until then)."""
+    return _current
+
+
+def setup(device: torch.device) -> tuple[Parallel, torch.device]:
+    """Join the process group torchrun describes in the environment, if any. Returns this
+    process's Parallel and its device (on CUDA, the GPU of its LOCAL_RANK)."""
+    global _current
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _current, device
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise LmforgeError("WORLD_SIZE is set but RANK is not: launch with torchrun --nproc_per_node=N") from None
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _current = Parallel(rank, world, local_rank)
+    return _current, device
