@@ -9,10 +9,12 @@ every rank reporting its own peak. On a CUDA GPU the figure is torch.cuda.max_me
 (VmHWM), where "offload to CPU" cannot save anything — it moves state between two kinds of the
 same memory — so the offload rows show its cost, not its saving.
 
-What is measured on a CPU: the peak during training only. Before the first step the rank's peak
-is reset (Linux /proc/self/clear_refs), and it is read again before the final checkpoint, so the
-consolidation of a checkpoint on rank 0 (the whole model and optimizer gathered to one process
-for the single-process format) is reported apart: its peak is the `checkpoint_mb` column.
+What is measured on a CPU: the peak during training only, from the first step to the final
+checkpoint (Linux's VmHWM, reset through /proc/self/clear_refs), with glibc told to hand every
+allocation above 128 KiB back to the system when freed (MALLOC_MMAP_THRESHOLD_), so that resident
+memory follows the live tensors rather than the heap's high-water mark. The final checkpoint's
+consolidation on rank 0 (the whole model and AdamW state gathered into one process for the
+single-process format) is reported apart, as `checkpoint_mb`.
 
 Model-state arithmetic for comparison (fp32 weights 4 B, gradients 4 B, AdamW 8 B per
 parameter, N ranks): DDP 16 B/param; ZeRO-1 4 + 4 + 8/N; ZeRO-2 4 + (4 + 8)/N; ZeRO-3 and FSDP
@@ -70,31 +72,36 @@ def rank_worker(argv: list[str], report: Path) -> None:
     import lmforge.train.loop as loop
     from lmforge.cli import main
 
-    marks: dict = {"checkpoint_mb": 0.0}
-    make_engine = loop.make_engine
+    marks: dict = {}
+    make_engine, accumulate = loop.make_engine, loop.accumulate_gradients
+
+    def first_step_resets(*args, **kwargs):  # training starts: the peak counts from here
+        if "start_mb" not in marks:
+            marks["start_mb"] = _status_mb("VmRSS")
+            _reset_peak()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+        return accumulate(*args, **kwargs)
 
     def measured_engine(*args, **kwargs):
         engine = make_engine(*args, **kwargs)
         full_state = engine.full_state
-        calls = []
 
         def full_state_measured():
-            if calls:  # before the final checkpoint: the training peak since the first one
-                marks["train_peak_mb"] = _status_mb("VmHWM")
-                if torch.cuda.is_available():
-                    marks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-            result = full_state()
-            marks["checkpoint_mb"] = max(marks["checkpoint_mb"], _status_mb("VmHWM"))
-            calls.append(1)
-            _reset_peak()  # training starts after checkpoint 0
+            if "start_mb" not in marks:  # checkpoint 0, before training
+                return full_state()
+            marks["train_peak_mb"] = _status_mb("VmHWM")  # the final checkpoint: training is over
             if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            marks.setdefault("start_mb", _status_mb("VmRSS"))
+                marks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            _reset_peak()
+            result = full_state()
+            marks["checkpoint_mb"] = _status_mb("VmHWM")  # gathering the whole state to rank 0
             return result
 
         engine.full_state = full_state_measured
         return engine
 
+    loop.accumulate_gradients = first_step_resets
     loop.make_engine = measured_engine
     code = main(["pretrain", *argv])
     rank = int(os.environ.get("RANK", "0"))
@@ -113,9 +120,14 @@ def measure(name: str, overrides: list[str], args, out: Path) -> dict:
     if args.smoke:
         argv += [f"data.corpus={_tiny_corpus(out)}", "data.seq_len=32", "model.max_position_embeddings=64",
                  "data.tokenizer=bert-base-uncased"]
+    if "distributed.strategy=deepspeed" in overrides:  # bucket sizes and stage-3 limits of the example config
+        argv.append(f"distributed.deepspeed_config={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
            str(Path(__file__).resolve()), "--rank-worker", str(report), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+    # glibc returns every allocation above 128 KiB to the system when it is freed, so resident
+    # memory follows the live tensors rather than the heap's high-water mark
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     ranks = sorted((json.loads(line) for line in report.read_text().splitlines()), key=lambda r: r["rank"])
@@ -166,10 +178,13 @@ def main() -> None:
     mem = "CUDA max allocated" if results[0]["memory"] == "cuda" else "peak RSS during training"
     print(f"\n{report['model']}, {args.ranks} ranks x batch {args.batch}, {args.steps} steps; {mem} per rank (MB)")
     print(f"{'strategy':<36}" + "".join(f"{'rank ' + str(i):>10}" for i in range(args.ranks))
-          + f"{'vs ' + results[0]['strategy']:>10}{'ckpt (rank 0)':>15}")
+          + f"{'vs ' + results[0]['strategy']:>10}{'at start':>10}{'ckpt (rank 0)':>15}")
     for r in results:
         print(f"{r['strategy']:<36}" + "".join(f"{m:>10,.0f}" for m in r["per_rank_peak_mb"])
-              + f"{r['vs_first']:>10.2f}{r['checkpoint_mb']:>15,.0f}")
+              + f"{r['vs_first']:>10.2f}{r['start_mb'][0]:>10,.0f}{r['checkpoint_mb']:>15,.0f}")
+    print("at start: rank 0's resident memory at its first step (libraries, data, the model as the strategy "
+          "holds it; AdamW's state is made at the first update). ckpt: rank 0's peak while the final "
+          "checkpoint is gathered into the single-process format.")
 
 
 if __name__ == "__main__":

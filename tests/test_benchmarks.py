@@ -62,3 +62,12 @@ def test_flop_count_of_the_fused_loss_equals_the_plain_paths():
     fused = common.count_flops(lambda: linear_cross_entropy(h, w, b, t, chunk_rows=256)[0].backward())
     plain = common.count_flops(lambda: reference_linear_cross_entropy(h, w, b, t)[0].backward())
     assert fused == plain == 3 * 2 * 600 * 32 * 1000
+
+
+def test_zero_memory_benchmark_reports_each_ranks_peak():
+    report = run_benchmark("bench_zero_memory.py")
+    assert [r["strategy"] for r in report["results"]] == ["ddp", "zero-3"]
+    for r in report["results"]:
+        assert len(r["per_rank_peak_mb"]) == report["ranks"] == 2
+        assert all(peak >= start > 0 for peak, start in zip(r["per_rank_peak_mb"], r["start_mb"]))
+        assert r["checkpoint_mb"] > 0

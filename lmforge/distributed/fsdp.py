@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lmforge.distributed.engine import Engine, by_index, by_name, param_names
@@ -42,9 +43,11 @@ class FSDPEngine(Engine):
     def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str):
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy())
+        # the model arrives on the CPU (train/loop.py): each rank keeps its shards, on its device
+        mesh = init_device_mesh(device.type, (par.world,))
         for unit in shard_units(model):
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)  # in place: names and module tree unchanged
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # in place: names and module tree unchanged
         # the optimizer is made over the sharded parameters (DTensors): each rank steps its shards
         super().__init__(model, make_optimizer(model, cfg.optim, device), par)
         self.options = StateDictOptions(full_state_dict=True, cpu_offload=True)

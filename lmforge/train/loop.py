@@ -143,12 +143,15 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     """Train `task.model` per `cfg.train` / `cfg.optim`, writing into `run_dir`. With `resume`,
     continue from the run's latest checkpoint."""
     t_cfg = cfg.train
-    model = task.model.to(device)
+    par = current()
+    # FSDP2 shards a model that is still on the CPU and moves only each rank's shards to its GPU,
+    # so a model too big for one GPU still starts; every other strategy starts from the device
+    sharded_start = par.world > 1 and cfg.distributed.strategy == "fsdp"
+    model = task.model if sharded_start else task.model.to(device)
     model.train()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True
-    par = current()
     say = tqdm.write if par.main else (lambda text: None)  # one voice: every rank would say the same
     global_batch = t_cfg.batch_size * t_cfg.grad_accum_steps * par.world
     scaler = None  # fp16's loss scaler, made once the precision is known
@@ -185,6 +188,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         else:
             say(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
 
+    precision = par.broadcast(precision)  # rank 0's choice (auto times bf16 on the CPU) holds on every rank
     task.shard = (par.rank, par.world)
     # the strategy (ddp, fsdp, deepspeed; plain in one process) wraps the model and makes AdamW
     engine = make_engine(model, cfg, par, device, precision)
