@@ -184,6 +184,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_schedule(args) -> int:
+    from lmforge.config import load_config
+    from lmforge.eval.report import plot_schedule
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise LmforgeError(f"--out {out} must name a .png file")
+    if out.exists() and not args.force:
+        raise LmforgeError(f"{out} exists; choose another --out or add --force to replace it")
+    if not out.parent.is_dir():
+        raise LmforgeError(f"the folder of --out {out} does not exist")
+    path, text = plot_schedule(cfg, out)
+    print(f"{text}\nwrote {path}")
+    return 0
+
+
+def _plan(args) -> int:
+    from lmforge.plan import format_plan, plan
+
+    if args.vocab < 1:
+        raise LmforgeError(f"--vocab must be at least 1, got {args.vocab}")
+    result = plan(flops=args.flops, hours=args.hours, tokens_per_s=args.tokens_per_s, arch=args.arch,
+                  vocab=args.vocab)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
     """The arguments every training verb takes (see `_start_or_resume`)."""
     p.add_argument("--config", help=f"YAML config file, e.g. {example_config}")
@@ -284,6 +312,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.set_defaults(func=_generate)
 
+    p = verbs.add_parser("plot-schedule", help="draw the learning-rate schedule a config will use",
+                         description="Draw the learning rate of every step of a config's run (optim.* and "
+                                     "train.max_steps, with overrides) into a PNG, before training, with the "
+                                     "function the training loop itself calls.")
+    p.add_argument("--config", help="YAML config file, e.g. configs/bert-tiny.yaml (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--out", default="lr-schedule.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_plot_schedule)
+
+    p = verbs.add_parser("plan", help="compute-optimal model and token counts for a budget, and the time here",
+                         description="Chinchilla compute-optimal parameters and tokens for a budget (Hoffmann et al. "
+                                     "2022, Approach 3 fit: L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28, C = 6ND), the "
+                                     "closest lmforge model shape, and the expected training time on this machine "
+                                     "from a measured throughput (a few seconds of training steps) or --tokens-per-s.")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, metavar="F", help="training compute in FLOPs, e.g. 1e17")
+    budget.add_argument("--hours", type=float, metavar="H", help="training time on this machine, in hours")
+    p.add_argument("--tokens-per-s", type=float, metavar="X",
+                   help="the planned model's measured training throughput here (else measured on a small model)")
+    p.add_argument("--arch", choices=["bert", "gpt"], default="bert", help="model family (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (default: %(default)s, bert-base-uncased)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
+
     p = verbs.add_parser("export", help="write a model as a Hugging Face transformers directory",
                          description="Write config.json, model.safetensors and tokenizer files that transformers "
                                      "loads with AutoModelForMaskedLM / AutoTokenizer / pipeline('fill-mask').")
@@ -335,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {what} (free disk space or make it writable; a training run stopped this way continues "
               f"from its last checkpoint with `lmforge {args.verb} --resume RUN_DIR`)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lmforge ... | head`: the reader left; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

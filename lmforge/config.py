@@ -75,6 +75,7 @@ class TaskConfig:
     mask_prob: float = 0.15  # share of maskable tokens that are selected for prediction
     mask_token_frac: float = 0.8  # of the selected: replaced by [MASK]
     random_token_frac: float = 0.1  # of the selected: replaced by a random token (rest unchanged)
+    whole_word_mask: bool = False  # select whole words (every '##' piece of a word), same rate
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +77,39 @@ def test_cross_entropy_selected_is_the_mean_over_selected_positions_only():
     assert torch.allclose(total, expected * selected.sum(), atol=1e-5)
     nothing = torch.zeros_like(selected)
     assert cross_entropy_selected(logits, targets, nothing).item() == 0.0
+
+
+def test_whole_word_masking_never_splits_a_word_and_keeps_the_rate():
+    """task.whole_word_mask: every '##' piece of a word is selected with its word or not at all;
+    over many rows the selected share of maskable tokens stays at mask_prob; rows cut for a
+    data-parallel rank get the masks they get in the whole batch."""
+    from lmforge.data.mlm import random_mask
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 200
+    special = torch.zeros(vocab, dtype=torch.bool)
+    special[:5] = True  # 0 pad, 1 cls, 2 sep, 3 mask, 4 unk
+    continues = torch.zeros(vocab, dtype=torch.bool)
+    continues[100:] = True  # ids 100+ are '##' pieces
+    rows = []
+    for _ in range(64):  # words of 1-4 pieces
+        row = [1]
+        while len(row) < 63:
+            row += [int(torch.randint(5, 100, (1,), generator=g))] + \
+                   [int(x) for x in torch.randint(100, 200, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g)]
+        rows.append(row[:63] + [2])
+    ids = torch.tensor(rows)
+    kw = dict(mask_id=3, special_mask=special, word_continuation=continues)
+    masked, selected = random_mask(ids, generator=torch.Generator().manual_seed(1), **kw)
+    maskable = ~special[ids]
+    assert not (selected & ~maskable).any()
+    for r in range(ids.size(0)):  # a piece is selected exactly when the word's first piece is
+        for c in range(1, ids.size(1)):
+            if continues[ids[r, c]] and maskable[r, c - 1]:
+                assert selected[r, c] == selected[r, c - 1], (r, c)
+    rate = selected.sum().item() / maskable.sum().item()
+    assert 0.13 < rate <= 0.15 + 1e-9
+    assert (masked[selected] == 3).float().mean().item() == pytest.approx(0.8, abs=0.06)
+    # a rank's rows of the batch get the same selection as in the whole batch
+    part, part_sel = random_mask(ids[16:32], generator=torch.Generator().manual_seed(1), rows=(16, 32, 64), **kw)
+    assert torch.equal(part_sel, selected[16:32]) and torch.equal(part, masked[16:32])

@@ -289,3 +289,36 @@ def test_a_nonfinite_loss_in_fp16_still_counts_towards_stopping(tiny_prepared, t
     _nan_loss_on_calls(monkeypatch, set(range(100)))
     with pytest.raises(LmforgeError, match=r"step 2: loss or gradient not finite for 2 steps in a row"):
         pretrain(tiny_config(tiny_prepared, tmp_path, "train.precision=fp16", "train.max_nonfinite_steps=2"))
+
+
+class _FixedPredictor(torch.nn.Module):
+    """An MLM stand-in whose logits at every selected position are the same vector."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, masked_ids, selected):
+        return self.logits.expand(int(selected.sum()), -1)
+
+
+def test_mlm_evaluation_diagnostics_show_a_model_that_predicts_one_token_everywhere(tiny_prepared, tmp_path):
+    """prediction_entropy and top_prediction_share (learning-curve diagnostics): a model sure of one
+    token everywhere has entropy ~0 and share 1; a uniform one has entropy log(V)."""
+    import math
+
+    cfg = fill_vocab_size(tiny_config(tiny_prepared, tmp_path), tiny_prepared.tokenizer)
+    task = MaskedLMTask(cfg, tiny_prepared, build_model(cfg))
+    vocab = cfg.model.vocab_size
+    dot = tiny_prepared.tokenizer.encode(".")[0]
+    sure = torch.full((vocab,), -30.0)
+    sure[dot] = 30.0
+    result = task.evaluate(_FixedPredictor(sure), torch.device("cpu"))
+    assert result.metrics["top_prediction_share"] == 1.0
+    assert result.metrics["prediction_entropy"] < 1e-6
+    assert "Most common prediction: `.` (100% of masked positions)" in result.table_markdown
+    uniform = task.evaluate(_FixedPredictor(torch.zeros(vocab)), torch.device("cpu")).metrics
+    assert uniform["prediction_entropy"] == pytest.approx(math.log(vocab), rel=1e-5)
+    # a real model's figures lie in between
+    real = task.evaluate(task.model, torch.device("cpu")).metrics
+    assert 0 < real["top_prediction_share"] <= 1 and 0 < real["prediction_entropy"] <= math.log(vocab) + 1e-4

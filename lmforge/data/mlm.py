@@ -10,6 +10,8 @@ kernels, which keep memory per distinct matrix shape, stop growing after the fir
 selected, replace 80% by
 [MASK], 10% by a random non-special token and leave 10% unchanged, so that the model cannot
 learn that only [MASK] positions matter. The loss is computed on the selected positions only.
+With task.whole_word_mask, whole words (all their WordPiece pieces) are selected instead
+(`whole_words`), at the same overall rate.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Tensor, mask_prob: float = 0.15,
                 mask_token_frac: float = 0.8, random_token_frac: float = 0.1,
                 generator: Optional[torch.Generator] = None,
-                rows: Optional[tuple[int, int, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rows: Optional[tuple[int, int, int]] = None,
+                word_continuation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply BERT masking to a whole batch at once.
 
     input_ids:    (batch, seq) int64 token ids (padding included).
@@ -32,6 +35,9 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     rows:         (first, end, total): `input_ids` are rows first..end of a batch of `total` rows
                   (a data-parallel rank's share). The random numbers are drawn for all `total`
                   rows and cut, so each row gets the mask it would get in the whole batch.
+    word_continuation: (vocab_size,) bool, True for ids that continue a word (WordPiece '##'
+                  pieces). Given, whole words are selected (Google's whole-word-masking BERT):
+                  see `whole_words`.
     Returns (masked_ids, selected): masked_ids is (batch, seq) int64, the input with the selected
     positions replaced; selected is (batch, seq) bool, True where the loss is taken. The targets
     are `input_ids[selected]`.
@@ -51,10 +57,13 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     wanted = torch.round(counts * mask_prob).long()
     if mask_prob > 0:
         wanted = torch.minimum(wanted.clamp(min=1), counts)
-    # each row's `wanted` maskable positions with the smallest draws (non-maskable ones sort last)
-    order = draw.masked_fill(~maskable, 2.0).argsort(dim=1)
-    in_order = torch.arange(input_ids.size(1), device=input_ids.device)[None, :] < wanted[:, None]
-    selected = torch.zeros_like(maskable).scatter_(1, order, in_order)
+    if word_continuation is None:
+        # each row's `wanted` maskable positions with the smallest draws (non-maskable ones sort last)
+        order = draw.masked_fill(~maskable, 2.0).argsort(dim=1)
+        in_order = torch.arange(input_ids.size(1), device=input_ids.device)[None, :] < wanted[:, None]
+        selected = torch.zeros_like(maskable).scatter_(1, order, in_order)
+    else:
+        selected = whole_words(input_ids, maskable, word_continuation.to(input_ids.device)[input_ids], draw, wanted)
     # One more uniform per position decides what a selected token becomes.
     how = uniform()
     to_mask = selected & (how < mask_token_frac)
@@ -64,6 +73,41 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(to_random, allowed[pick], masked)
     return masked, selected
+
+
+def whole_words(input_ids: torch.Tensor, maskable: torch.Tensor, continues: torch.Tensor, draw: torch.Tensor,
+                wanted: torch.Tensor) -> torch.Tensor:
+    """Whole-word selection, as Google's BERT data pipeline makes it (create_pretraining_data.py,
+    do_whole_word_mask): a word is a maskable token and the '##' pieces after it; words are taken
+    in random order (the draw at their first piece) and a word is added only while the row's
+    total stays within `wanted` tokens — one too long is skipped for a shorter one after it. The
+    pieces of a word are never split, and the rate stays at `mask_prob` of the maskable tokens
+    (a little under when no remaining word fits). A loop per row over its words: measured here,
+    masking a batch of 32 x 128 takes about 7 ms this way against 2 ms token by token."""
+    selected = torch.zeros_like(maskable)
+    start = maskable & ~(continues & torch.roll(maskable, 1, dims=1))  # a piece after a non-maskable starts a word
+    start[:, 0] = maskable[:, 0]
+    word = torch.cumsum(start, dim=1) - 1  # word index of each position (valid where maskable)
+    for r in range(input_ids.size(0)):
+        m = maskable[r]
+        if not bool(m.any()):
+            continue
+        ids = word[r][m]
+        n_words = int(ids.max()) + 1
+        lengths = torch.bincount(ids, minlength=n_words)
+        first = draw[r][start[r]]  # one draw per word, at its first piece
+        total, chosen = 0, torch.zeros(n_words, dtype=torch.bool)
+        budget = int(wanted[r])
+        for w in first.argsort().tolist():
+            if total + int(lengths[w]) <= budget:
+                chosen[w] = True
+                total += int(lengths[w])
+            if total == budget:
+                break
+        if total == 0 and budget > 0:  # every word is longer than the budget: take the first in order
+            chosen[int(first.argmin())] = True
+        selected[r, m] = chosen[ids].to(selected.device)
+    return selected
 
 
 def cross_entropy_selected(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,

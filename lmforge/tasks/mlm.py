@@ -64,6 +64,11 @@ class MaskedLMTask(Task):
                 raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len={cfg.data.seq_len} "
                                    f"tokens; use a bigger corpus or a shorter data.seq_len")
         self.unigram_logp = unigram_log_probs(data.unigram_counts())
+        self.word_continuation = None  # ids of WordPiece continuation pieces ('##ing'), for whole-word masking
+        if cfg.task.whole_word_mask:
+            self.word_continuation = torch.zeros(len(self.special_mask), dtype=torch.bool)
+            self.word_continuation[:tok.vocab_size] = torch.tensor(
+                [tok.id_to_token(i).startswith("##") for i in range(tok.vocab_size)])
         self._eval_batches: list[Batch] | None = None
 
     # -- batches ---------------------------------------------------------------------------------
@@ -80,7 +85,8 @@ class MaskedLMTask(Task):
         k = self.cfg.task
         masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
                                        mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
-                                       random_token_frac=k.random_token_frac, generator=generator, rows=rows)
+                                       random_token_frac=k.random_token_frac, generator=generator, rows=rows,
+                                       word_continuation=self.word_continuation)
         return Batch({"input_ids": input_ids, "masked_ids": masked, "selected": selected},
                      num_targets=int(selected.sum()), num_tokens=input_ids.numel())
 
@@ -116,9 +122,10 @@ class MaskedLMTask(Task):
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         was_training = model.training
         model.eval()
-        loss_sum = unigram_sum = correct = 0.0
+        loss_sum = unigram_sum = correct = entropy_sum = 0.0
         count = 0
         first = None
+        predicted_counts = torch.zeros(self.cfg.model.vocab_size, dtype=torch.long)
         for batch in self.eval_batches():
             t = {k: v.to(device) for k, v in batch.tensors.items()}
             logits = model(t["masked_ids"], selected=t["selected"]).float()
@@ -127,14 +134,27 @@ class MaskedLMTask(Task):
             predicted = logits.argmax(-1)
             correct += (predicted == targets).sum().item()
             unigram_sum += -self.unigram_logp.to(device)[targets].sum().item()
+            logp = logits.log_softmax(-1)
+            entropy_sum += -(logp.exp() * logp).sum().item()
+            predicted_counts += torch.bincount(predicted.cpu(), minlength=len(predicted_counts))[:len(predicted_counts)]
             count += len(targets)
             if first is None:
                 first = (batch, predicted.cpu())
         model.train(was_training)
         count = max(count, 1)
+        top = int(predicted_counts.argmax())
+        # Learning-curve diagnostics (Chiang et al. 2020, "Characterizing Learning Curves During
+        # Language Model Pre-Training"): early on a model predicts one frequent token ('.', 'the')
+        # everywhere — a high top_prediction_share — before it learns to use the context; the
+        # entropy of its predicted distribution falls as it commits to answers.
         metrics = {"loss": loss_sum / count, "accuracy": correct / count, "unigram_loss": unigram_sum / count,
-                   "masked_tokens": count}
-        return EvalResult(metrics, self.decoded_table(*first))
+                   "masked_tokens": count, "prediction_entropy": entropy_sum / count,
+                   "top_prediction_share": int(predicted_counts[top]) / count}
+        share = f"{metrics['top_prediction_share']:.0%}"
+        table = (f"Most common prediction: `{self.tokenizer.id_to_token(top)}` ({share} of masked positions); "
+                 f"mean entropy of the predicted distribution {metrics['prediction_entropy']:.2f} nats.\n\n"
+                 + self.decoded_table(*first))
+        return EvalResult(metrics, table)
 
     def decoded_table(self, batch: Batch, predicted: torch.Tensor, rows: int = 4, max_tokens: int = 40) -> str:
         """Markdown: input tokens (as the model saw them) | target tokens | predicted tokens, for
