@@ -184,6 +184,27 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from lmforge.eval.report import compare_runs
+
+    for d in args.run_dirs:
+        if not (Path(d) / "metrics.jsonl").is_file():
+            raise LmforgeError(f"{d} is not an lmforge run directory (no metrics.jsonl)")
+    if len(set(Path(d).resolve() for d in args.run_dirs)) != len(args.run_dirs):
+        raise LmforgeError("a run directory is given twice")
+    prefix = Path(args.out)
+    if prefix.suffix.lower() in (".png", ".html"):
+        prefix = prefix.with_suffix("")
+    if not prefix.parent.is_dir():
+        raise LmforgeError(f"the folder of --out {prefix} does not exist")
+    existing = [p for p in (prefix.with_suffix(".png"), prefix.with_suffix(".html")) if p.exists()]
+    if existing and not args.force:
+        raise LmforgeError(f"{existing[0]} exists; choose another --out or add --force to replace it")
+    png, page = compare_runs([Path(d) for d in args.run_dirs], prefix)
+    print(f"wrote {png} and {page}")
+    return 0
+
+
 def _plot_schedule(args) -> int:
     from lmforge.config import load_config
     from lmforge.eval.report import plot_schedule
@@ -311,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("report", help="compare runs in one picture and a self-contained HTML page",
+                         description="Draw loss against tokens (with each run's unigram baseline), learning rate, "
+                                     "gradient norm, throughput and, for fine-tuning runs, accuracy for one or more "
+                                     "run directories into OUT.png, and OUT.html: the picture inline, each run's "
+                                     "summary and the config keys that differ between the runs.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="lmforge run directories")
+    p.add_argument("--out", default="lmforge-report", help="output name without extension (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace existing OUT.png / OUT.html")
+    p.set_defaults(func=_report)
 
     p = verbs.add_parser("plot-schedule", help="draw the learning-rate schedule a config will use",
                          description="Draw the learning rate of every step of a config's run (optim.* and "

@@ -132,6 +132,15 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    # Where metrics go besides metrics.jsonl (always written, the run's record): TensorBoard event
+    # files under tb/ (with the decoded prediction tables as text), and metrics-train.csv /
+    # metrics-validation.csv (one row per record, one column per metric, for spreadsheets).
+    tensorboard: bool = True
+    csv: bool = True
+
+
+@dataclass
 class DistributedConfig:
     # How several processes started by torchrun (or the deepspeed launcher) share the work
     # (lmforge/distributed): ddp (whole model on every rank) | fsdp (FSDP2: parameters, gradients
@@ -156,6 +165,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     out_dir: str = "runs/"
 

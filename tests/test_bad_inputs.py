@@ -351,12 +351,31 @@ CASES = [
          "has no checkpoint (it stopped before its first one", run_copy("bert", drop_checkpoints)),
     Case("export-config-does-not-match-checkpoint", ["export", "{tmp}/clf", "--out", "{tmp}/out"],
          "does not match its checkpoint", run_copy("clf", edit_config(model__intermediate_size=32))),
+    # -- plan, plot-schedule, report
+    Case("plan-without-budget", ["plan", "--tokens-per-s", "10"], "one of the arguments --flops --hours is required"),
+    Case("plan-negative-hours", ["plan", "--hours", "-1", "--tokens-per-s", "10"], "--hours must be a positive number"),
+    Case("plan-zero-throughput", ["plan", "--flops", "1e18", "--tokens-per-s", "0"],
+         "--tokens-per-s must be a positive number"),
+    Case("plan-flops-not-a-number", ["plan", "--flops", "lots"], "argument --flops: invalid float value"),
+    Case("plan-vocab-zero", ["plan", "--flops", "1e18", "--tokens-per-s", "5", "--vocab", "0"],
+         "--vocab must be at least 1"),
+    Case("plot-schedule-out-exists", ["plot-schedule", "--out", "{tmp}/lr.png"], "exists; choose another --out",
+         files_at({"lr.png": "mine"})),
+    Case("plot-schedule-not-png", ["plot-schedule", "--out", "{tmp}/lr.jpg"], "must name a .png file"),
+    Case("plot-schedule-bad-key", ["plot-schedule", "optim.lrr=3", "--out", "{tmp}/lr.png"],
+         "unknown config key 'optim.lrr'"),
+    Case("plot-schedule-missing-folder", ["plot-schedule", "--out", "{tmp}/no/lr.png"], "does not exist"),
+    Case("report-not-a-run", ["report", "{tmp}", "--out", "{tmp}/r"], "is not an lmforge run directory"),
+    Case("report-same-run-twice", ["report", "{bert}", "{bert}", "--out", "{tmp}/r"], "is given twice"),
+    Case("report-out-exists", ["report", "{bert}", "--out", "{tmp}/r"], "exists; choose another --out",
+         files_at({"r.html": "mine"})),
 ]
 
 
 def test_the_table_covers_every_verb_with_at_least_30_cases():
     verbs = {c.argv[0] for c in CASES}
-    assert {"prepare", "pretrain", "finetune", "classify", "predict", "generate", "export"} <= verbs
+    assert {"prepare", "pretrain", "finetune", "classify", "predict", "generate", "export", "plan",
+            "plot-schedule", "report"} <= verbs
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
 
 

@@ -1,4 +1,5 @@
-"""`lmforge plan`: Chinchilla compute-optimal sizes (Hoffmann et al. 2022, Approach 3)."""
+"""The planning and reporting verbs: `lmforge plan` (Chinchilla compute-optimal sizes, Hoffmann et al.
+2022 Approach 3), `lmforge plot-schedule` and `lmforge report` (runs compared)."""
 
 import json
 import math
@@ -87,3 +88,23 @@ def test_plot_schedule_draws_the_loops_learning_rates_and_never_overwrites(tmp_p
     assert main(["plot-schedule", "--out", str(tmp_path / "lr.txt")]) == 2
     assert main(["plot-schedule", "optim.schedule=cosine", "--out", str(out), "--force"]) == 0
     assert "cosine:" in capsys.readouterr().out
+
+
+def test_report_compares_runs_in_a_png_and_a_self_contained_html_page(tiny_prepared, tmp_path, capsys):
+    from conftest import tiny_config
+    from lmforge.pretrain import pretrain
+
+    a, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "a", "train.max_steps=4", "train.eval_every=2"))
+    b, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "b", "train.max_steps=4", "train.eval_every=2",
+                                "optim.lr=3e-3"))
+    out = tmp_path / "cmp"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    png, page = out.with_suffix(".png"), out.with_suffix(".html").read_text()
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in page and a.name in page and b.name in page
+    assert "<td>optim.lr</td><td>0.001</td><td>0.003</td>" in page  # the one config key that differs
+    assert "val_loss" in page
+    assert main(["report", str(a), "--out", str(out)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not an lmforge run directory" in capsys.readouterr().err

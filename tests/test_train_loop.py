@@ -322,3 +322,21 @@ def test_mlm_evaluation_diagnostics_show_a_model_that_predicts_one_token_everywh
     # a real model's figures lie in between
     real = task.evaluate(task.model, torch.device("cpu")).metrics
     assert 0 < real["top_prediction_share"] <= 1 and 0 < real["prediction_entropy"] <= math.log(vocab) + 1e-4
+
+
+def test_csv_logs_agree_with_metrics_jsonl_and_can_be_turned_off(tiny_prepared, tmp_path):
+    import csv
+
+    from lmforge.train.log import read_metrics
+
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "a", "train.max_steps=6", "train.eval_every=3",
+                                      "train.log_every=2"))
+    records = read_metrics(run_dir)
+    for split in ("train", "validation"):
+        rows = list(csv.DictReader((run_dir / f"metrics-{split}.csv").open()))
+        expected = [r for r in records if r["split"] == split]
+        assert [int(r["step"]) for r in rows] == [r["step"] for r in expected]
+        assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in expected], rel=1e-12)
+    off, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "b", "train.max_steps=2", "log.csv=false",
+                                  "log.tensorboard=false"))
+    assert not list(off.glob("metrics-*.csv")) and not (off / "tb").exists()

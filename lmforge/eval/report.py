@@ -96,3 +96,89 @@ def plot_schedule(cfg, out: Path) -> tuple[Path, str]:
     text = (f"{o.schedule}: {lrs[0]:.3g} at step 0, peak {max(lrs):.3g} at step {lrs.index(max(lrs))}, "
             f"{lrs[-1]:.3g} at step {steps - 1}")
     return out, text
+
+
+def compare_runs(run_dirs: list[Path], out_prefix: Path) -> tuple[Path, Path]:
+    """`lmforge report`: one PNG comparing runs (loss against tokens with each run's unigram
+    baseline, learning rate, gradient norm, tokens/s, and accuracy for fine-tuning runs) and a
+    self-contained HTML page (the picture inline, each run's summary and the config keys that
+    differ between them). Returns (png, html)."""
+    import base64
+    import html
+    import json
+
+    import yaml
+
+    from lmforge.train.run_dir import flatten
+
+    runs = []
+    for d in run_dirs:
+        records = read_metrics(d)
+        runs.append({"dir": Path(d), "name": Path(d).name,
+                     "train": [r for r in records if r["split"] == "train"],
+                     "val": [r for r in records if r["split"] == "validation"],
+                     "summary": json.loads((Path(d) / "summary.json").read_text())
+                     if (Path(d) / "summary.json").is_file() else {},
+                     "config": flatten(yaml.safe_load((Path(d) / "config.yaml").read_text()) or {})})
+    with_accuracy = any(r.get("accuracy") is not None for run in runs for r in run["val"])
+    fig, axes = plt.subplots(1, 5 if with_accuracy else 4, figsize=(26 if with_accuracy else 21, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        c, label = colors[i % len(colors)], run["name"]
+        train, val = run["train"], run["val"]
+        axes[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], color=c, lw=0.7, alpha=0.5)
+        if val:
+            axes[0].plot([r["tokens"] for r in val], [r["loss"] for r in val], "o-", color=c, ms=3, label=label)
+            if all(r.get("unigram_loss") is not None for r in val):
+                axes[0].plot([r["tokens"] for r in val], [r["unigram_loss"] for r in val], "--", color=c, lw=0.8)
+        steps = [r["step"] for r in train]
+        axes[1].plot(steps, [r["lr"] for r in train], color=c, label=label)
+        axes[2].plot(steps, [r["grad_norm"] for r in train], color=c, lw=0.7, label=label)
+        axes[3].plot(steps, [r.get("tokens_per_s") for r in train], color=c, lw=0.7, label=label)
+        if with_accuracy and val:
+            axes[4].plot([r["step"] for r in val], [r.get("accuracy") for r in val], "o-", color=c, ms=3, label=label)
+    titles = [("tokens seen", "loss (train thin, validation dots, unigram dashed)", "Loss"),
+              ("step", "learning rate", "Learning rate"), ("step", "gradient norm (before clipping)", "Gradient norm"),
+              ("step", "tokens per second", "Throughput")] + ([("step", "validation accuracy", "Accuracy")]
+                                                             if with_accuracy else [])
+    for ax, (xl, yl, t) in zip(axes, titles):
+        ax.set(xlabel=xl, ylabel=yl, title=t)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    png = out_prefix.with_suffix(".png")
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
+
+    keys = sorted({k for run in runs for k in run["config"]})
+    differing = [k for k in keys if len({json.dumps(run["config"].get(k)) for run in runs}) > 1
+                 and k != "out_dir"]
+    summary_keys = list(dict.fromkeys(k for run in runs for k in run["summary"]))
+
+    def cell(v) -> str:
+        return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    def table(header: list[str], rows: list[list]) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    names = [run["name"] for run in runs]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmforge report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f4f4f4}}img{{max-width:100%}}</style>
+</head><body><h1>lmforge report: {len(runs)} run{'s' if len(runs) > 1 else ''}</h1>
+<img alt="comparison" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">
+<h2>Summaries</h2>{table(["", *names], [[k, *(run["summary"].get(k, "") for run in runs)] for k in summary_keys])}
+<h2>Config keys that differ</h2>{table(["key", *names], [[k, *(run["config"].get(k, "") for run in runs)]
+                                                        for k in differing]) if differing else "<p>none</p>"}
+<p>Run directories: {", ".join(html.escape(str(run["dir"])) for run in runs)}</p></body></html>
+"""
+    page_path = out_prefix.with_suffix(".html")
+    tmp_page = page_path.with_name(f".{page_path.name}.tmp")
+    tmp_page.write_text(page)
+    tmp_page.replace(page_path)
+    return png, page_path

@@ -201,7 +201,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     eval_model = forward_model if par.world == 1 else engine.model
     evaluates = par.main or engine.evaluate_on_all_ranks
     logger = (MetricsLogger(run_dir, resume_step=step if resume else None,
-                            keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps)
+                            keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps,
+                            tensorboard=cfg.log.tensorboard, csv=cfg.log.csv)
               if par.main else NullLogger())
     if precision == "fp16" and scaler is None and engine.uses_grad_scaler:
         # fp16 overflows above 65,504: the scaler multiplies the loss by a large factor, skips a step
