@@ -38,6 +38,9 @@ class ModelConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
+    # BERT: the pooler ([CLS] -> dense -> tanh) and the next-sentence head; follows task.nsp
+    # (set it through task.nsp, not here).
+    next_sentence_head: bool = False
     # Start from these weights: `minilm` (the bundled MiniLM-L6-H384 encoder), an lmforge run
     # directory or a Hugging Face BERT directory; null = random. The shape keys above are then
     # taken from the source (dropout stays as configured).
@@ -76,6 +79,9 @@ class TaskConfig:
     mask_token_frac: float = 0.8  # of the selected: replaced by [MASK]
     random_token_frac: float = 0.1  # of the selected: replaced by a random token (rest unchanged)
     whole_word_mask: bool = False  # select whole words (every '##' piece of a word), same rate
+    # mlm: next-sentence prediction too ([CLS] A [SEP] B [SEP] pairs, B the true continuation half
+    # the time; the pooler and NSP head's loss added to MLM's; lmforge/data/nsp.py)
+    nsp: bool = False
 
 
 @dataclass
@@ -352,6 +358,8 @@ def validate(cfg: Config) -> Config:
         (m.arch in ("bert", "gpt"), f"model.arch={m.arch!r} is not known; known: bert, gpt"),
         (k.name != "mlm" or m.arch == "bert", f"task.name=mlm needs model.arch=bert, not {m.arch!r}"),
         (k.name != "clm" or m.arch == "gpt", f"task.name=clm needs model.arch=gpt, not {m.arch!r}"),
+        (not k.nsp or k.name == "mlm", f"task.nsp=true trains with task.name=mlm, not {k.name!r}"),
+        (not k.nsp or d.seq_len >= 8, f"task.nsp=true needs data.seq_len of at least 8, not {d.seq_len}"),
         (t.tokens_per_step is None
          or (t.tokens_per_step > 0 and t.tokens_per_step % max(1, t.batch_size * d.seq_len) == 0),
          f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of train.batch_size x data.seq_len "
@@ -399,6 +407,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             # A name or path is kept as typed: YAML alone reads 1.10 as 1.1 and 2024-01-01 as a date.
             value = text.split("=", 1)[1].strip()
         _update(cfg, _nest(key, value))
+    cfg.model.next_sentence_head = cfg.task.nsp  # the model carries the NSP head exactly when the task trains it
     if cfg.train.tokens_per_step is not None:  # a zero batch_size x seq_len is reported by validate()
         tokens_per_micro_step = max(1, cfg.train.batch_size * cfg.data.seq_len)
         cfg.train.grad_accum_steps = max(1, cfg.train.tokens_per_step // tokens_per_micro_step)

@@ -62,7 +62,9 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
             tensors = gpt2_to_hf_state_dict(clean_state_dict(loaded.model), model_cfg.vocab_size)
         else:
             architecture = "BertForMaskedLM"
-            tensors = to_hf_state_dict(clean_state_dict(loaded.model))
+            # BertForMaskedLM has no pooler and no next-sentence head: a task.nsp run exports its MLM model
+            tensors = to_hf_state_dict({k: v for k, v in clean_state_dict(loaded.model).items()
+                                        if not k.startswith(("pooler.", "nsp_head."))})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -1,5 +1,7 @@
 """Machine settings: when bf16 autocast is used, and that a resumed run keeps its precision."""
 
+import json
+
 import torch
 
 from conftest import interrupt_during_step, tiny_config
@@ -52,3 +54,20 @@ def test_train_records_log_the_share_of_step_time_spent_waiting_for_data(tiny_pr
     run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=3"))
     waits = [r["data_wait"] for r in read_metrics(run_dir) if r["split"] == "train"]
     assert len(waits) == 3 and all(0 < w < 1 for w in waits)
+
+
+def test_the_bf16_timing_is_taken_once_per_machine_and_remembered(monkeypatch, tmp_path):
+    """Two runs on one machine must choose the same precision even if the machine is busier
+    during the second: the measured speedup is kept in the cache (machine.json)."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(machine, "cpu_has_native_bf16", lambda: True)
+    timings = iter([2.0, 1.0, 1.0, 5.0])  # fp32 s, bf16 s, then a "busy" second measurement
+    monkeypatch.setattr(machine, "_matmul_seconds", lambda dtype: next(timings))
+    machine.cpu_bf16_speedup.cache_clear()
+    try:
+        assert machine.cpu_bf16_speedup() == 2.0
+        machine.cpu_bf16_speedup.cache_clear()  # a new process
+        assert machine.cpu_bf16_speedup() == 2.0  # read back, not measured again (that would give 0.2)
+        assert list(json.loads((tmp_path / "machine.json").read_text()).values()) == [2.0]
+    finally:
+        machine.cpu_bf16_speedup.cache_clear()

@@ -61,8 +61,10 @@ def test_random_hf_bert_for_masked_lm_loads_with_identical_logits(tmp_path):
     assert (ours - theirs)[mask.bool()].abs().max().item() <= 1e-4
 
 
-def test_exported_run_loads_in_transformers_with_the_same_logits_and_fill_mask_works(tiny_prepared, tmp_path):
-    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=4"))
+@pytest.mark.parametrize("nsp", [False, True])
+def test_exported_run_loads_in_transformers_with_the_same_logits_and_fill_mask_works(tiny_prepared, tmp_path, nsp):
+    # a task.nsp run exports its MLM model (BertForMaskedLM has no pooler or next-sentence head)
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=4", f"task.nsp={nsp}"))
     out = export_hf(run_dir, tmp_path / "export")
     ref = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
     ours = load_model(run_dir).model

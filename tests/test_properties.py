@@ -83,7 +83,8 @@ def _accepts_all(key: str, texts: list[str]) -> bool:
 # else a value in the range every ranged key accepts: ints in [1, 1e6], floats in (0, 0.1].
 JOINT = {"model.hidden_size", "model.num_heads", "data.seq_len", "model.max_position_embeddings", "model.arch",
          "task.name", "train.tokens_per_step", "task.mask_token_frac", "task.random_token_frac",
-         "distributed.zero_stage"}  # 0-3: drawn from CONSTRAINED
+         "distributed.zero_stage",  # 0-3: drawn from CONSTRAINED
+         "task.nsp", "model.next_sentence_head"}  # the model's head follows the task (load_config)
 INT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is int and k not in JOINT]
 FLOAT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is float and k not in JOINT]
 UNRANGED_INT_KEYS = [k for k in INT_KEYS if _accepts_all(k, ["-7", "0", str(10**15)])]
@@ -207,7 +208,7 @@ def test_a_name_or_path_for_a_str_key_is_kept_exactly_as_typed(key, text):
     assert got == text
 
 
-BOOL_KEYS = [k for k, t in KEY_TYPES.items() if t is bool]
+BOOL_KEYS = [k for k, t in KEY_TYPES.items() if t is bool and k != "model.next_sentence_head"]  # that one follows task.nsp
 OPTIONAL_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[1]]
 REQUIRED_NUMBER_KEYS = [k for k, t in KEY_TYPES.items() if t in (int, float)]
 

@@ -175,6 +175,9 @@ class BertForMaskedLM(nn.Module):
         self.cfg = cfg
         self.bert = BertModel(cfg)
         self.mlm_head = MaskedLMHead(cfg)
+        if cfg.next_sentence_head:  # task.nsp: [CLS] -> pooler (dense, tanh) -> is B A's continuation?
+            self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+            self.nsp_head = nn.Linear(cfg.hidden_size, 2)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -189,7 +192,8 @@ class BertForMaskedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                selected: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None):
+                selected: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                next_sentence: bool = False):
         """Logits over the vocabulary. With `selected` ((batch, seq) bool) only at those positions:
         (n_selected, vocab), row-major order; the vocabulary projection, the largest matmul of
         the model, and the last encoder layer's per-position work then run on ~15% of positions. Without it: (batch, seq, vocab).
@@ -197,7 +201,13 @@ class BertForMaskedLM(nn.Module):
         With `targets` ((n_selected,) int64 with `selected`, else (batch, seq)) the logits are not
         returned: instead (loss_sum, correct), the summed cross-entropy and the number of
         positions whose most likely token is the target, computed by the fused, chunked
-        projection + loss of lmforge/ops (the logits never exist in memory at once)."""
+        projection + loss of lmforge/ops (the logits never exist in memory at once).
+
+        With `next_sentence` (a model with the NSP head, task.nsp) the [CLS] position is computed
+        too, and the result gains the next-sentence logits (batch, 2) as its last element:
+        (mlm logits, nsp logits) or (loss_sum, correct, nsp logits)."""
+        if next_sentence:
+            return self._with_next_sentence(input_ids, token_type_ids, attention_mask, selected, targets)
         if selected is None:
             hidden = self.bert(input_ids, token_type_ids, attention_mask)
         else:  # the last layer too computes only the selected positions (BertModel.forward says how)
@@ -208,3 +218,28 @@ class BertForMaskedLM(nn.Module):
             return self.mlm_head(hidden, decoder)
         x = self.mlm_head.transform(hidden)
         return linear_cross_entropy(x.reshape(-1, x.size(-1)), decoder, self.mlm_head.bias, targets.reshape(-1))
+
+    def next_sentence_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """(batch, hidden) final [CLS] states -> (batch, 2): 0 = B follows A, 1 = B is random."""
+        return self.nsp_head(torch.tanh(self.pooler(cls_hidden)))
+
+    def _with_next_sentence(self, input_ids, token_type_ids, attention_mask, selected, targets):
+        if selected is None:
+            hidden = self.bert(input_ids, token_type_ids, attention_mask)
+            nsp = self.next_sentence_logits(hidden[:, 0])
+            return self.mlm_head(hidden, self.bert.embeddings.token.weight), nsp
+        # [CLS] (position 0, never selected for MLM) joins the selected positions the last layer
+        # computes; each row's positions are ascending, so it comes first in every row
+        with_cls = selected.clone()
+        with_cls[:, 0] = True
+        positions, valid = selected_positions(with_cls)
+        out = self.bert(input_ids, token_type_ids, attention_mask, positions=positions)
+        nsp = self.next_sentence_logits(out[:, 0])
+        hidden = out[:, 1:][valid[:, 1:]]
+        decoder = self.bert.embeddings.token.weight
+        if targets is None:
+            return self.mlm_head(hidden, decoder), nsp
+        x = self.mlm_head.transform(hidden)
+        loss_sum, correct = linear_cross_entropy(x.reshape(-1, x.size(-1)), decoder, self.mlm_head.bias,
+                                                 targets.reshape(-1))
+        return loss_sum, correct, nsp

@@ -6,6 +6,10 @@ needs padding. The train windows are visited in a seeded random order, a fresh p
 epoch; masking is drawn when a batch is made, with a generator seeded by (seed, step, micro),
 so the same step always sees the same masks, in a resumed run too.
 
+With task.nsp the examples are sentence pairs instead (lmforge/data/nsp.py): [CLS] A [SEP] B
+[SEP], B the true continuation of A half the time, masked the same way; next-sentence prediction
+is trained beside MLM and evaluated on a fixed set of validation pairs (nsp_accuracy).
+
 Evaluation uses a fixed set of validation windows with fixed masks, so numbers from different
 steps (and runs) are comparable. Next to the model's loss it reports the unigram baseline: the
 loss of always predicting the train-split token frequencies, on the same masked positions.
@@ -16,9 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.data.mlm import cross_entropy_selected, random_mask
+from lmforge.data.nsp import Documents, PairBatches
 from lmforge.data.shards import PreparedData
 from lmforge.data.windows import Windows, WindowSampler
 from lmforge.errors import LmforgeError
@@ -37,10 +43,27 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     """Summed cross-entropy over the selected positions and their correct-prediction count.
     tensors: "masked_ids" (the model's input), "input_ids" (the original tokens) and "selected",
     all (batch, seq). The vocabulary projection runs on the selected positions only, fused with
-    the loss (lmforge/ops/linear_cross_entropy.py)."""
+    the loss (lmforge/ops/linear_cross_entropy.py).
+
+    With next-sentence pairs (task.nsp: also "token_type_ids", "next_sentence_label" and, when
+    padded, "attention_mask") the NSP cross-entropy is added, as the paper adds the two means:
+    each example's NSP loss is weighted by the batch's masked tokens per example, so that the
+    loop's division by the masked-token count makes it the mean over examples. Metrics: the MLM
+    and NSP losses apart and the NSP accuracy (on the same weighting)."""
     selected = tensors["selected"]
-    loss_sum, correct = model(tensors["masked_ids"], selected=selected, targets=tensors["input_ids"][selected])
-    return LossOutput(loss_sum, {"correct": correct})
+    targets = tensors["input_ids"][selected]
+    if "next_sentence_label" not in tensors:
+        loss_sum, correct = model(tensors["masked_ids"], selected=selected, targets=targets)
+        return LossOutput(loss_sum, {"correct": correct})
+    labels = tensors["next_sentence_label"]
+    loss_sum, correct, nsp = model(tensors["masked_ids"], token_type_ids=tensors["token_type_ids"],
+                                   attention_mask=tensors.get("attention_mask"), selected=selected, targets=targets,
+                                   next_sentence=True)
+    per_example = targets.numel() / labels.numel()
+    nsp_sum = F.cross_entropy(nsp.float(), labels, reduction="sum") * per_example
+    nsp_correct = (nsp.argmax(-1) == labels).sum() * per_example
+    return LossOutput(loss_sum + nsp_sum, {"correct": correct, "mlm_loss": loss_sum.detach(),
+                                           "nsp_loss": nsp_sum.detach(), "nsp_accuracy": nsp_correct})
 
 
 class MaskedLMTask(Task):
@@ -69,6 +92,13 @@ class MaskedLMTask(Task):
             self.word_continuation = torch.zeros(len(self.special_mask), dtype=torch.bool)
             self.word_continuation[:tok.vocab_size] = torch.tensor(
                 [tok.id_to_token(i).startswith("##") for i in range(tok.vocab_size)])
+        self.pairs: dict[str, PairBatches] = {}  # task.nsp: pair makers for train and validation
+        if cfg.task.nsp:
+            ends = [i for text in (".", "?", "!") for i in tok.encode(text)[:1]]
+            for split in ("train", "validation"):
+                docs = Documents(data.shards(split), tok.sep_id, ends)
+                self.pairs[split] = PairBatches(docs, cfg.data.seq_len, cfg.train.seed, tok.cls_id, tok.sep_id,
+                                                tok.pad_id)
         self._eval_batches: list[Batch] | None = None
 
     # -- batches ---------------------------------------------------------------------------------
@@ -81,17 +111,29 @@ class MaskedLMTask(Task):
         return torch.cat([cls, ids, sep], dim=1)
 
     def _mask(self, input_ids: torch.Tensor, generator: torch.Generator,
-              rows: tuple[int, int, int] | None = None) -> Batch:
+              rows: tuple[int, int, int] | None = None, pairs: dict[str, torch.Tensor] | None = None) -> Batch:
+        """Mask `input_ids`; with NSP `pairs` (PairBatches.rows) their segment ids, labels and,
+        when a row is padded, the attention mask come along."""
         k = self.cfg.task
         masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
                                        mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
                                        random_token_frac=k.random_token_frac, generator=generator, rows=rows,
                                        word_continuation=self.word_continuation)
-        return Batch({"input_ids": input_ids, "masked_ids": masked, "selected": selected},
-                     num_targets=int(selected.sum()), num_tokens=input_ids.numel())
+        tensors = {"input_ids": input_ids, "masked_ids": masked, "selected": selected}
+        num_tokens = input_ids.numel()
+        if pairs is not None:
+            tensors.update(token_type_ids=pairs["token_type_ids"], next_sentence_label=pairs["next_sentence_label"])
+            num_tokens = int(pairs["attention_mask"].sum())
+            if num_tokens < input_ids.numel():  # no mask at all when nothing is padded: the fast path
+                tensors["attention_mask"] = pairs["attention_mask"]
+        return Batch(tensors, num_targets=int(selected.sum()), num_tokens=num_tokens)
 
     def train_batch(self, step: int, micro: int) -> Batch:
         total, (lo, hi) = self.global_rows(self.cfg.train.batch_size)
+        if self.pairs:  # NSP: pairs are a function of (seed, step, micro, row of the global batch)
+            pairs = self.pairs["train"].rows([("train", step, micro, row) for row in range(lo, hi)])
+            return self._mask(pairs["input_ids"], generator_for(self.cfg.train.seed, "mask", step, micro),
+                              rows=(lo, hi, total), pairs=pairs)
         input_ids = self._frame(self.sampler.next(total, (lo, hi)))
         return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro), rows=(lo, hi, total))
 
@@ -109,6 +151,13 @@ class MaskedLMTask(Task):
     def eval_batches(self) -> list[Batch]:
         """The fixed validation set: up to eval_batches x the global batch size windows spread
         evenly over the split, masked once with a fixed seed."""
+        if self._eval_batches is None and self.pairs:  # NSP: a fixed set of validation pairs
+            b = self.global_rows(self.cfg.train.batch_size)[0]
+            gen = generator_for(self.cfg.train.seed, "eval-masks")
+            self._eval_batches = []
+            for first in range(0, self.cfg.train.eval_batches * b, b):
+                pairs = self.pairs["validation"].rows([("validation", i) for i in range(first, first + b)])
+                self._eval_batches.append(self._mask(pairs["input_ids"], gen, pairs=pairs))
         if self._eval_batches is None:
             b = self.global_rows(self.cfg.train.batch_size)[0]  # the global batch: the same set at any world size
             picks = self.val_windows.spread(self.cfg.train.eval_batches * b)
@@ -122,13 +171,22 @@ class MaskedLMTask(Task):
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         was_training = model.training
         model.eval()
-        loss_sum = unigram_sum = correct = entropy_sum = 0.0
-        count = 0
+        loss_sum = unigram_sum = correct = entropy_sum = nsp_loss = nsp_correct = 0.0
+        count = pairs = 0
         first = None
         predicted_counts = torch.zeros(self.cfg.model.vocab_size, dtype=torch.long)
         for batch in self.eval_batches():
             t = {k: v.to(device) for k, v in batch.tensors.items()}
-            logits = model(t["masked_ids"], selected=t["selected"]).float()
+            if self.pairs:
+                logits, nsp = model(t["masked_ids"], token_type_ids=t["token_type_ids"],
+                                    attention_mask=t.get("attention_mask"), selected=t["selected"], next_sentence=True)
+                labels = t["next_sentence_label"]
+                nsp_loss += F.cross_entropy(nsp.float(), labels, reduction="sum").item()
+                nsp_correct += (nsp.argmax(-1) == labels).sum().item()
+                pairs += len(labels)
+            else:
+                logits = model(t["masked_ids"], selected=t["selected"])
+            logits = logits.float()
             targets = t["input_ids"][t["selected"]]
             loss_sum += cross_entropy_selected(logits, t["input_ids"], t["selected"], reduction="sum").item()
             predicted = logits.argmax(-1)
@@ -150,6 +208,8 @@ class MaskedLMTask(Task):
         metrics = {"loss": loss_sum / count, "accuracy": correct / count, "unigram_loss": unigram_sum / count,
                    "masked_tokens": count, "prediction_entropy": entropy_sum / count,
                    "top_prediction_share": int(predicted_counts[top]) / count}
+        if pairs:
+            metrics.update(nsp_loss=nsp_loss / pairs, nsp_accuracy=nsp_correct / pairs)
         share = f"{metrics['top_prediction_share']:.0%}"
         table = (f"Most common prediction: `{self.tokenizer.id_to_token(top)}` ({share} of masked positions); "
                  f"mean entropy of the predicted distribution {metrics['prediction_entropy']:.2f} nats.\n\n"
@@ -181,6 +241,9 @@ class MaskedLMTask(Task):
         return "\n".join(lines) + "\n"
 
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
-        return {"val_loss": last_eval["loss"], "unigram_val_loss": last_eval["unigram_loss"],
-                "val_accuracy": last_eval["accuracy"]}
+        out = {"val_loss": last_eval["loss"], "unigram_val_loss": last_eval["unigram_loss"],
+               "val_accuracy": last_eval["accuracy"]}
+        if "nsp_accuracy" in last_eval:
+            out["val_nsp_accuracy"] = last_eval["nsp_accuracy"]
+        return out
 

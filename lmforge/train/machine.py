@@ -9,7 +9,8 @@
   AMX); elsewhere bf16 autocast is emulated and far slower than fp32 (~25x on an AVX2 machine).
   `train.precision=auto` therefore picks bf16 on a CPU only when the CPU reports native bf16 AND
   a quick matmul timing confirms bf16 is faster (measured on an AVX512-BF16 EPYC: bf16 matmuls
-  2.2x fp32, a whole BERT training step 2.4x).
+  2.2x fp32, a whole BERT training step 2.4x). The timing is taken once per machine and kept in
+  the cache (machine.json), so every run there makes the same choice.
 - Memory: `memory_mb` is logged with every train record (resident set size; the GPU's peak
   allocation too on CUDA), so a leak shows as a rising curve long before an OOM kill. Batches are
   made in the training process from memmaps: no loader workers, no prefetch queue to grow.
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import resource
 import sys
@@ -52,13 +54,43 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
     return best
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup() -> float:
     """fp32 time / bf16 time of a (512 x 512) @ (512 x 2048) matmul on this CPU, 0.0 when the CPU
-    has no native bf16 (then it is not even timed: emulated bf16 is always far slower)."""
+    has no native bf16 (then it is not even timed: emulated bf16 is always far slower).
+
+    Measured once per machine (CPU model, torch version, thread count) and remembered in the
+    lmforge cache (machine.json): a timing taken while something else loads the machine could
+    otherwise make two runs of the same config pick different precisions."""
     if not cpu_has_native_bf16():
         return 0.0
-    return _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+    from lmforge.data.packages import cache_root
+
+    key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    try:
+        path = cache_root() / "machine.json"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if isinstance(known.get(key), (int, float)):
+            return float(known[key])
+    except (OSError, ValueError):
+        path, known = None, {}
+    speedup = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+    if path is not None and isinstance(known, dict):
+        try:
+            tmp = path.with_name(f".machine.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**known, key: speedup}, indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache: measure again next time
+    return speedup
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
