@@ -28,7 +28,9 @@ def write_report(run_dir: Path) -> Path:
     fig.suptitle(f"{Path(run_dir).name}")
 
     if train:
-        ax_loss.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
+        # with NSP the train loss is MLM + NSP: plot the MLM part, the one validation and the baseline measure
+        ax_loss.plot([r["tokens"] for r in train], [r.get("mlm_loss", r["loss"]) for r in train], lw=0.8, alpha=0.7,
+                     label="train MLM loss" if "mlm_loss" in train[0] else "train loss")
     if val:
         tokens = [r["tokens"] for r in val]
         ax_loss.plot(tokens, [r["loss"] for r in val], "o-", label="validation loss")
@@ -126,7 +128,8 @@ def compare_runs(run_dirs: list[Path], out_prefix: Path) -> tuple[Path, Path]:
     for i, run in enumerate(runs):
         c, label = colors[i % len(colors)], run["name"]
         train, val = run["train"], run["val"]
-        axes[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], color=c, lw=0.7, alpha=0.5)
+        axes[0].plot([r["tokens"] for r in train], [r.get("mlm_loss", r["loss"]) for r in train], color=c, lw=0.7,
+                     alpha=0.5)  # with NSP: the MLM part, comparable with validation and the baseline
         if val:
             axes[0].plot([r["tokens"] for r in val], [r["loss"] for r in val], "o-", color=c, ms=3, label=label)
             if all(r.get("unigram_loss") is not None for r in val):
