@@ -1,5 +1,6 @@
 """report.png for a run: loss against tokens with the unigram baseline, learning rate, grad norm,
-and for MLM what the model predicts (entropy, share of its most common prediction).
+and for MLM what the model predicts (entropy, share of its most common prediction) and, with
+task.nsp, next-sentence accuracy.
 
 Reads only the run's metrics.jsonl, so it can be redrawn at any time, for a finished run or one
 still training.
@@ -23,7 +24,9 @@ def write_report(run_dir: Path) -> Path:
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "validation"]
     diagnostics = [r for r in val if r.get("prediction_entropy") is not None]
-    fig, axes = plt.subplots(1, 4 if diagnostics else 3, figsize=(21 if diagnostics else 16, 4.5))
+    nsp = [r for r in val if r.get("nsp_accuracy") is not None]
+    panels = 3 + bool(diagnostics) + bool(nsp)
+    fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4.5))
     ax_loss, ax_lr, ax_gn = axes[:3]
     fig.suptitle(f"{Path(run_dir).name}")
 
@@ -62,6 +65,17 @@ def write_report(run_dir: Path) -> Path:
         lines = ax_ent.get_lines() + ax_share.get_lines()
         ax_ent.legend(lines, [line.get_label() for line in lines], fontsize=8)
         ax_ent.grid(alpha=0.3)
+
+    if nsp:  # task.nsp: next-sentence accuracy, train and validation, against chance
+        ax_nsp = axes[-1]
+        with_nsp = [r for r in train if r.get("nsp_accuracy") is not None]
+        ax_nsp.plot([r["tokens"] for r in with_nsp], [r["nsp_accuracy"] for r in with_nsp], lw=0.7, alpha=0.6,
+                    label="train")
+        ax_nsp.plot([r["tokens"] for r in nsp], [r["nsp_accuracy"] for r in nsp], "o-", label="validation")
+        ax_nsp.axhline(0.5, color="gray", ls="--", lw=0.8, label="chance")
+        ax_nsp.set(xlabel="tokens seen", ylabel="accuracy", title="Next-sentence prediction", ylim=(0, 1))
+        ax_nsp.legend(fontsize=8)
+        ax_nsp.grid(alpha=0.3)
 
     fig.tight_layout()
     path = Path(run_dir) / "report.png"
