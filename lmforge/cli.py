@@ -184,6 +184,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_files(paths: list[Path], force: bool) -> None:
+    """Files a verb is about to write: their folder must exist, and none may be replaced without
+    --force (nothing a user made is overwritten by accident)."""
+    for path in paths:
+        if not path.parent.is_dir():
+            raise LmforgeError(f"the folder of --out {path} does not exist")
+        if path.exists() and not force:
+            raise LmforgeError(f"{path} exists; choose another --out or add --force to replace it")
+
+
 def _report(args) -> int:
     from lmforge.eval.report import compare_runs
 
@@ -195,11 +205,7 @@ def _report(args) -> int:
     prefix = Path(args.out)
     if prefix.suffix.lower() in (".png", ".html"):
         prefix = prefix.with_suffix("")
-    if not prefix.parent.is_dir():
-        raise LmforgeError(f"the folder of --out {prefix} does not exist")
-    existing = [p for p in (prefix.with_suffix(".png"), prefix.with_suffix(".html")) if p.exists()]
-    if existing and not args.force:
-        raise LmforgeError(f"{existing[0]} exists; choose another --out or add --force to replace it")
+    _check_out_files([prefix.with_suffix(".png"), prefix.with_suffix(".html")], args.force)
     png, page = compare_runs([Path(d) for d in args.run_dirs], prefix)
     print(f"wrote {png} and {page}")
     return 0
@@ -213,10 +219,7 @@ def _plot_schedule(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise LmforgeError(f"--out {out} must name a .png file")
-    if out.exists() and not args.force:
-        raise LmforgeError(f"{out} exists; choose another --out or add --force to replace it")
-    if not out.parent.is_dir():
-        raise LmforgeError(f"the folder of --out {out} does not exist")
+    _check_out_files([out], args.force)
     path, text = plot_schedule(cfg, out)
     print(f"{text}\nwrote {path}")
     return 0

@@ -28,7 +28,7 @@ from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
-from lmforge.train.loop import resolve_device, train, write_summary
+from lmforge.train.loop import check_global_batch, resolve_device, train, write_summary
 from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import check_out_dir, create_run_dir, flatten
 
@@ -202,20 +202,14 @@ def _check_steps_left(run_dir: Path, cfg: Config) -> None:
 
 
 def _check_global_batch(run_dir: Path, cfg: Config, world: int) -> None:
-    """A run resumes under another world size or strategy only with the global batch (sequences
-    per optimizer step) it trained with: then the data, masks and schedule continue as if
-    uninterrupted (the sampler's position and every random draw are global, not per process)."""
+    """The loop's check (train/loop.py check_global_batch) before anything is written; a damaged
+    newest checkpoint is left to the loop, which falls back to an older one and checks that."""
     newest = checkpoints_newest_first(run_dir / "checkpoints")
     try:
         trained = json.loads((newest[0] / "state.json").read_text()).get("global_batch") if newest else None
     except (OSError, ValueError, AttributeError):
-        return  # damaged: the loop falls back to an older checkpoint and checks it there
-    here = cfg.train.batch_size * cfg.train.grad_accum_steps * world
-    if isinstance(trained, int) and trained != here:
-        raise LmforgeError(f"{run_dir} trained with {trained} sequences per step; here train.batch_size="
-                           f"{cfg.train.batch_size} x train.grad_accum_steps={cfg.train.grad_accum_steps} x {world} "
-                           f"process(es) = {here}. Keep the global batch when resuming, e.g. with half the "
-                           f"processes double train.batch_size or train.grad_accum_steps")
+        return
+    check_global_batch(run_dir, trained, cfg, world)
 
 
 def save_overrides(run_dir: Path, cfg: Config, overrides: Optional[list[str]]) -> None:

@@ -93,8 +93,10 @@ class Engine:
 
     def load_full_state(self, weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor],
                         opt_meta: dict) -> None:
-        """Inverse of full_state, on every rank, from the same checkpoint."""
-        self.model.load_state_dict(weights)
+        """Inverse of full_state, on every rank, from the same checkpoint. The loop has already
+        loaded `weights` into the plain model before the engine was made (every strategy starts
+        from it); an engine restores what it keeps apart from the module's weights: AdamW's
+        state here, and DeepSpeed also its fp32 master copy."""
         restore_optimizer(self.optimizer, opt_tensors, opt_meta)
 
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -78,7 +77,7 @@ class FSDPEngine(Engine):
         return weights, *optimizer_tensors(by_index(optim, param_names(self.model, self.optimizer)))
 
     def load_full_state(self, weights, opt_tensors, opt_meta):
-        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        # the weights were in the module before fully_shard cut it: only AdamW's state is left to set
         named = by_name(indexed_state_dict(opt_tensors, opt_meta), param_names(self.model, self.optimizer))
         if not named["state"]:  # saved before the first step: nothing to load (see full_state)
             return

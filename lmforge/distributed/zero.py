@@ -124,6 +124,9 @@ class DeepSpeedEngine(Engine):
         self.forward_model = self.ds
         self.evaluate_on_all_ranks = self.stage == 3  # a stage-3 forward gathers parameters from every rank
         self.param_by_name = dict(model.named_parameters(remove_duplicate=False))
+        # every name of a tied parameter -> the name the optimizer knows it by
+        name_of = {id(self.param_by_name[n]): n for n in self.names}
+        self.owner = {key: name_of[id(p)] for key, p in self.param_by_name.items()}
         from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                                      safe_set_full_fp32_param, safe_set_full_optimizer_state)
         self._get, self._get_state = safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -147,7 +150,7 @@ class DeepSpeedEngine(Engine):
         return norm, bool(torch.isfinite(norm)) and bool(torch.isfinite(loss_sum))
 
     def zero_grad(self) -> None:
-        pass  # DeepSpeed's step clears the gradients at the boundary
+        """Nothing to do: DeepSpeed's step clears the gradients at the accumulation boundary."""
 
     def set_lr(self, lr: float) -> None:
         for group in self.base.param_groups:  # the groups DeepSpeed's partitions step with
@@ -171,7 +174,7 @@ class DeepSpeedEngine(Engine):
 
     def full_state(self):
         if not self._partitioned():  # ZeRO stage 0 in fp32: whole tensors and torch's own optimizer
-            return super().full_state() if self.par.main else ({}, {}, {})
+            return super().full_state()
         self._link_optimizer_fragments()
         # every rank joins each gather, in the same order
         masters = {n: self._get(self.param_by_name[n]) for n in self.names}
@@ -185,9 +188,8 @@ class DeepSpeedEngine(Engine):
         if not self.par.main:
             return {}, {}, {}
         weights = clean_state_dict(self.model) if self.stage < 3 else {}
-        for key, p in self.param_by_name.items():  # tied parameters: every name, one tensor
-            owner = next(n for n in self.names if self.param_by_name[n] is p)
-            weights[key] = masters[owner].detach().to("cpu", torch.float32).contiguous()
+        for key in self.param_by_name:  # tied parameters: every name, one tensor
+            weights[key] = masters[self.owner[key]].detach().to("cpu", torch.float32).contiguous()
         groups, start = [], 0
         for g, count in zip(self.base.param_groups, self.group_params):
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + count))})

@@ -18,6 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lmforge.train.log import read_metrics  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    """Write `fig` to `path` through a temporary file: a reader never sees half a picture."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write_report(run_dir: Path) -> Path:
     """Draw `run_dir/report.png` from `run_dir/metrics.jsonl` and return its path."""
     records = read_metrics(run_dir)
@@ -79,10 +87,7 @@ def write_report(run_dir: Path) -> Path:
 
     fig.tight_layout()
     path = Path(run_dir) / "report.png"
-    tmp = path.with_name(".report.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
     return path
 
 
@@ -105,10 +110,7 @@ def plot_schedule(cfg, out: Path) -> tuple[Path, str]:
                  f"floor {o.lr * o.min_lr_frac:g}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    _save(fig, out)
     text = (f"{o.schedule}: {lrs[0]:.3g} at step 0, peak {max(lrs):.3g} at step {lrs.index(max(lrs))}, "
             f"{lrs[-1]:.3g} at step {steps - 1}")
     return out, text
@@ -165,10 +167,7 @@ def compare_runs(run_dirs: list[Path], out_prefix: Path) -> tuple[Path, Path]:
     axes[2].set_yscale("log")
     fig.tight_layout()
     png = out_prefix.with_suffix(".png")
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png)
+    _save(fig, png)
 
     keys = sorted({k for run in runs for k in run["config"]})
     differing = [k for k in keys if len({json.dumps(run["config"].get(k)) for run in runs}) > 1

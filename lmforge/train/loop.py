@@ -165,11 +165,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from (it stopped before its first "
                                f"checkpoint was written, or every checkpoint is damaged); start the run again")
         path, weights, opt_tensors, state = found
-        if state.get("global_batch", global_batch) != global_batch:
-            raise LmforgeError(f"{run_dir} trained with {state['global_batch']} sequences per step; here train."
-                               f"batch_size x train.grad_accum_steps x {par.world} processes = {global_batch}. Keep "
-                               f"the global batch when resuming (e.g. with half the processes, double "
-                               f"train.batch_size or train.grad_accum_steps)")
+        check_global_batch(run_dir, state.get("global_batch"), cfg, par.world)
         model.load_state_dict(weights)  # every rank, before any wrapping (DeepSpeed copies it at start)
         task.load_data_state(state["data"])
         step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
@@ -184,7 +180,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                                f"to train longer, resume with a larger train.max_steps=N")
         if step >= t_cfg.max_steps:  # killed after its last checkpoint, before summary.json was written
             say(f"lmforge: {run_dir} trained all {step} steps but stopped before its final reports; "
-                       f"writing them")
+                f"writing them")
         else:
             say(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
 
@@ -354,6 +350,19 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     logger.close()
     return TrainResult(steps=step, tokens_seen=tokens_seen, wall_time_s=elapsed(), stopped_by=stopped_by,
                        last_eval=last_eval)
+
+
+def check_global_batch(run_dir: Path, trained: Optional[int], cfg: Config, world: int) -> None:
+    """A run resumes under another world size or strategy only with the global batch (sequences
+    per optimizer step) it trained with: then the data, masks and schedule continue as if
+    uninterrupted (the sampler's position and every random draw are global, not per process)."""
+    t = cfg.train
+    here = t.batch_size * t.grad_accum_steps * world
+    if isinstance(trained, int) and trained != here:
+        raise LmforgeError(f"{run_dir} trained with {trained} sequences per step; here train.batch_size="
+                           f"{t.batch_size} x train.grad_accum_steps={t.grad_accum_steps} x {world} process(es) = "
+                           f"{here}. Keep the global batch when resuming, e.g. with half the processes double "
+                           f"train.batch_size or train.grad_accum_steps")
 
 
 def trim_samples(path: Path, step: int) -> None:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -84,12 +85,10 @@ def cpu_bf16_speedup() -> float:
         path, known = None, {}
     speedup = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
     if path is not None and isinstance(known, dict):
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache is no error: the next run measures again
             tmp = path.with_name(f".machine.json.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({**known, key: speedup}, indent=1) + "\n")
             os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache: measure again next time
     return speedup
 
 
