@@ -349,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("plot-schedule", help="draw the learning-rate schedule a config will use",
                          description="Draw the learning rate of every step of a config's run (optim.* and "
                                      "train.max_steps, with overrides) into a PNG, before training, with the "
-                                     "function the training loop itself calls.")
+                                     "functions the training loop itself calls. With a sequence-length "
+                                     "schedule (data.long_seq_len) or a batch-size ramp "
+                                     "(train.batch_ramp_start_tokens), a second panel draws tokens per step "
+                                     "and the sequence length.")
     p.add_argument("--config", help="YAML config file, e.g. configs/bert-tiny.yaml (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--out", default="lr-schedule.png", help="PNG to write (default: %(default)s)")

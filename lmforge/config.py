@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +59,11 @@ class DataConfig:
     tokenizer: str = "bert-base-uncased"
     train_tokenizer_vocab: Optional[int] = None  # train a new WordPiece of this size instead
     seq_len: int = 128
+    # Sequence-length schedule (BERT): the last (1 - short_seq_frac) of the steps use this longer
+    # length, with rows per micro-batch cut by the same factor so tokens per step stay the same
+    # (lmforge/train/schedule.py). null = data.seq_len throughout. Evaluation stays at data.seq_len.
+    long_seq_len: Optional[int] = None
+    short_seq_frac: float = 0.9
     val_frac: float = 0.05
     split_seed: int = 1234
     cache_dir: Optional[str] = None  # default: $LMFORGE_CACHE or ~/.cache/lmforge
@@ -118,6 +125,11 @@ class TrainConfig:
     grad_accum_steps: int = 1
     # Tokens per optimizer step (GPT recipe); when set, grad_accum_steps is derived from it.
     tokens_per_step: Optional[int] = None
+    # Batch-size ramp (GPT-3): tokens per step grow linearly from this value to the full step over
+    # the first batch_ramp_tokens tokens, in whole micro-batches (so grad_accum_steps must be 2 or
+    # more); the learning-rate schedule then runs in tokens. null = no ramp.
+    batch_ramp_start_tokens: Optional[int] = None
+    batch_ramp_tokens: int = 1_000_000
     eval_every: int = 200
     eval_batches: int = 20  # mlm: validation batches per evaluation (classify: the whole split)
     eval_batch_size: Optional[int] = None  # null = 4 x batch_size (no gradients, so bigger fits)
@@ -144,6 +156,12 @@ class LogConfig:
     # metrics-validation.csv (one row per record, one column per metric, for spreadsheets).
     tensorboard: bool = True
     csv: bool = True
+    # Weights & Biases (the seeds log there): metrics, the resolved config and the decoded
+    # prediction tables, into RUN_DIR/wandb. mode auto: online when an API key is set up and
+    # api.wandb.ai answers, else offline (upload later with `wandb sync RUN_DIR/wandb/offline-run-*`).
+    wandb: bool = False
+    wandb_project: str = "lmforge"
+    wandb_mode: str = "auto"  # auto | online | offline
 
 
 @dataclass
@@ -295,6 +313,9 @@ def _nest(key: str, value: Any) -> dict:
 def validate(cfg: Config) -> Config:
     """Reject configs that cannot train, with a message that says what to change."""
     m, t, o, d, k = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.task
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and the deepspeed launcher
+    full_step = t.batch_size * d.seq_len * t.grad_accum_steps * world  # tokens per step, all processes
+    rows_step = d.long_seq_len // math.gcd(d.seq_len, d.long_seq_len) if d.long_seq_len else 1  # see long_seq_len
     checks = [
         (m.hidden_size >= 1, f"model.hidden_size={m.hidden_size} must be positive"),
         (m.num_heads >= 1, f"model.num_heads={m.num_heads} must be at least 1"),
@@ -317,6 +338,25 @@ def validate(cfg: Config) -> Config:
         (d.seq_len <= m.max_position_embeddings,
          f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
          f"lower data.seq_len or raise model.max_position_embeddings"),
+        (d.long_seq_len is None or d.seq_len < d.long_seq_len <= m.max_position_embeddings,
+         f"data.long_seq_len={d.long_seq_len} must be longer than data.seq_len={d.seq_len} and at most "
+         f"model.max_position_embeddings={m.max_position_embeddings} (the position table is sized for the longest)"),
+        (d.long_seq_len is None or k.name in ("mlm", "clm"),
+         f"data.long_seq_len is a pretraining schedule (task.name=mlm or clm), not for task.name={k.name}"),
+        (not d.long_seq_len or (t.batch_size * d.seq_len) % d.long_seq_len == 0,
+         f"train.batch_size={t.batch_size} x data.seq_len={d.seq_len} is not a multiple of data.long_seq_len="
+         f"{d.long_seq_len}, so the long steps cannot keep the tokens per step; use a train.batch_size that is a "
+         f"multiple of {rows_step}"),
+        (0.0 < d.short_seq_frac < 1.0, f"data.short_seq_frac={d.short_seq_frac} must be in (0, 1)"),
+        (t.batch_ramp_start_tokens is None or t.batch_ramp_start_tokens >= 1,
+         f"train.batch_ramp_start_tokens={t.batch_ramp_start_tokens} must be positive, or null for no ramp"),
+        (t.batch_ramp_start_tokens is None or t.grad_accum_steps >= 2,
+         "train.batch_ramp_start_tokens needs train.grad_accum_steps >= 2: the ramp grows the number of "
+         "micro-batches per step (a smaller train.batch_size with more accumulation, or train.tokens_per_step)"),
+        (t.batch_ramp_start_tokens is None or t.batch_ramp_start_tokens < full_step,
+         f"train.batch_ramp_start_tokens={t.batch_ramp_start_tokens} must be below the full step of {full_step} "
+         f"tokens (train.batch_size x data.seq_len x grad_accum_steps x {world} process(es))"),
+        (t.batch_ramp_tokens >= 1, f"train.batch_ramp_tokens={t.batch_ramp_tokens} must be positive"),
         (0.0 < d.val_frac < 1.0, f"data.val_frac={d.val_frac} must be in (0, 1)"),
         (t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
         (t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1"),
@@ -336,6 +376,10 @@ def validate(cfg: Config) -> Config:
         (t.precision in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16"),
         (o.lr > 0, f"optim.lr={o.lr} must be positive"),
+        (not cfg.log.wandb or importlib.util.find_spec("wandb") is not None,
+         "log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)"),
+        (cfg.log.wandb_mode in ("auto", "online", "offline"),
+         f"log.wandb_mode={cfg.log.wandb_mode!r}: use auto, online or offline"),
         (cfg.distributed.strategy in ("ddp", "fsdp", "deepspeed"),
          f"distributed.strategy={cfg.distributed.strategy!r}: use ddp, fsdp or deepspeed"),
         (cfg.distributed.zero_stage in (0, 1, 2, 3),

@@ -31,15 +31,25 @@ def _run(argv, tmp_path, env=None):
     return proc
 
 
-@pytest.mark.parametrize("arch,strategy,launcher", [
-    ("bert", "ddp", "torchrun"), ("gpt", "ddp", "torchrun"), ("bert", "fsdp", "torchrun"), ("gpt", "fsdp", "torchrun"),
-    ("bert", "deepspeed distributed.zero_stage=2", "torchrun"),
-    ("gpt", "deepspeed distributed.zero_stage=3 distributed.offload_optimizer=true", "torchrun"),
-    ("bert", "deepspeed distributed.zero_stage=1", "deepspeed"),  # DeepSpeed's own launcher (--local_rank=N)
-])
-def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_path, arch, strategy, launcher):
+# steps whose shape changes (lmforge/train/schedule.py): 32 -> 64 tokens after 4 of the 6 steps, and
+# 1 -> 2 micro-batches of 256 tokens over the first 600 tokens
+SCHEDULES = ("data.long_seq_len=64", "data.short_seq_frac=0.67", "train.batch_ramp_start_tokens=256",
+             "train.batch_ramp_tokens=600")
+
+
+@pytest.mark.parametrize("arch,strategy,launcher,schedules", [
+    ("bert", "ddp", "torchrun", ()), ("gpt", "ddp", "torchrun", ()), ("bert", "fsdp", "torchrun", ()),
+    ("gpt", "fsdp", "torchrun", ()),
+    ("bert", "deepspeed distributed.zero_stage=2", "torchrun", ()),
+    ("gpt", "deepspeed distributed.zero_stage=3 distributed.offload_optimizer=true", "torchrun", ()),
+    ("bert", "deepspeed distributed.zero_stage=1", "deepspeed", ()),  # DeepSpeed's own launcher (--local_rank=N)
+    ("bert", "deepspeed distributed.zero_stage=2", "torchrun", SCHEDULES),
+], ids=["bert-ddp", "gpt-ddp", "bert-fsdp", "gpt-fsdp", "bert-zero2", "gpt-zero3-offload", "bert-zero1-launcher",
+        "bert-zero2-seq-schedule-and-ramp"])
+def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_path, arch, strategy, launcher,
+                                                          schedules):
     extra = ["task.name=clm", "model.arch=gpt"] if arch == "gpt" else []
-    cfg = tiny_config(tiny_prepared, tmp_path, *extra, "model.dropout=0", "train.precision=fp32",
+    cfg = tiny_config(tiny_prepared, tmp_path, *extra, *schedules, "model.dropout=0", "train.precision=fp32",
                       "train.num_threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3",
                       "train.grad_accum_steps=2")
     config = tmp_path / "run.yaml"
@@ -57,6 +67,9 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_pat
     (one,) = (tmp_path / "one").iterdir()
     (two,) = (tmp_path / "two").iterdir()  # one run directory, made by rank 0
     a, b = read_metrics(one), read_metrics(two)
+    if schedules:
+        assert [(r["seq_len"], r["step_tokens"]) for r in b if r["split"] == "train"] == [
+            (32, 256), (32, 256), (32, 512), (32, 512), (64, 512), (64, 512)]
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for ra, rb in zip(a, b):
         assert ra["tokens"] == rb["tokens"]

@@ -156,18 +156,26 @@ def test_hf_dataset_names_load_through_datasets_without_ratings(monkeypatch):
     assert data.rating_range is None
 
 
-def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch):
+# a batch-size ramp (lmforge/train/schedule.py) from 1 to 2 micro-batches of 16 examples
+RAMP = ("train.grad_accum_steps=2", "train.batch_ramp_start_tokens=512", "train.batch_ramp_tokens=4000")
+
+
+@pytest.mark.parametrize("extra", [(), RAMP], ids=["plain", "batch-ramp"])
+def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch, extra):
     from lmforge.finetune import resume_finetune
     from lmforge.tasks.classify import ClassifyTask
     from lmforge.train.log import read_metrics
 
     full_dir, _ = finetune(_cfg(tiny_prepared, tmp_path / "full", tiny_reviews, "train.max_steps=12",
                                 "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
-                                "model.dropout=0.1"))
-    interrupt_during_step(monkeypatch, ClassifyTask, 8)
+                                "model.dropout=0.1", *extra))
+    if extra:  # one micro-batch of 16 examples a step at first, two at the end
+        step_tokens = [r["step_tokens"] for r in read_metrics(full_dir) if r["split"] == "train"]
+        assert max(step_tokens[:3]) < min(step_tokens[-3:])
+    interrupt_during_step(monkeypatch, ClassifyTask, 3 if extra else 8)
     cut_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "cut", tiny_reviews, "train.max_steps=12",
                                      "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
-                                     "model.dropout=0.1"))
+                                     "model.dropout=0.1", *extra))
     assert summary["stopped_by"] == "signal"
     monkeypatch.undo()
     with pytest.raises(LmforgeError, match="is a fine-tuning run"):

@@ -84,7 +84,9 @@ def _accepts_all(key: str, texts: list[str]) -> bool:
 JOINT = {"model.hidden_size", "model.num_heads", "data.seq_len", "model.max_position_embeddings", "model.arch",
          "task.name", "train.tokens_per_step", "task.mask_token_frac", "task.random_token_frac",
          "distributed.zero_stage",  # 0-3: drawn from CONSTRAINED
-         "task.nsp", "model.next_sentence_head"}  # the model's head follows the task (load_config)
+         "task.nsp", "model.next_sentence_head",  # the model's head follows the task (load_config)
+         # step schedules: bounded by seq_len, positions and batch (test_schedule.py tests their checks)
+         "data.long_seq_len", "train.batch_ramp_start_tokens"}
 INT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is int and k not in JOINT]
 FLOAT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is float and k not in JOINT]
 UNRANGED_INT_KEYS = [k for k in INT_KEYS if _accepts_all(k, ["-7", "0", str(10**15)])]
@@ -114,6 +116,7 @@ CONSTRAINED = {
     "distributed.strategy": st.sampled_from(["ddp"]), "distributed.zero_stage": st.sampled_from([0, 1, 2, 3]),
     "optim.lr": st.floats(1e-9, 10.0), "optim.warmup_frac": st.floats(0.0, 1.0),
     "optim.schedule": st.sampled_from(["linear", "cosine", "constant"]),
+    "log.wandb_mode": st.sampled_from(["auto", "online", "offline"]),
     "optim.decay": st.sampled_from(["linear", "2d"]),
     "optim.max_grad_norm": st.none() | st.floats(1e-6, 1e6), "task.mask_prob": UNIT_OPEN,
 }

@@ -76,3 +76,21 @@ class WindowSampler:
 
     def load_state(self, state: dict) -> None:
         self.consumed = int(state["consumed_windows"])
+
+
+def sampler_states(samplers: dict[int, WindowSampler], base_len: int) -> dict:
+    """The data state of a task that samples windows of one length per phase of the sequence-length
+    schedule (lmforge/train/schedule.py): the first length's state, as a run without the schedule
+    has it, plus each other length's under "len_<n>"."""
+    state = samplers[base_len].state()
+    for length, sampler in samplers.items():
+        if length != base_len:
+            state[f"len_{length}"] = sampler.state()
+    return state
+
+
+def load_sampler_states(samplers: dict[int, WindowSampler], base_len: int, state: dict) -> None:
+    samplers[base_len].load_state(state)
+    for length, sampler in samplers.items():
+        if length != base_len and f"len_{length}" in state:
+            sampler.load_state(state[f"len_{length}"])

@@ -92,15 +92,22 @@ def write_report(run_dir: Path) -> Path:
 
 
 def plot_schedule(cfg, out: Path) -> tuple[Path, str]:
-    """Draw the learning rate each step of `cfg` will use (train/optim.py lr_at, the very function
-    the loop calls) into `out`, before any training (seed MLAB's "expected LR schedule" plot).
-    Returns (path, a one-line description)."""
+    """Draw the learning rate each step of `cfg` will use (train/optim.py lr_at and
+    train/schedule.py, the very functions the loop calls) into `out`, before any training (seed
+    MLAB's "expected LR schedule" plot); with a sequence-length schedule or a batch-size ramp, a
+    second panel draws tokens per step and the sequence length (for one process). Returns (path,
+    a one-line description)."""
     from lmforge.train.optim import lr_at
+    from lmforge.train.schedule import BatchSchedule
 
     o, steps = cfg.optim, cfg.train.max_steps
-    lrs = [lr_at(s, steps, o) for s in range(steps)]
-    warmup = int(round(o.warmup_frac * steps))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    schedule = BatchSchedule(cfg)
+    lrs = [lr_at(*schedule.progress(s), o) for s in range(steps)]
+    total = schedule.progress(steps)[1]
+    warmup = next((s for s in range(steps) if schedule.progress(s)[0] >= round(o.warmup_frac * total)), steps)
+    fig, axes = plt.subplots(1, 2 if schedule.varies else 1, figsize=(14 if schedule.varies else 8, 4.5),
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot(range(steps), lrs)
     if 0 < warmup < steps:
         ax.axvline(warmup, color="gray", ls="--", lw=0.8, label=f"end of warmup (step {warmup})")
@@ -109,10 +116,24 @@ def plot_schedule(cfg, out: Path) -> tuple[Path, str]:
            title=f"{o.schedule} schedule: peak {o.lr:g}, {steps} steps, warmup {o.warmup_frac:g}, "
                  f"floor {o.lr * o.min_lr_frac:g}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out)
     text = (f"{o.schedule}: {lrs[0]:.3g} at step 0, peak {max(lrs):.3g} at step {lrs.index(max(lrs))}, "
             f"{lrs[-1]:.3g} at step {steps - 1}")
+    if schedule.varies:
+        ax = axes[0, 1]
+        ax.plot(range(steps), [schedule.step_tokens(s) for s in range(steps)], label="tokens per step",
+                drawstyle="steps-post")
+        ax.set(xlabel="step", ylabel="tokens per step", title="step size (one process)")
+        if schedule.long is not None:
+            lengths = ax.twinx()
+            lengths.plot(range(steps), [schedule.at(s).seq_len for s in range(steps)], color="C1",
+                         label="sequence length", drawstyle="steps-post")
+            lengths.set_ylabel("sequence length")
+            lengths.legend(loc="lower right")
+        text += "; " + schedule.describe()
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out)
     return out, text
 
 

@@ -1,7 +1,7 @@
 """What a task is to the training loop: a model, batches, a loss, metrics. Nothing more.
 
 The loop (lmforge/train/loop.py) calls, per optimizer step:
-    batches = [task.train_batch(step, micro) for micro in range(grad_accum_steps)]
+    batches = [task.train_batch(step, micro) for micro in range(micro_batches)]
     for each: out = task.loss(model, batch); (out.loss_sum / total_targets).backward()
 and every `eval_every` steps `task.evaluate(model)`. Dividing summed losses by the number of
 targets in the whole step (known before any forward pass, because masking happens when the
@@ -10,6 +10,9 @@ larger, even when micro-batches hold different numbers of masked tokens.
 
 `train_batch(step, micro)` must be a pure function of (seed, step, micro) and the state returned
 by `data_state()`, so that a resumed run draws exactly the batches the uninterrupted run drew.
+Its shape (sequence length, rows) is `self.step_shape(step)`: the step's shape under the
+sequence-length schedule and the batch-size ramp (lmforge/train/schedule.py), which the loop
+reads too (for the number of micro-batches).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from lmforge.config import Config
+from lmforge.train.schedule import BatchSchedule, StepShape
 
 
 @dataclass
@@ -36,9 +42,25 @@ class LossOutput:
 
 
 @dataclass
+class Table:
+    """Decoded examples (inputs, targets, predictions) as columns and rows of text: markdown for
+    samples.md and TensorBoard, a table for loggers that have tables (W&B)."""
+    columns: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        def cell(text: str) -> str:
+            return str(text).replace("|", "\\|").replace("\n", " ")
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
 class EvalResult:
     metrics: dict[str, float]  # logged under split "validation"
     table_markdown: str = ""  # decoded examples for samples.md / TensorBoard
+    table: Table | None = None  # the same examples as a table, for loggers that have tables
 
 
 class Task(ABC):
@@ -50,8 +72,15 @@ class Task(ABC):
     so results do not depend on the number of processes."""
 
     name: str
+    cfg: Config
     model: nn.Module
     shard: tuple[int, int] = (0, 1)
+    schedule: BatchSchedule | None = None  # set by the loop; made from self.cfg when a test calls directly
+
+    def step_shape(self, step: int) -> StepShape:
+        if self.schedule is None:
+            self.schedule = BatchSchedule(self.cfg, self.shard[1])
+        return self.schedule.at(step)
 
     def global_rows(self, per_rank: int) -> tuple[int, tuple[int, int]]:
         """(rows in the global micro-batch, (first, end) row of this rank's share)."""

@@ -31,7 +31,7 @@ from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.sentiment import LABELS, LabeledData
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.rng import derive_seed
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
 
 CHUNK_BATCHES = 50  # batches per length-sorted chunk
 
@@ -159,23 +159,23 @@ class ClassifyTask(Task):
 
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         pred = self.predict_split(model, "validation", device)
-        return EvalResult(self.metrics(pred), self.examples_table(pred, rows=6))
+        table = self.examples_table(pred, range(min(6, len(pred["labels"]))))
+        return EvalResult(self.metrics(pred), table.markdown(), table)
 
-    def examples_table(self, pred: dict[str, torch.Tensor], rows: int) -> str:
-        lines = ["| text | true | predicted | p(predicted) | rating (true / predicted) |", "|---|---|---|---|---|"]
-        for k in range(min(rows, len(pred["labels"]))):
-            lines.append(self._row(pred, k))
-        return "\n".join(lines) + "\n"
-
-    def _row(self, pred: dict[str, torch.Tensor], k: int) -> str:
-        i = int(pred["index"][k])
-        p = pred["probs"][k]
-        guess = int(p.argmax())
-        text = self.data.examples[i].text.replace("|", "\\|")
-        true_rating = self.data.examples[i].rating
-        rating = (f"{true_rating:+.2f} / {float(pred['ratings'][k]):+.2f}" if self.has_rating and true_rating is not None
-                  else "-")
-        return f"| {text} | {LABELS[int(pred['labels'][k])]} | {LABELS[guess]} | {float(p[guess]):.3f} | {rating} |"
+    def examples_table(self, pred: dict[str, torch.Tensor], picks) -> Table:
+        """text | true | predicted | p(predicted) | rating (true / predicted), for the predictions
+        at `picks`."""
+        table = Table(["text", "true", "predicted", "p(predicted)", "rating (true / predicted)"], [])
+        for k in picks:
+            i = int(pred["index"][k])
+            p = pred["probs"][k]
+            guess = int(p.argmax())
+            true_rating = self.data.examples[i].rating
+            rating = (f"{true_rating:+.2f} / {float(pred['ratings'][k]):+.2f}"
+                      if self.has_rating and true_rating is not None else "-")
+            table.rows.append([self.data.examples[i].text, LABELS[int(pred["labels"][k])], LABELS[guess],
+                               f"{float(p[guess]):.3f}", rating])
+        return table
 
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         return {"val_accuracy": last_eval["accuracy"], "val_f1": last_eval["f1"],
@@ -188,11 +188,10 @@ class ClassifyTask(Task):
         wrong = (pred["probs"].argmax(-1) != pred["labels"]).nonzero().squeeze(1)
         confidence = pred["probs"].max(-1).values[wrong]
         worst = wrong[confidence.argsort(descending=True)][:20]
-        table = ["| text | true | predicted | p(predicted) | rating (true / predicted) |", "|---|---|---|---|---|"]
-        table += [self._row(pred, int(k)) for k in worst]
+        table = self.examples_table(pred, [int(k) for k in worst])
         (run_dir / "errors.md").write_text(
             f"# The {len(worst)} test examples predicted wrong with the highest confidence\n\n"
-            f"Test accuracy {m['accuracy']:.4f} on {m['examples']} examples.\n\n" + "\n".join(table) + "\n")
+            f"Test accuracy {m['accuracy']:.4f} on {m['examples']} examples.\n\n" + table.markdown())
         confusion = np.zeros((2, 2), dtype=np.int64)
         for y, p in zip(pred["labels"].tolist(), pred["probs"].argmax(-1).tolist()):
             confusion[y, p] += 1

@@ -16,10 +16,10 @@ import torch.nn as nn
 
 from lmforge.config import Config
 from lmforge.data.shards import PreparedData
-from lmforge.data.windows import Windows, WindowSampler
+from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
 from lmforge.errors import LmforgeError
 from lmforge.eval.generate import generate
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
 from lmforge.tasks.mlm import unigram_log_probs
 
 
@@ -45,6 +45,13 @@ class CausalLMTask(Task):
                 raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len + 1 = {length} "
                                    f"tokens; use a bigger corpus or a shorter data.seq_len")
         self.sampler = WindowSampler(self.train_windows, cfg.train.seed)
+        self.samplers = {cfg.data.seq_len: self.sampler}  # the sequence-length schedule's long steps: their own
+        long = cfg.data.long_seq_len
+        if long is not None:
+            self.samplers[long] = WindowSampler(Windows(data.shards("train"), long + 1), cfg.train.seed)
+            if len(self.samplers[long].windows) == 0:
+                raise LmforgeError(f"the train split of {data.folder} has fewer than data.long_seq_len + 1 = "
+                                   f"{long + 1} tokens; use a bigger corpus or a shorter data.long_seq_len")
         self.unigram_logp = unigram_log_probs(data.unigram_counts())
         self._eval_windows = None
 
@@ -54,14 +61,15 @@ class CausalLMTask(Task):
                      num_tokens=w[:, 1:].numel())
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        total, rows = self.global_rows(self.cfg.train.batch_size)
-        return self._batch(self.sampler.next(total, rows))
+        shape = self.step_shape(step)
+        total, rows = self.global_rows(shape.rows)
+        return self._batch(self.samplers[shape.seq_len].next(total, rows))
 
     def data_state(self) -> dict:
-        return self.sampler.state()
+        return sampler_states(self.samplers, self.cfg.data.seq_len)
 
     def load_data_state(self, state: dict) -> None:
-        self.sampler.load_state(state)
+        load_sampler_states(self.samplers, self.cfg.data.seq_len, state)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         return clm_loss(model, batch.tensors)
@@ -89,19 +97,19 @@ class CausalLMTask(Task):
         loss = loss_sum / count
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / count,
                    "unigram_loss": unigram_sum / count, "tokens_evaluated": count}
-        return EvalResult(metrics, self.samples_markdown(model))
+        table = self.samples(model)
+        return EvalResult(metrics, "".join(f"- **{prompt}**{text}\n" for prompt, text in table.rows), table)
 
-    def samples_markdown(self, model: nn.Module) -> str:
+    def samples(self, model: nn.Module) -> Table:
         """A few continuations of the configured prompts (top-k 40, temperature 0.8, seed 0)."""
-        lines = []
+        table = Table(["prompt", "continuation"], [])
         base = getattr(model, "_orig_mod", model)  # generation runs the plain model (variable shapes)
         for prompt in [p for p in self.cfg.task.sample_prompts.split("|") if p.strip()]:
             ids = self.tokenizer.encode(prompt)
             new = generate(base, ids, max_new_tokens=self.cfg.task.sample_tokens, temperature=0.8, top_k=40,
                            seed=0, eot_id=self.tokenizer.eot_id)[0]
-            text = self.tokenizer.decode(new).replace("\n", " ")
-            lines.append(f"- **{prompt}**{text}")
-        return "\n".join(lines) + "\n"
+            table.rows.append([prompt, self.tokenizer.decode(new).replace("\n", " ")])
+        return table
 
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         return {"val_loss": last_eval["loss"], "val_perplexity": last_eval["perplexity"],

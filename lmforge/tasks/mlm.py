@@ -26,10 +26,10 @@ from lmforge.config import Config
 from lmforge.data.mlm import cross_entropy_selected, random_mask
 from lmforge.data.nsp import Documents, PairBatches
 from lmforge.data.shards import PreparedData
-from lmforge.data.windows import Windows, WindowSampler
+from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
 from lmforge.errors import LmforgeError
 from lmforge.rng import generator_for
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Task
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
 
 
 def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
@@ -86,6 +86,14 @@ class MaskedLMTask(Task):
             if len(w) == 0:
                 raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len={cfg.data.seq_len} "
                                    f"tokens; use a bigger corpus or a shorter data.seq_len")
+        # the sequence-length schedule's long steps read their own windows, in their own order
+        self.samplers = {cfg.data.seq_len: self.sampler}
+        long = cfg.data.long_seq_len
+        if long is not None and not cfg.task.nsp:
+            self.samplers[long] = WindowSampler(Windows(data.shards("train"), long - 2), cfg.train.seed)
+            if len(self.samplers[long].windows) == 0:
+                raise LmforgeError(f"the train split of {data.folder} has fewer than data.long_seq_len={long} tokens; "
+                                   f"use a bigger corpus or a shorter data.long_seq_len")
         self.unigram_logp = unigram_log_probs(data.unigram_counts())
         self.word_continuation = None  # ids of WordPiece continuation pieces ('##ing'), for whole-word masking
         if cfg.task.whole_word_mask:
@@ -93,12 +101,16 @@ class MaskedLMTask(Task):
             self.word_continuation[:tok.vocab_size] = torch.tensor(
                 [tok.id_to_token(i).startswith("##") for i in range(tok.vocab_size)])
         self.pairs: dict[str, PairBatches] = {}  # task.nsp: pair makers for train and validation
+        self.long_pairs = None  # and for the long steps of the sequence-length schedule
         if cfg.task.nsp:
             ends = [i for text in (".", "?", "!") for i in tok.encode(text)[:1]]
             for split in ("train", "validation"):
                 docs = Documents(data.shards(split), tok.sep_id, ends)
                 self.pairs[split] = PairBatches(docs, cfg.data.seq_len, cfg.train.seed, tok.cls_id, tok.sep_id,
                                                 tok.pad_id)
+            if long is not None:
+                self.long_pairs = PairBatches(self.pairs["train"].docs, long, cfg.train.seed, tok.cls_id,
+                                              tok.sep_id, tok.pad_id)
         self._eval_batches: list[Batch] | None = None
 
     # -- batches ---------------------------------------------------------------------------------
@@ -129,19 +141,21 @@ class MaskedLMTask(Task):
         return Batch(tensors, num_targets=int(selected.sum()), num_tokens=num_tokens)
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        total, (lo, hi) = self.global_rows(self.cfg.train.batch_size)
+        shape = self.step_shape(step)
+        total, (lo, hi) = self.global_rows(shape.rows)
         if self.pairs:  # NSP: pairs are a function of (seed, step, micro, row of the global batch)
-            pairs = self.pairs["train"].rows([("train", step, micro, row) for row in range(lo, hi)])
+            maker = self.long_pairs if shape.seq_len != self.cfg.data.seq_len else self.pairs["train"]
+            pairs = maker.rows([("train", step, micro, row) for row in range(lo, hi)])
             return self._mask(pairs["input_ids"], generator_for(self.cfg.train.seed, "mask", step, micro),
                               rows=(lo, hi, total), pairs=pairs)
-        input_ids = self._frame(self.sampler.next(total, (lo, hi)))
+        input_ids = self._frame(self.samplers[shape.seq_len].next(total, (lo, hi)))
         return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro), rows=(lo, hi, total))
 
     def data_state(self) -> dict:
-        return self.sampler.state()
+        return sampler_states(self.samplers, self.cfg.data.seq_len)
 
     def load_data_state(self, state: dict) -> None:
-        self.sampler.load_state(state)
+        load_sampler_states(self.samplers, self.cfg.data.seq_len, state)
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
@@ -211,17 +225,18 @@ class MaskedLMTask(Task):
         if pairs:
             metrics.update(nsp_loss=nsp_loss / pairs, nsp_accuracy=nsp_correct / pairs)
         share = f"{metrics['top_prediction_share']:.0%}"
-        table = (f"Most common prediction: `{self.tokenizer.id_to_token(top)}` ({share} of masked positions); "
-                 f"mean entropy of the predicted distribution {metrics['prediction_entropy']:.2f} nats.\n\n"
-                 + self.decoded_table(*first))
-        return EvalResult(metrics, table)
+        table = self.decoded_table(*first)
+        text = (f"Most common prediction: `{self.tokenizer.id_to_token(top)}` ({share} of masked positions); "
+                f"mean entropy of the predicted distribution {metrics['prediction_entropy']:.2f} nats.\n\n"
+                + table.markdown())
+        return EvalResult(metrics, text, table)
 
-    def decoded_table(self, batch: Batch, predicted: torch.Tensor, rows: int = 4, max_tokens: int = 40) -> str:
-        """Markdown: input tokens (as the model saw them) | target tokens | predicted tokens, for
-        the first `rows` validation examples (their first `max_tokens` tokens)."""
+    def decoded_table(self, batch: Batch, predicted: torch.Tensor, rows: int = 4, max_tokens: int = 40) -> Table:
+        """input tokens (as the model saw them, the selected ones in bold) | target tokens |
+        predicted tokens, for the first `rows` validation examples (their first `max_tokens` tokens)."""
         t = batch.tensors
         tok = self.tokenizer
-        lines = ["| input | targets | predicted |", "|---|---|---|"]
+        table = Table(["input", "targets", "predicted"], [])
         offset = 0
         for r in range(min(rows, t["input_ids"].size(0))):
             sel = t["selected"][r]
@@ -236,9 +251,8 @@ class MaskedLMTask(Task):
                 words.append(f"**{word}**" if shown[i] else word)
             targets = [tok.id_to_token(i) for i in t["input_ids"][r, :max_tokens][shown].tolist()]
             predictions = [tok.id_to_token(i) for i in preds[:k]]
-            esc = lambda items: " ".join(items).replace("|", "\\|")  # noqa: E731
-            lines.append(f"| {esc(words)} | {esc(targets)} | {esc(predictions)} |")
-        return "\n".join(lines) + "\n"
+            table.rows.append([" ".join(words), " ".join(targets), " ".join(predictions)])
+        return table
 
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         out = {"val_loss": last_eval["loss"], "unigram_val_loss": last_eval["unigram_loss"],

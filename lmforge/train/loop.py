@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from lmforge.config import Config
+from lmforge.config import Config, to_dict
 from lmforge.distributed import Engine, Parallel, current, make_engine
 from lmforge.errors import LmforgeError
 from lmforge.rng import derive_seed
@@ -35,6 +35,7 @@ from lmforge.train.checkpoint import load_newest_good, save_checkpoint, write_te
 from lmforge.train.log import MetricsLogger, NullLogger
 from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
 from lmforge.train.optim import lr_at
+from lmforge.train.schedule import BatchSchedule
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -186,6 +187,10 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
 
     precision = par.broadcast(precision)  # rank 0's choice (auto times bf16 on the CPU) holds on every rank
     task.shard = (par.rank, par.world)
+    # the step's shape: sequence length, rows, micro-batches (the seq-len schedule, the batch ramp)
+    schedule = task.schedule = BatchSchedule(cfg, par.world)
+    if schedule.varies:
+        say(f"lmforge: {schedule.describe()}")
     # the strategy (ddp, fsdp, deepspeed; plain in one process) wraps the model and makes AdamW
     engine = make_engine(model, cfg, par, device, precision)
     if resume:  # every rank loads the same whole state; sharded engines keep their part
@@ -198,7 +203,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
     evaluates = par.main or engine.evaluate_on_all_ranks
     logger = (MetricsLogger(run_dir, resume_step=step if resume else None,
                             keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps,
-                            tensorboard=cfg.log.tensorboard, csv=cfg.log.csv)
+                            tensorboard=cfg.log.tensorboard, csv=cfg.log.csv,
+                            wandb=to_dict(cfg) if cfg.log.wandb else None)
               if par.main else NullLogger())
     if precision == "fp16" and scaler is None and engine.uses_grad_scaler:
         # fp16 overflows above 65,504: the scaler multiplies the loss by a large factor, skips a step
@@ -257,7 +263,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         if result.table_markdown and (step % samples_every == 0 or step == t_cfg.max_steps):
             with open(run_dir / "samples.md", "a") as f:
                 f.write(f"\n## step {step} ({tokens_seen:,} tokens)\n\n{result.table_markdown}")
-            logger.text("validation/samples", result.table_markdown, step)
+            logger.samples("validation/samples", result.table_markdown, result.table, step)
         tqdm.write("step {:>6} | val " .format(step) + " | ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
 
     if resume:
@@ -282,12 +288,13 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             if signalled:
                 stopped_by = "signal"
                 break
-            lr = lr_at(step, t_cfg.max_steps, cfg.optim)
+            lr = lr_at(*schedule.progress(step), cfg.optim)
             engine.set_lr(lr)
             # dropout: a function of the step (and of the rank: ranks' rows must not share masks)
             torch.manual_seed(derive_seed(t_cfg.seed, "step", step, *(("rank", par.rank) if par.rank else ())))
             step_start = time.perf_counter()
-            batches = [task.train_batch(step, micro) for micro in range(t_cfg.grad_accum_steps)]
+            shape = schedule.at(step)
+            batches = [task.train_batch(step, micro) for micro in range(shape.micro_batches)]
             data_wait += time.perf_counter() - step_start
             loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp, scaler,
                                                                  par, engine)
@@ -334,6 +341,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                 logger.log(step, "train", loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
                            tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9),
                            skipped_steps=nonfinite_steps, **memory_mb(device), **extra,
+                           **({"seq_len": shape.seq_len, "step_tokens": num_tokens} if schedule.varies else {}),
                            **({"loss_scale": scaler.get_scale()} if scaler is not None else {}))
                 data_wait = step_time = 0.0
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")

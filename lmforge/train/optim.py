@@ -41,8 +41,9 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> 
                              eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
 
 
-def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate for the update made at `step` (0-based).
+def lr_at(step: float, max_steps: float, cfg: OptimConfig) -> float:
+    """Learning rate for the update made at `step` (0-based). With a batch-size ramp the loop
+    passes positions counted in tokens (in units of a full step) instead: lmforge/train/schedule.py.
 
     linear (default, seed MLAB W2D2): rises linearly from lr·min_lr_frac at step 0 to lr at the end
     of warmup (warmup_frac · max_steps steps), then falls linearly to lr·min_lr_frac at max_steps.
