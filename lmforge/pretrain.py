@@ -26,6 +26,7 @@ from lmforge.eval.report import write_report
 from lmforge.models.loading import build_model as build_arch
 from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
+from lmforge.tasks.electra import ElectraTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
 from lmforge.train.loop import check_global_batch, resolve_device, train, write_summary
@@ -87,7 +88,7 @@ def fill_vocab_size(cfg: Config, tokenizer: TextTokenizer) -> Config:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    return build_arch(cfg.model)
+    return build_arch(cfg.model, cfg.task)
 
 
 def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module) -> Task:
@@ -95,14 +96,16 @@ def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module) -> Task:
         return CausalLMTask(cfg, data, model)
     if cfg.task.name == "mlm":
         return MaskedLMTask(cfg, data, model)
-    raise LmforgeError(f"task.name={cfg.task.name!r} is not a pretraining task (mlm, clm); "
+    if cfg.task.name == "electra":
+        return ElectraTask(cfg, data, model)
+    raise LmforgeError(f"task.name={cfg.task.name!r} is not a pretraining task (mlm, clm, electra); "
                        f"use `lmforge finetune` for classify")
 
 
 def pretrain(cfg: Config) -> tuple[Path, dict]:
     """Run a new pretraining job. Returns (run directory, summary)."""
-    if cfg.task.name not in ("mlm", "clm"):
-        raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm or clm, not {cfg.task.name!r}; "
+    if cfg.task.name not in ("mlm", "clm", "electra"):
+        raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm, clm or electra, not {cfg.task.name!r}; "
                            f"use `lmforge finetune` for classify")
     check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)

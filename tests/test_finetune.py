@@ -10,7 +10,7 @@ import torch
 from conftest import interrupt_during_step, tiny_config
 from lmforge.cli import main
 from lmforge.config import ModelConfig, load_config
-from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_split
+from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_split, stratified_subset
 from lmforge.errors import LmforgeError
 from lmforge.finetune import finetune, load_classifier
 from lmforge.models.classifier import BertClassifier
@@ -52,6 +52,12 @@ def test_stratified_split_is_80_10_10_per_label_disjoint_and_seeded():
         counts = Counter(labels[i] for i in split[name])
         assert counts[0] == round(700 * share) and counts[1] == round(300 * share)
     assert stratified_split(labels, seed=3) == split and stratified_split(labels, seed=4) != split
+    few = stratified_subset(split["train"], labels, 100, seed=3)  # data.train_examples
+    assert len(few) == 100 and set(few) <= set(split["train"])
+    assert Counter(labels[i] for i in few) == {0: 70, 1: 30}
+    assert stratified_subset(split["train"], labels, 100, seed=3) == few != stratified_subset(split["train"], labels,
+                                                                                              100, seed=4)
+    assert stratified_subset(split["train"], labels, 5000, seed=3) == split["train"]
 
 
 def test_movie_reviews_are_fetched_checked_and_parsed_from_the_vader_source_release():
@@ -186,3 +192,28 @@ def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, mon
     assert losses(cut_dir) == losses(full_dir)
     assert json.loads((cut_dir / "summary.json").read_text())["test_accuracy"] == \
         json.loads((full_dir / "summary.json").read_text())["test_accuracy"]
+
+
+def test_reinit_layers_restarts_only_the_top_layers_from_berts_init(tiny_prepared, tmp_path):
+    from lmforge.finetune import reinit_top_layers
+
+    cfg = _cfg(tiny_prepared, tmp_path, "data.dataset=movie-reviews", "model.reinit_layers=1")
+    cfg.model.vocab_size, cfg.model.init_from = 200, "a-pretrained-encoder"
+    torch.manual_seed(1)
+    source = BertClassifier(cfg.model, 2, (-4.0, 4.0))
+    for p in source.bert.parameters():  # "pretrained": nothing like a fresh init
+        p.data.add_(1.0)
+    model = BertClassifier(cfg.model, 2, (-4.0, 4.0))
+    model.load_state_dict(source.state_dict())
+    reinit_top_layers(model, cfg)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
+    assert same(model.bert.embeddings, source.bert.embeddings) and same(model.bert.layers[0], source.bert.layers[0])
+    top = model.bert.layers[1]
+    assert torch.equal(top.ffn_norm.weight, torch.ones_like(top.ffn_norm.weight)) and not top.ffn_in.bias.any()
+    assert top.ffn_in.weight.std().item() == pytest.approx(cfg.model.init_std, rel=0.15)
+    cfg.model.reinit_layers = 3
+    with pytest.raises(LmforgeError, match="exceeds the 2 layers"):
+        reinit_top_layers(model, cfg)
+    cfg.model.init_from = None
+    with pytest.raises(LmforgeError, match="without model.init_from every layer is random"):
+        reinit_top_layers(model, cfg)

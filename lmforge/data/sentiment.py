@@ -175,3 +175,18 @@ def stratified_split(labels: list[int], seed: int, fractions: tuple[float, float
         out["validation"] += idx[n_train:n_train + n_val]
         out["test"] += idx[n_train + n_val:]
     return {k: sorted(v) for k, v in out.items()}
+
+
+def stratified_subset(indices: list[int], labels: list[int], n: int, seed: int) -> list[int]:
+    """`n` of `indices` (or all, if fewer), each label keeping its share, chosen by a seeded RNG:
+    a few-sample training set (data.train_examples) whose validation and test splits stay whole."""
+    if n >= len(indices):
+        return sorted(indices)
+    by_label: dict[int, list[int]] = {}
+    for i in indices:
+        by_label.setdefault(labels[i], []).append(i)
+    out = []
+    for label, idx in sorted(by_label.items()):
+        random.Random(f"{seed}:subset:{label}").shuffle(idx)
+        out += idx[:max(1, round(n * len(idx) / len(indices)))]
+    return sorted(out)

@@ -38,6 +38,18 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return scores.softmax(-1) @ v
 
 
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation, for `module.apply`: N(0, std) for every matrix and embedding, zero
+    biases, LayerNorm as the identity."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -178,17 +190,7 @@ class BertForMaskedLM(nn.Module):
         if cfg.next_sentence_head:  # task.nsp: [CLS] -> pooler (dense, tanh) -> is B A's continuation?
             self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
             self.nsp_head = nn.Linear(cfg.hidden_size, 2)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # BERT's init: N(0, 0.02) for every matrix, zero biases, LayerNorm as identity.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(lambda module: init_bert_weights(module, cfg.init_std))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,

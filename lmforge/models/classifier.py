@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.config import ModelConfig
-from lmforge.models.bert import BertModel
+from lmforge.models.bert import BertModel, init_bert_weights
 from lmforge.ops.dropout import Dropout
 
 
@@ -34,14 +34,8 @@ class BertClassifier(nn.Module):
         lo, hi = rating_range if rating_range is not None else (0.0, 0.0)
         self.register_buffer("rating_centre", torch.tensor((lo + hi) / 2), persistent=False)
         self.register_buffer("rating_half_width", torch.tensor((hi - lo) / 2), persistent=False)
-        for module in self.modules():  # BERT init; a loaded encoder overwrites its part afterwards
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=cfg.init_std)
-            if isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        # BERT init; a loaded encoder overwrites its part afterwards
+        self.apply(lambda module: init_bert_weights(module, cfg.init_std))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

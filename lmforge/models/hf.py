@@ -74,6 +74,19 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def electra_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An lmforge ELECTRA's discriminator (`bert.*`, `rtd_dense`, `rtd_out`) -> transformers'
+    ElectraForPreTraining names: BERT's encoder names under "electra." (with the embedding size
+    equal to the hidden size there is no embeddings_project), and its discriminator_predictions
+    head. The generator is not exported."""
+    out = {"electra." + k[len("bert."):]: v
+           for k, v in to_hf_state_dict({k: v for k, v in state.items() if k.startswith("bert.")}).items()}
+    for ours, theirs in (("rtd_dense", "dense"), ("rtd_out", "dense_prediction")):
+        for p in ("weight", "bias"):
+            out[f"discriminator_predictions.{theirs}.{p}"] = state[f"{ours}.{p}"].contiguous()
+    return out
+
+
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers BERT tensors (with or without the "bert." prefix) -> lmforge names.
     Returns (tensors, names that were ignored)."""

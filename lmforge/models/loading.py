@@ -10,21 +10,26 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from lmforge.config import ModelConfig, load_config
+from lmforge.config import ModelConfig, TaskConfig, load_config
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
+from lmforge.models.electra import Electra
 from lmforge.models.gpt import GPT
 from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
                                model_config_from_hf, read_hf_dir)
 from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
-    """A freshly initialised pretraining model for `cfg.arch`: BertForMaskedLM or GPT."""
+def build_model(cfg: ModelConfig, task: Optional[TaskConfig] = None) -> torch.nn.Module:
+    """A freshly initialised pretraining model for `cfg.arch`: BertForMaskedLM or GPT, or for
+    task.name=electra the generator + discriminator pair."""
+    if task is not None and task.name == "electra":
+        return Electra(cfg, task.generator_frac, task.share_embeddings)
     if cfg.arch == "bert":
         return BertForMaskedLM(cfg)
     if cfg.arch == "gpt":
@@ -82,6 +87,7 @@ class LoadedModel:
     tokenizer: TextTokenizer
     source: str  # "lmforge" or "hf"
     notes: list[str] = field(default_factory=list)  # what a user should know (e.g. a fresh MLM head)
+    electra: Optional[Electra] = None  # an ELECTRA run's whole model; `model` is then its discriminator
 
 
 def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
@@ -98,10 +104,19 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         if cfg.task.name == "classify":
             raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
                                f"for its encoder")
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.task)
         load_checkpoint_weights(model, run_weights(path), path)
         tokenizer = load_run_tokenizer(path, "data.json")
         check_tokenizer_fits(tokenizer, cfg.model, path / "tokenizer.json")
+        if isinstance(model, Electra):  # its discriminator: a BERT encoder (no MLM head of its own)
+            encoder = BertForMaskedLM(cfg.model)
+            encoder.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("bert.")},
+                                    strict=False)
+            note = (f"{path} is an ELECTRA run: its discriminator has no masked-LM head (a fresh one was "
+                    f"initialised); fine-tune it, or export it (ElectraForPreTraining)")
+            if mlm_head_required:
+                print(f"warning: {note}", file=sys.stderr)
+            return LoadedModel(encoder.eval(), cfg.model, tokenizer, "lmforge", [note], electra=model.eval())
         return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
     if is_hf_dir(path):
         hf_cfg, hf_state = read_hf_dir(path)

@@ -1,0 +1,121 @@
+"""ELECTRA pretraining as a task: MLM batches (the masking of tasks/mlm.py), a loss that adds the
+generator's MLM loss and the discriminator's replaced-token detection, and their metrics.
+
+The loop sees what it sees for any task: `loss_sum` divided by the step's targets (the masked
+positions) gives the generator's mean MLM loss plus rtd_weight x the discriminator's mean binary
+cross-entropy over every real token (each micro-batch's RTD sum is scaled by masked / real tokens,
+so the division comes out as a per-token mean). `mlm_loss`, `rtd_loss` and `rtd_accuracy` are
+logged beside it. Validation reports `loss` as the generator's MLM loss (comparable with the
+unigram baseline and with a BERT run's), and the discriminator's accuracy on replaced and on
+original tokens separately (most tokens are originals: overall accuracy alone flatters it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.rng import derive_seed
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
+from lmforge.tasks.mlm import MaskedLMTask
+
+
+def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight: float) -> LossOutput:
+    """Summed generator MLM loss + rtd_weight x discriminator loss (scaled to per-target units, see
+    the module docstring), with the generator's correct count and both parts for logging."""
+    selected = tensors["selected"]
+    out = model(tensors["masked_ids"], tensors["input_ids"], selected, tensors["sample_seeds"],
+                tensors.get("attention_mask"))
+    targets = tensors["input_ids"][selected]
+    mlm_sum, correct = out["mlm_loss_sum"], out["correct"]
+    real = (tensors["attention_mask"].bool() if "attention_mask" in tensors
+            else torch.ones_like(selected))
+    disc = out["discriminator_logits"].float()[real]
+    replaced = out["replaced"][real]
+    per_target = targets.numel() / max(1, disc.numel())
+    rtd_sum = F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum") * per_target
+    rtd_correct = ((disc > 0).float() == replaced).sum() * per_target
+    return LossOutput(mlm_sum + rtd_weight * rtd_sum, {"correct": correct, "mlm_loss": mlm_sum.detach(),
+                                                        "rtd_loss": rtd_sum.detach(), "rtd_accuracy": rtd_correct})
+
+
+class ElectraTask(MaskedLMTask):
+    name = "electra"
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        batch = super().train_batch(step, micro)
+        _, (lo, hi) = self.global_rows(self.step_shape(step).rows)
+        # the generator's draw for each row of the global batch: the same at any world size and on resume
+        batch.tensors["sample_seeds"] = torch.tensor(
+            [derive_seed(self.cfg.train.seed, "electra-sample", step, micro, row) for row in range(lo, hi)])
+        return batch
+
+    def eval_batches(self) -> list[Batch]:
+        batches = super().eval_batches()
+        for i, batch in enumerate(batches):
+            if "sample_seeds" not in batch.tensors:
+                rows = batch.tensors["input_ids"].size(0)
+                batch.tensors["sample_seeds"] = torch.tensor(
+                    [derive_seed(self.cfg.train.seed, "electra-eval", i, row) for row in range(rows)])
+        return batches
+
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        return electra_loss(model, batch.tensors, self.cfg.task.rtd_weight)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        was_training = model.training
+        model.eval()
+        sums = dict.fromkeys(("loss", "correct", "unigram", "rtd_loss", "replaced_right", "original_right"), 0.0)
+        targets_n = tokens = replaced_n = 0
+        first = None
+        logp = self.unigram_logp.to(device)
+        for batch in self.eval_batches():
+            t = {k: v.to(device) for k, v in batch.tensors.items()}
+            out = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"], t.get("attention_mask"))
+            targets = t["input_ids"][t["selected"]]
+            sums["loss"] += out["mlm_loss_sum"].item()
+            sums["correct"] += out["correct"].item()
+            sums["unigram"] += -logp[targets].sum().item()
+            disc, replaced = out["discriminator_logits"].float(), out["replaced"]
+            sums["rtd_loss"] += F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum").item()
+            flagged = disc > 0
+            sums["replaced_right"] += (flagged & (replaced > 0)).sum().item()
+            sums["original_right"] += (~flagged & (replaced == 0)).sum().item()
+            targets_n += len(targets)
+            tokens += replaced.numel()
+            replaced_n += int(replaced.sum())
+            if first is None:
+                first = (t, out)
+        model.train(was_training)
+        originals = max(1, tokens - replaced_n)
+        metrics = {"loss": sums["loss"] / targets_n, "accuracy": sums["correct"] / targets_n,
+                   "unigram_loss": sums["unigram"] / targets_n, "rtd_loss": sums["rtd_loss"] / tokens,
+                   "rtd_accuracy": (sums["replaced_right"] + sums["original_right"]) / tokens,
+                   "rtd_replaced_recall": sums["replaced_right"] / max(1, replaced_n),
+                   "rtd_original_accuracy": sums["original_right"] / originals,
+                   "replaced_share": replaced_n / tokens, "masked_tokens": targets_n}
+        table = self.electra_table(*first)
+        return EvalResult(metrics, table.markdown(), table)
+
+    def electra_table(self, t: dict, out: dict, rows: int = 4, max_tokens: int = 40) -> Table:
+        """Per example: what the discriminator saw (replaced tokens in bold) and the tokens it
+        flagged as replaced."""
+        tok = self.tokenizer
+        corrupted = t["input_ids"].masked_scatter(t["selected"], out["sampled"])
+        table = Table(["discriminator input (replaced in bold)", "original at replaced", "flagged as replaced"], [])
+        for r in range(min(rows, corrupted.size(0))):
+            replaced = out["replaced"][r, :max_tokens] > 0
+            flagged = out["discriminator_logits"][r, :max_tokens] > 0
+            ids = corrupted[r, :max_tokens].tolist()
+            words = [f"**{tok.id_to_token(i)}**" if replaced[j] else tok.id_to_token(i) for j, i in enumerate(ids)]
+            originals = [tok.id_to_token(i) for i in t["input_ids"][r, :max_tokens][replaced].tolist()]
+            table.rows.append([" ".join(words), " ".join(originals),
+                               " ".join(tok.id_to_token(ids[j]) for j in range(len(ids)) if flagged[j])])
+        return table
+
+    def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
+        return {"val_loss": last_eval["loss"], "unigram_val_loss": last_eval["unigram_loss"],
+                "val_accuracy": last_eval["accuracy"], "val_rtd_accuracy": last_eval["rtd_accuracy"],
+                "val_rtd_replaced_recall": last_eval["rtd_replaced_recall"]}
