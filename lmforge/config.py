@@ -102,6 +102,11 @@ class TaskConfig:
     generator_frac: float = 0.25
     rtd_weight: float = 50.0
     share_embeddings: bool = True  # generator and discriminator share the embedding layer (the paper)
+    # distill (DistilBERT, task-specific; lmforge/tasks/distill.py): a fine-tuned classifier run to
+    # learn from, the student's encoder layers (null = half the teacher's) and the softmax temperature
+    teacher: Optional[str] = None
+    student_layers: Optional[int] = None
+    temperature: float = 2.0
 
 
 @dataclass
@@ -109,6 +114,11 @@ class LossConfig:
     """Weights of extra loss terms."""
 
     rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating)
+    # distill: soft_weight x T^2 KL(teacher || student) + hard_weight x cross-entropy
+    # + cosine_weight x (1 - cosine of the [CLS] states) (+ the rating term); DistilBERT's 5 / 2 / 1
+    soft_weight: float = 5.0
+    hard_weight: float = 2.0
+    cosine_weight: float = 1.0
 
 
 @dataclass
@@ -432,8 +442,15 @@ def validate(cfg: Config) -> Config:
          f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of train.batch_size x data.seq_len "
          f"= {t.batch_size * d.seq_len}"),
         (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
-        (k.name in ("mlm", "clm", "classify", "electra"),
-         f"task.name={k.name!r} is not a known task; known: mlm, clm, electra, classify"),
+        (k.name in ("mlm", "clm", "classify", "electra", "distill"),
+         f"task.name={k.name!r} is not a known task; known: mlm, clm, electra, classify, distill"),
+        (k.name != "distill" or k.teacher is not None,
+         "task.name=distill needs task.teacher=RUN_DIR, a fine-tuned classifier run to learn from"),
+        (k.student_layers is None or k.student_layers >= 1,
+         f"task.student_layers={k.student_layers} must be at least 1, or null for half the teacher's"),
+        (k.temperature > 0 and math.isfinite(k.temperature), f"task.temperature={k.temperature} must be positive"),
+        (all(math.isfinite(w) and w >= 0 for w in (cfg.loss.soft_weight, cfg.loss.hard_weight, cfg.loss.cosine_weight)),
+         "loss.soft_weight, loss.hard_weight and loss.cosine_weight must be finite numbers >= 0"),
         (0.0 < k.mask_prob < 1.0, f"task.mask_prob={k.mask_prob} must be in (0, 1)"),
         (0.0 <= k.mask_token_frac and 0.0 <= k.random_token_frac
          and k.mask_token_frac + k.random_token_frac <= 1.0,

@@ -8,6 +8,7 @@ BertClassifier -> ClassifyTask -> the same loop as pretraining -> test-split rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from lmforge.models.loading import (check_tokenizer_fits, load_checkpoint_weight
                                     run_weights)
 from lmforge.pretrain import fill_vocab_size, resume_config, run_task, save_overrides
 from lmforge.tasks.classify import ClassifyTask
+from lmforge.tasks.distill import DistillClassifyTask, student_from_teacher
 from lmforge.train.loop import resolve_device
 from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import check_out_dir, create_run_dir
@@ -59,6 +61,39 @@ def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.T
     return loaded.tokenizer, encoder
 
 
+FINE_TUNING_TASKS = ("classify", "distill")
+
+
+def load_teacher(cfg: Config) -> tuple[TextTokenizer, BertClassifier]:
+    """task.name=distill: the teacher classifier and its tokenizer. The student takes the teacher's
+    dataset, split and sequence length (its test split must be the teacher's, never seen in
+    training by either) and the teacher's shape with task.student_layers layers (default half)."""
+    if cfg.model.init_from is not None:
+        raise LmforgeError("task.name=distill starts the student from the teacher's own layers; drop "
+                           "model.init_from (set it to null)")
+    t_cfg, tokenizer, teacher = load_classifier(cfg.task.teacher)
+    if cfg.data.dataset not in (t_cfg.data.dataset, DataConfig().dataset):
+        raise LmforgeError(f"data.dataset={cfg.data.dataset} differs from the teacher's ({t_cfg.data.dataset}); the "
+                           f"student learns on the teacher's task: drop data.dataset")
+    cfg.data.dataset, cfg.data.split_seed, cfg.data.seq_len = t_cfg.data.dataset, t_cfg.data.split_seed, t_cfg.data.seq_len
+    layers = cfg.task.student_layers or max(1, t_cfg.model.num_layers // 2)
+    if layers > t_cfg.model.num_layers:
+        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {t_cfg.model.num_layers} layers")
+    cfg.task.student_layers = layers
+    cfg.model = dataclasses.replace(t_cfg.model, num_layers=layers, dropout=cfg.model.dropout, init_from=None,
+                                    reinit_layers=0)
+    return tokenizer, teacher
+
+
+def make_task(cfg: Config, data: LabeledData, split: dict, tokenizer: TextTokenizer, model: BertClassifier,
+              teacher: Optional[BertClassifier] = None) -> ClassifyTask:
+    if cfg.task.name == "distill":
+        if teacher is None:  # resuming: the teacher run is read again
+            teacher = load_classifier(cfg.task.teacher)[2]
+        return DistillClassifyTask(cfg, data, split, tokenizer, model, teacher=teacher)
+    return ClassifyTask(cfg, data, split, tokenizer, model)
+
+
 def reinit_top_layers(model: BertClassifier, cfg: Config) -> None:
     """model.reinit_layers=k (Zhang et al. 2021): the top k encoder layers start afresh from BERT's
     init instead of the pretrained weights, which fit the pretraining objective and transfer the
@@ -89,27 +124,32 @@ def _split(cfg: Config, data: LabeledData) -> dict[str, list[int]]:
 
 def finetune(cfg: Config) -> tuple[Path, dict]:
     """Run a new fine-tuning job. Returns (run directory, summary)."""
-    if cfg.task.name != "classify":
-        raise LmforgeError(f"`lmforge finetune` trains task.name=classify, not {cfg.task.name!r}; "
+    if cfg.task.name not in FINE_TUNING_TASKS:
+        raise LmforgeError(f"`lmforge finetune` trains task.name=classify (or distill), not {cfg.task.name!r}; "
                            f"use configs/mr-minilm.yaml or set task.name=classify")
     check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
     par, device = distributed.setup(resolve_device(cfg.train.device))
+    teacher = load_teacher(cfg) if cfg.task.name == "distill" else None  # sets the student's data and shape
     if not par.main:
         par.barrier()  # rank 0 reads (and caches) the dataset first
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     if par.main:
         par.barrier()
     split = _split(cfg, data)
-    tokenizer, encoder = _init_source(cfg)
     torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
-    model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
-    if encoder is not None:
-        missing, unexpected = model.load_state_dict(encoder, strict=False)
-        assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
-    reinit_top_layers(model, cfg)
-    task = ClassifyTask(cfg, data, split, tokenizer, model)  # before the run directory: one that fails leaves none
-    run_dir = Path(par.broadcast(str(create_run_dir(cfg, "classify")) if par.main else None))
+    if teacher is not None:  # the student starts as every other layer of the teacher
+        tokenizer, model = teacher[0], student_from_teacher(teacher[1], cfg.model)
+    else:
+        tokenizer, encoder = _init_source(cfg)
+        model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
+        if encoder is not None:
+            missing, unexpected = model.load_state_dict(encoder, strict=False)
+            assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
+        reinit_top_layers(model, cfg)
+    # before the run directory: a task that fails to start leaves none
+    task = make_task(cfg, data, split, tokenizer, model, teacher[1] if teacher else None)
+    run_dir = Path(par.broadcast(str(create_run_dir(cfg, cfg.task.name)) if par.main else None))
     if par.main:
         _describe_run(cfg, run_dir, data, split, tokenizer, task, model, device, par)
     return run_dir, run_task(cfg, task, run_dir, device, resume=False,
@@ -124,10 +164,12 @@ def _describe_run(cfg, run_dir, data, split, tokenizer, task, model, device, par
         "rating_range": data.rating_range, "split_seed": cfg.data.split_seed, "tokenizer_sha256": tokenizer.sha256,
         "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
     (run_dir / "split.json").write_text(json.dumps(split) + "\n")
+    init = (f"every other layer of {cfg.task.teacher}" if cfg.task.name == "distill"
+            else cfg.model.init_from or "random")
     print(f"lmforge: run directory {run_dir}")
     print(f"lmforge: {data.name}: {len(split['train']):,} train / {len(split['validation']):,} validation / "
           f"{len(split['test']):,} test examples; {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"(init: {cfg.model.init_from or 'random'}); device {device}"
+          f"(init: {init}); device {device}"
           + (f", {par.world} processes ({cfg.distributed.strategy}); global batch {cfg.train.batch_size} x "
              f"{cfg.train.grad_accum_steps} x {par.world} = "
              f"{cfg.train.batch_size * cfg.train.grad_accum_steps * par.world} examples" if par.world > 1 else ""))
@@ -145,7 +187,7 @@ def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tup
         raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
     split = json.loads((run_dir / "split.json").read_text())
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
-    task = ClassifyTask(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range))
+    task = make_task(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range))
     save_overrides(run_dir, cfg, overrides)
     return run_dir, run_task(cfg, task, run_dir, device, resume=True,
                              build=lambda: BertClassifier(cfg.model, len(LABELS), data.rating_range))

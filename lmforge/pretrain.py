@@ -161,9 +161,9 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]], fine_tuning: bo
             raise LmforgeError(f"'{key}' cannot change when resuming (it would be a different run); "
                                f"allowed: {', '.join(RESUMABLE_OVERRIDES)}")
     cfg = load_config(run_dir / "config.yaml", overrides)
-    if fine_tuning and cfg.task.name != "classify":
+    if fine_tuning and cfg.task.name not in ("classify", "distill"):
         raise LmforgeError(f"{run_dir} is a pretraining run; continue it with `lmforge pretrain --resume`")
-    if not fine_tuning and cfg.task.name == "classify":
+    if not fine_tuning and cfg.task.name in ("classify", "distill"):
         raise LmforgeError(f"{run_dir} is a fine-tuning run; continue it with `lmforge finetune --resume`")
     _check_model_unchanged(run_dir, cfg)
     _check_steps_left(run_dir, cfg)

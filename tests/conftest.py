@@ -6,9 +6,12 @@ network; the tests that exercise the bundled registry data say so in their names
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,14 @@ def tiny_config(prepared: PreparedData, out_dir: Path, *overrides: str):
         "optim.warmup_frac=0.1",
     ]
     return load_config(None, base + list(overrides))
+
+
+def run_smoke(script: Path, *args: str, timeout: int = 900) -> dict:
+    """Run a benchmark or experiment script in its tiny --smoke setting; its --json report."""
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--json", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
 
 
 def interrupt_during_step(monkeypatch, task_cls, at_step: int, sig: int = signal.SIGINT) -> None:

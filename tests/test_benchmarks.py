@@ -1,20 +1,18 @@
 """The benchmark scripts keep working (tiny sizes; speed itself is never asserted here)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_benchmark(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", *args],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_smoke(ROOT / "benchmarks" / script, *args, timeout=600)
 
 
 @pytest.mark.parametrize("script,variants", [("bench_bert_mlm.py", ["lmforge", "hf", "hf-selected"]),

@@ -1,22 +1,18 @@
 """The fine-tuning and inference benchmark scripts keep working (tiny --smoke runs; speed is never asserted)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_smoke(script: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+def run_benchmark(script: str) -> dict:
+    return run_smoke(ROOT / "benchmarks" / script, timeout=600)
 
 
 def test_finetune_benchmark_smoke_run_reports_every_variant_with_positive_throughput():
-    report = run_smoke("bench_finetune.py")
+    report = run_benchmark("bench_finetune.py")
     assert [r["variant"] for r in report["results"]] == ["lmforge", "hf", "lmforge-random", "hf-grouped"]
     for r in report["results"]:
         assert r["examples_per_s"] > 0 and r["flops_per_round"] > 0 and r["mfu"] > 0 and r["peak_rss_mb"] >= 0
@@ -25,7 +21,7 @@ def test_finetune_benchmark_smoke_run_reports_every_variant_with_positive_throug
 
 
 def test_inference_benchmark_smoke_run_reports_every_variant_with_positive_throughput():
-    report = run_smoke("bench_inference.py")
+    report = run_benchmark("bench_inference.py")
     assert [r["variant"] for r in report["results"]] == ["lmforge-classify", "hf-classify", "lmforge-fill-mask",
                                                          "hf-fill-mask"]
     for r in report["results"]:

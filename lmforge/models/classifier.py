@@ -38,13 +38,15 @@ class BertClassifier(nn.Module):
         self.apply(lambda module: init_bert_weights(module, cfg.init_std))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                token_type_ids: Optional[torch.Tensor] = None, return_cls: bool = False) -> tuple:
         """input_ids: (batch, seq) int64 starting with [CLS]. Returns (polarity logits (batch, labels),
-        rating (batch,) float, or None without a rating head)."""
+        rating (batch,) float, or None without a rating head), and with `return_cls` the final
+        [CLS] state (batch, hidden) before dropout too (distillation's cosine loss reads it)."""
         # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
         first = input_ids.new_zeros(input_ids.size(0), 1)
-        cls = self.dropout(self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0])
+        state = self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
+        cls = self.dropout(state)
         rating = None
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)
-        return self.polarity(cls), rating
+        return (self.polarity(cls), rating, state) if return_cls else (self.polarity(cls), rating)

@@ -101,7 +101,7 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
     path = Path(path)
     if (path / "config.yaml").is_file():
         cfg = load_config(path / "config.yaml")
-        if cfg.task.name == "classify":
+        if cfg.task.name in ("classify", "distill"):
             raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
                                f"for its encoder")
         model = build_model(cfg.model, cfg.task)
