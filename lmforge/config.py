@@ -78,6 +78,11 @@ class DataConfig:
     train_examples: Optional[int] = None
 
 
+# What `lmforge pretrain` trains and what `lmforge finetune` trains (task.name)
+PRETRAINING_TASKS = ("mlm", "clm", "electra")
+FINE_TUNING_TASKS = ("classify", "distill")
+
+
 @dataclass
 class TaskConfig:
     """What is learned: `mlm` (masked-LM pretraining; the BERT masking recipe below, all fractions
@@ -368,7 +373,7 @@ def validate(cfg: Config) -> Config:
         (d.long_seq_len is None or d.seq_len < d.long_seq_len <= m.max_position_embeddings,
          f"data.long_seq_len={d.long_seq_len} must be longer than data.seq_len={d.seq_len} and at most "
          f"model.max_position_embeddings={m.max_position_embeddings} (the position table is sized for the longest)"),
-        (d.long_seq_len is None or k.name in ("mlm", "clm", "electra"),
+        (d.long_seq_len is None or k.name in PRETRAINING_TASKS,
          f"data.long_seq_len is a pretraining schedule (task.name=mlm, clm or electra), not for task.name={k.name}"),
         (not d.long_seq_len or (t.batch_size * d.seq_len) % d.long_seq_len == 0,
          f"train.batch_size={t.batch_size} x data.seq_len={d.seq_len} is not a multiple of data.long_seq_len="
@@ -442,8 +447,8 @@ def validate(cfg: Config) -> Config:
          f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of train.batch_size x data.seq_len "
          f"= {t.batch_size * d.seq_len}"),
         (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
-        (k.name in ("mlm", "clm", "classify", "electra", "distill"),
-         f"task.name={k.name!r} is not a known task; known: mlm, clm, electra, classify, distill"),
+        (k.name in PRETRAINING_TASKS + FINE_TUNING_TASKS,
+         f"task.name={k.name!r} is not a known task; known: {', '.join(PRETRAINING_TASKS + FINE_TUNING_TASKS)}"),
         (k.name != "distill" or k.teacher is not None,
          "task.name=distill needs task.teacher=RUN_DIR, a fine-tuned classifier run to learn from"),
         (k.student_layers is None or k.student_layers >= 1,

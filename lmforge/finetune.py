@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from lmforge import distributed
-from lmforge.config import Config, DataConfig, load_config
+from lmforge.config import FINE_TUNING_TASKS, Config, DataConfig, load_config
 from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split, stratified_subset
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
@@ -59,9 +59,6 @@ def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.T
                            f"of {spec}; set data.seq_len={src.max_position_embeddings} or lower")
     encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith("bert.")}
     return loaded.tokenizer, encoder
-
-
-FINE_TUNING_TASKS = ("classify", "distill")
 
 
 def load_teacher(cfg: Config) -> tuple[TextTokenizer, BertClassifier]:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from lmforge import distributed
-from lmforge.config import Config, dump_yaml, load_config
+from lmforge.config import FINE_TUNING_TASKS, PRETRAINING_TASKS, Config, dump_yaml, load_config
 from lmforge.data.corpora import open_corpus
 from lmforge.data.packages import cache_root
 from lmforge.data.shards import PreparedData, prepared_or_prepare
@@ -104,7 +104,7 @@ def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module) -> Task:
 
 def pretrain(cfg: Config) -> tuple[Path, dict]:
     """Run a new pretraining job. Returns (run directory, summary)."""
-    if cfg.task.name not in ("mlm", "clm", "electra"):
+    if cfg.task.name not in PRETRAINING_TASKS:
         raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm, clm or electra, not {cfg.task.name!r}; "
                            f"use `lmforge finetune` for classify")
     check_out_dir(cfg.out_dir)
@@ -161,9 +161,9 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]], fine_tuning: bo
             raise LmforgeError(f"'{key}' cannot change when resuming (it would be a different run); "
                                f"allowed: {', '.join(RESUMABLE_OVERRIDES)}")
     cfg = load_config(run_dir / "config.yaml", overrides)
-    if fine_tuning and cfg.task.name not in ("classify", "distill"):
+    if fine_tuning and cfg.task.name not in FINE_TUNING_TASKS:
         raise LmforgeError(f"{run_dir} is a pretraining run; continue it with `lmforge pretrain --resume`")
-    if not fine_tuning and cfg.task.name in ("classify", "distill"):
+    if not fine_tuning and cfg.task.name in FINE_TUNING_TASKS:
         raise LmforgeError(f"{run_dir} is a fine-tuning run; continue it with `lmforge finetune --resume`")
     _check_model_unchanged(run_dir, cfg)
     _check_steps_left(run_dir, cfg)

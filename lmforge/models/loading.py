@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from lmforge.config import ModelConfig, TaskConfig, load_config
+from lmforge.config import FINE_TUNING_TASKS, ModelConfig, TaskConfig, load_config
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
@@ -101,7 +101,7 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
     path = Path(path)
     if (path / "config.yaml").is_file():
         cfg = load_config(path / "config.yaml")
-        if cfg.task.name in ("classify", "distill"):
+        if cfg.task.name in FINE_TUNING_TASKS:
             raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
                                f"for its encoder")
         model = build_model(cfg.model, cfg.task)

@@ -111,13 +111,17 @@ class ClassifyTask(Task):
         mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
         logits, rating = model(t["input_ids"], attention_mask=mask)
         ce = F.cross_entropy(logits.float(), t["labels"], reduction="sum")
-        loss = ce
-        sums = {"correct": (logits.argmax(-1) == t["labels"]).sum(), "ce": ce.detach()}
+        return self.finish_loss(batch, rating, ce, {"correct": (logits.argmax(-1) == t["labels"]).sum(),
+                                                    "ce": ce.detach()})
+
+    def finish_loss(self, batch: Batch, rating, loss: torch.Tensor, sums: dict) -> LossOutput:
+        """The polarity loss and its metrics, plus the rating head's L1 term; a stand-in example
+        (see train_batch) gets gradients and counts of zero."""
         if rating is not None and self.has_rating:
-            l1 = (rating.float() - t["ratings"]).abs().sum()
+            l1 = (rating.float() - batch.tensors["ratings"]).abs().sum()
             loss = loss + self.cfg.loss.rating_weight * l1
             sums["rating_abs_error"] = l1.detach()
-        if batch.num_targets == 0:  # a stand-in example (see train_batch): gradients and counts of zero
+        if batch.num_targets == 0:
             loss, sums = loss * 0.0, {k: v * 0 for k, v in sums.items()}
         return LossOutput(loss, sums)
 

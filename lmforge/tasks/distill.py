@@ -75,10 +75,4 @@ class DistillClassifyTask(ClassifyTask):
         sums = {"correct": (logits.argmax(-1) == t["labels"]).sum(), "ce": hard.detach(), "soft": soft.detach(),
                 "cosine": cosine.detach(),
                 "teacher_agreement": (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()}
-        if rating is not None and self.has_rating:
-            l1 = (rating.float() - t["ratings"]).abs().sum()
-            loss = loss + w.rating_weight * l1
-            sums["rating_abs_error"] = l1.detach()
-        if batch.num_targets == 0:  # a data-parallel stand-in example: no weight
-            loss, sums = loss * 0.0, {k: v * 0 for k, v in sums.items()}
-        return LossOutput(loss, sums)
+        return self.finish_loss(batch, rating, loss, sums)  # + the rating term, as for any classifier

@@ -52,9 +52,8 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(f"{split}/{k}", v, step)
+            for k, v in scalars(record).items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log(step, split, record)
         if self.csv and split == "validation":
@@ -125,9 +124,7 @@ class WandbLogger:
         print(f"lmforge: W&B run {run_id} ({self.mode}) in {where}")
 
     def log(self, step: int, split: str, record: dict) -> None:
-        values = {f"{split}/{k}": v for k, v in record.items()
-                  if k not in ("step", "split") and isinstance(v, (int, float)) and v is not None}
-        self.run.log({"step": step, **values})
+        self.run.log({"step": step, **{f"{split}/{k}": v for k, v in scalars(record).items()}})
 
     def table(self, tag: str, table: Any, step: int) -> None:
         self.run.log({"step": step, tag: self.wandb.Table(columns=list(table.columns), data=table.rows)})
@@ -155,6 +152,12 @@ def wandb_mode(mode: str) -> str:
     except OSError:
         return "offline"
     return "online"
+
+
+def scalars(record: dict) -> dict:
+    """The numbers of a record that go to TensorBoard and W&B (not step and split, not nulls)."""
+    return {k: v for k, v in record.items()
+            if k not in ("step", "split") and isinstance(v, (int, float)) and v is not None}
 
 
 def _plain(v: Any) -> Any:
