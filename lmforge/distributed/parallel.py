@@ -7,6 +7,7 @@ LOCAL_RANK), gloo on CPUs. Without torchrun it is a single process and nothing h
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -72,5 +73,14 @@ def setup(device: torch.device) -> tuple[Parallel, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Leave the group while the interpreter is still whole: a gloo group left to interpreter
+        # shutdown can abort the process ("terminate called without an active exception",
+        # SIGABRT) after a finished run; it happened here once in a ZeRO-3 test (pytorch#190489).
+        atexit.register(_leave_group)
     _current = Parallel(rank, world, local_rank)
     return _current, device
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
