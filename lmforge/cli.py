@@ -288,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("pretrain", help="pretrain a BERT (masked LM) or a GPT (causal LM)",
                          description="Pretrain a model; every run gets its own directory under out_dir "
-                                     "(config, provenance, metrics, TensorBoard, checkpoints, report).",
+                                     "(config, provenance, metrics, TensorBoard, checkpoints, report). "
+                                     "task.name: mlm (BERT), clm (GPT), electra (replaced-token detection), "
+                                     "distill-mlm (a smaller BERT learning from task.teacher, an MLM run or a "
+                                     "transformers BertForMaskedLM directory).",
                          epilog=EPILOG_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_arguments(p, "configs/bert-tiny.yaml")
     p.set_defaults(func=_pretrain)
@@ -297,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Fine-tune a BERT classifier on data.dataset (default movie-reviews), starting "
                                      "from model.init_from (minilm, an lmforge run, a Hugging Face directory, or "
                                      "null for random). Writes a run directory with summary.json (val/test "
-                                     "accuracy, test F1, rating MAE), errors.md and confusion.png.",
+                                     "accuracy, test F1, rating MAE), errors.md and confusion.png. "
+                                     "task.name=distill task.teacher=RUN trains a smaller classifier from a "
+                                     "fine-tuned one (an lmforge run or a transformers "
+                                     "BertForSequenceClassification directory).",
                          epilog=EPILOG_CONFIG.replace("pretrain", "finetune").replace("bert-tiny", "mr-minilm"),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_arguments(p, "configs/mr-minilm.yaml")

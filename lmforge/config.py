@@ -79,7 +79,7 @@ class DataConfig:
 
 
 # What `lmforge pretrain` trains and what `lmforge finetune` trains (task.name)
-PRETRAINING_TASKS = ("mlm", "clm", "electra")
+PRETRAINING_TASKS = ("mlm", "clm", "electra", "distill-mlm")
 FINE_TUNING_TASKS = ("classify", "distill")
 
 
@@ -107,8 +107,9 @@ class TaskConfig:
     generator_frac: float = 0.25
     rtd_weight: float = 50.0
     share_embeddings: bool = True  # generator and discriminator share the embedding layer (the paper)
-    # distill (DistilBERT, task-specific; lmforge/tasks/distill.py): a fine-tuned classifier run to
-    # learn from, the student's encoder layers (null = half the teacher's) and the softmax temperature
+    # distill / distill-mlm (DistilBERT; lmforge/tasks/distill.py): the teacher to learn from (distill:
+    # a fine-tuned classifier run; distill-mlm: an lmforge MLM run or a transformers BertForMaskedLM
+    # directory), the student's encoder layers (null = half the teacher's) and the softmax temperature
     teacher: Optional[str] = None
     student_layers: Optional[int] = None
     temperature: float = 2.0
@@ -120,7 +121,8 @@ class LossConfig:
 
     rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating)
     # distill: soft_weight x T^2 KL(teacher || student) + hard_weight x cross-entropy
-    # + cosine_weight x (1 - cosine of the [CLS] states) (+ the rating term); DistilBERT's 5 / 2 / 1
+    # + cosine_weight x (1 - cosine of the [CLS] states) (+ the rating term); DistilBERT's 5 / 2 / 1.
+    # distill-mlm: the same at the masked positions, the cosine over every token's final state
     soft_weight: float = 5.0
     hard_weight: float = 2.0
     cosine_weight: float = 1.0
@@ -435,7 +437,7 @@ def validate(cfg: Config) -> Config:
          f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
         (o.decay in ("linear", "2d"), f"optim.decay={o.decay!r}: use linear or 2d"),
         (m.arch in ("bert", "gpt"), f"model.arch={m.arch!r} is not known; known: bert, gpt"),
-        (k.name not in ("mlm", "electra") or m.arch == "bert",
+        (k.name not in ("mlm", "electra", "distill-mlm") or m.arch == "bert",
          f"task.name={k.name} needs model.arch=bert, not {m.arch!r}"),
         (0.0 < k.generator_frac <= 1.0, f"task.generator_frac={k.generator_frac} must be in (0, 1] (the paper: 0.25)"),
         (math.isfinite(k.rtd_weight) and k.rtd_weight >= 0, f"task.rtd_weight={k.rtd_weight} must be a finite number >= 0"),
@@ -451,6 +453,9 @@ def validate(cfg: Config) -> Config:
          f"task.name={k.name!r} is not a known task; known: {', '.join(PRETRAINING_TASKS + FINE_TUNING_TASKS)}"),
         (k.name != "distill" or k.teacher is not None,
          "task.name=distill needs task.teacher=RUN_DIR, a fine-tuned classifier run to learn from"),
+        (k.name != "distill-mlm" or k.teacher is not None,
+         "task.name=distill-mlm needs task.teacher=PATH, an lmforge MLM run or a transformers BertForMaskedLM "
+         "directory to learn from"),
         (k.student_layers is None or k.student_layers >= 1,
          f"task.student_layers={k.student_layers} must be at least 1, or null for half the teacher's"),
         (k.temperature > 0 and math.isfinite(k.temperature), f"task.temperature={k.temperature} must be positive"),

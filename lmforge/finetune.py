@@ -23,8 +23,9 @@ from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import init_bert_weights
 from lmforge.models.classifier import BertClassifier
-from lmforge.models.loading import (check_tokenizer_fits, load_checkpoint_weights, load_model, load_run_tokenizer,
-                                    run_weights)
+from lmforge.models.hf import is_hf_dir
+from lmforge.models.loading import (check_tokenizer_fits, is_hf_classifier_dir, load_checkpoint_weights,
+                                    load_hf_classifier, load_model, load_run_tokenizer, run_weights)
 from lmforge.pretrain import fill_vocab_size, resume_config, run_task, save_overrides
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.distill import DistillClassifyTask, student_from_teacher
@@ -61,32 +62,58 @@ def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.T
     return loaded.tokenizer, encoder
 
 
-def load_teacher(cfg: Config) -> tuple[TextTokenizer, BertClassifier]:
-    """task.name=distill: the teacher classifier and its tokenizer. The student takes the teacher's
+def _read_teacher(spec: str) -> tuple[Optional[Config], TextTokenizer, torch.nn.Module]:
+    """(its run's config, or None for a transformers directory; tokenizer; classifier in eval mode)."""
+    path = Path(spec).expanduser()
+    if is_hf_classifier_dir(path):
+        _, tokenizer, teacher, notes = load_hf_classifier(path, LABELS)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        return None, tokenizer, teacher
+    if is_hf_dir(path):
+        raise LmforgeError(f"task.teacher={spec} is a transformers directory but not a BertForSequenceClassification; "
+                           f"task.name=distill learns from a fine-tuned classifier (general distillation of a "
+                           f"masked LM is `lmforge pretrain task.name=distill-mlm`)")
+    if not (path / "dataset.json").is_file():
+        raise LmforgeError(f"task.teacher={spec} is neither an lmforge fine-tuning run (no dataset.json) nor a "
+                           f"transformers BertForSequenceClassification directory")
+    return load_classifier(path)
+
+
+def load_teacher(cfg: Config) -> tuple[TextTokenizer, torch.nn.Module]:
+    """task.name=distill: the teacher classifier (an lmforge fine-tuning run or a transformers
+    BertForSequenceClassification directory) and its tokenizer. The student takes the teacher's
+    shape with task.student_layers layers (default half). From an lmforge teacher it also takes the
     dataset, split and sequence length (its test split must be the teacher's, never seen in
-    training by either) and the teacher's shape with task.student_layers layers (default half)."""
+    training by either); a transformers teacher brings none, so the config's are used."""
     if cfg.model.init_from is not None:
         raise LmforgeError("task.name=distill starts the student from the teacher's own layers; drop "
                            "model.init_from (set it to null)")
-    t_cfg, tokenizer, teacher = load_classifier(cfg.task.teacher)
-    if cfg.data.dataset not in (t_cfg.data.dataset, DataConfig().dataset):
-        raise LmforgeError(f"data.dataset={cfg.data.dataset} differs from the teacher's ({t_cfg.data.dataset}); the "
-                           f"student learns on the teacher's task: drop data.dataset")
-    cfg.data.dataset, cfg.data.split_seed, cfg.data.seq_len = t_cfg.data.dataset, t_cfg.data.split_seed, t_cfg.data.seq_len
-    layers = cfg.task.student_layers or max(1, t_cfg.model.num_layers // 2)
-    if layers > t_cfg.model.num_layers:
-        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {t_cfg.model.num_layers} layers")
+    t_cfg, tokenizer, teacher = _read_teacher(cfg.task.teacher)
+    if t_cfg is not None:
+        if cfg.data.dataset not in (t_cfg.data.dataset, DataConfig().dataset):
+            raise LmforgeError(f"data.dataset={cfg.data.dataset} differs from the teacher's ({t_cfg.data.dataset}); "
+                               f"the student learns on the teacher's task: drop data.dataset")
+        cfg.data.dataset, cfg.data.split_seed, cfg.data.seq_len = (t_cfg.data.dataset, t_cfg.data.split_seed,
+                                                                   t_cfg.data.seq_len)
+    t_model = teacher.cfg
+    if cfg.data.seq_len > t_model.max_position_embeddings:
+        raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's {t_model.max_position_embeddings} "
+                           f"positions; set data.seq_len={t_model.max_position_embeddings} or lower")
+    layers = cfg.task.student_layers or max(1, t_model.num_layers // 2)
+    if layers > t_model.num_layers:
+        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {t_model.num_layers} layers")
     cfg.task.student_layers = layers
-    cfg.model = dataclasses.replace(t_cfg.model, num_layers=layers, dropout=cfg.model.dropout, init_from=None,
+    cfg.model = dataclasses.replace(t_model, num_layers=layers, dropout=cfg.model.dropout, init_from=None,
                                     reinit_layers=0)
     return tokenizer, teacher
 
 
 def make_task(cfg: Config, data: LabeledData, split: dict, tokenizer: TextTokenizer, model: BertClassifier,
-              teacher: Optional[BertClassifier] = None) -> ClassifyTask:
+              teacher: Optional[torch.nn.Module] = None) -> ClassifyTask:
     if cfg.task.name == "distill":
-        if teacher is None:  # resuming: the teacher run is read again
-            teacher = load_classifier(cfg.task.teacher)[2]
+        if teacher is None:  # resuming: the teacher is read again
+            teacher = _read_teacher(cfg.task.teacher)[2]
         return DistillClassifyTask(cfg, data, split, tokenizer, model, teacher=teacher)
     return ClassifyTask(cfg, data, split, tokenizer, model)
 
@@ -136,7 +163,7 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     split = _split(cfg, data)
     torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
     if teacher is not None:  # the student starts as every other layer of the teacher
-        tokenizer, model = teacher[0], student_from_teacher(teacher[1], cfg.model)
+        tokenizer, model = teacher[0], student_from_teacher(teacher[1], cfg.model, data.rating_range)
     else:
         tokenizer, encoder = _init_source(cfg)
         model = BertClassifier(cfg.model, len(LABELS), data.rating_range)

@@ -1,7 +1,8 @@
 """`lmforge pretrain`: from a config to a finished run directory.
 
 config -> tokenizer -> prepared shards (cached) -> model -> task -> the loop -> summary and report.
-`--resume` continues a run in its own directory.
+`--resume` continues a run in its own directory. task.name=distill-mlm takes its tokenizer and its
+student's shape and first weights from the teacher (`load_mlm_teacher`).
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from typing import Callable, Optional
 import torch
 
 from lmforge import distributed
-from lmforge.config import FINE_TUNING_TASKS, PRETRAINING_TASKS, Config, dump_yaml, load_config
+from lmforge.config import FINE_TUNING_TASKS, PRETRAINING_TASKS, Config, DataConfig, dump_yaml, load_config
 from lmforge.data.corpora import open_corpus
 from lmforge.data.packages import cache_root
 from lmforge.data.shards import PreparedData, prepared_or_prepare
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_bpe, train_wordpiece
 from lmforge.errors import LmforgeError
 from lmforge.eval.report import write_report
+from lmforge.models.bert import BertForMaskedLM
+from lmforge.models.loading import LoadedModel, load_model
 from lmforge.models.loading import build_model as build_arch
 from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
+from lmforge.tasks.distill import DistillMLMTask, mlm_student_from_teacher
 from lmforge.tasks.electra import ElectraTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
@@ -91,34 +95,85 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return build_arch(cfg.model, cfg.task)
 
 
-def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module) -> Task:
+def load_mlm_teacher(cfg: Config) -> LoadedModel:
+    """task.name=distill-mlm: the teacher masked LM (an lmforge MLM run or a transformers BERT with
+    its MLM head). The student takes the teacher's tokenizer (data.tokenizer is set to it) and its
+    shape with task.student_layers layers (default half)."""
+    k, d = cfg.task, cfg.data
+    if cfg.model.init_from is not None:
+        raise LmforgeError("task.name=distill-mlm starts the student from the teacher's own layers; drop "
+                           "model.init_from (set it to null)")
+    if d.train_tokenizer_vocab:
+        raise LmforgeError("task.name=distill-mlm uses the teacher's tokenizer; drop data.train_tokenizer_vocab")
+    path = Path(k.teacher).expanduser()
+    teacher = load_model(path, mlm_head_required=False)
+    if not isinstance(teacher.model, BertForMaskedLM):
+        raise LmforgeError(f"task.teacher={k.teacher} is not a BERT masked LM (a GPT); general distillation "
+                           f"needs a masked-LM teacher: an lmforge MLM run or a transformers BertForMaskedLM")
+    if teacher.fresh_mlm_head:
+        raise LmforgeError(f"task.teacher={k.teacher} has no trained masked-LM head (an encoder only, or an "
+                           f"ELECTRA discriminator): there are no soft targets to learn from; give an MLM run or a "
+                           f"transformers BertForMaskedLM")
+    spec = str(path / "tokenizer.json") if (path / "config.yaml").is_file() else str(path)
+    if d.tokenizer not in (spec, DataConfig().tokenizer):
+        given = load_tokenizer(d.tokenizer, d.cache_dir)
+        if given.sha256 != teacher.tokenizer.sha256:
+            raise LmforgeError(f"data.tokenizer={d.tokenizer} is not the tokenizer of task.teacher={k.teacher}; "
+                               f"drop data.tokenizer: the student reads the teacher's tokens")
+    d.tokenizer = spec
+    layers = k.student_layers or max(1, teacher.config.num_layers // 2)
+    if layers > teacher.config.num_layers:
+        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {teacher.config.num_layers} layers")
+    k.student_layers = layers
+    if d.seq_len > teacher.config.max_position_embeddings:
+        raise LmforgeError(f"data.seq_len={d.seq_len} exceeds the teacher's {teacher.config.max_position_embeddings} "
+                           f"positions; set data.seq_len={teacher.config.max_position_embeddings} or lower")
+    cfg.model = dataclasses.replace(teacher.config, num_layers=layers, dropout=cfg.model.dropout,
+                                    next_sentence_head=False, init_from=None, reinit_layers=0)
+    return teacher
+
+
+def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module,
+               teacher: Optional[BertForMaskedLM] = None) -> Task:
+    if cfg.task.name == "distill-mlm":
+        if teacher is None:  # resuming: the teacher is read again
+            teacher = load_model(Path(cfg.task.teacher).expanduser(), mlm_head_required=False).model
+        return DistillMLMTask(cfg, data, model, teacher=teacher)
     if cfg.task.name == "clm":
         return CausalLMTask(cfg, data, model)
     if cfg.task.name == "mlm":
         return MaskedLMTask(cfg, data, model)
     if cfg.task.name == "electra":
         return ElectraTask(cfg, data, model)
-    raise LmforgeError(f"task.name={cfg.task.name!r} is not a pretraining task (mlm, clm, electra); "
+    raise LmforgeError(f"task.name={cfg.task.name!r} is not a pretraining task ({', '.join(PRETRAINING_TASKS)}); "
                        f"use `lmforge finetune` for classify")
 
 
 def pretrain(cfg: Config) -> tuple[Path, dict]:
     """Run a new pretraining job. Returns (run directory, summary)."""
     if cfg.task.name not in PRETRAINING_TASKS:
-        raise LmforgeError(f"`lmforge pretrain` runs task.name=mlm, clm or electra, not {cfg.task.name!r}; "
-                           f"use `lmforge finetune` for classify")
+        hint = ("task-specific distillation (a classifier teacher) is `lmforge finetune`; general distillation "
+                "of a masked LM is task.name=distill-mlm" if cfg.task.name == "distill" else
+                "use `lmforge finetune` for classify")
+        raise LmforgeError(f"`lmforge pretrain` runs task.name={', '.join(PRETRAINING_TASKS)}, not "
+                           f"{cfg.task.name!r}; {hint}")
     check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
     par, device = distributed.setup(resolve_device(cfg.train.device))
+    teacher = load_mlm_teacher(cfg) if cfg.task.name == "distill-mlm" else None  # sets tokenizer and shape
     if not par.main:
         par.barrier()  # rank 0 tokenizes the corpus into the cache first; the others then read it
     data = prepared_data(cfg, progress=cfg.train.progress and par.main)
     if par.main:
         par.barrier()
+    if teacher is not None and data.tokenizer.sha256 != teacher.tokenizer.sha256:
+        raise LmforgeError(f"the prepared data {data.folder} was tokenized with another tokenizer than the teacher "
+                           f"{cfg.task.teacher}'s; give the corpus itself (data.corpus), not prepared shards")
     cfg = fill_vocab_size(cfg, data.tokenizer)
     torch.manual_seed(cfg.train.seed)  # model initialisation
-    model = build_model(cfg)
-    task = build_task(cfg, data, model)  # before the run directory: a task that cannot start leaves none
+    model = build_model(cfg) if teacher is None else mlm_student_from_teacher(teacher.model, cfg.model)
+    # before the run directory: a task that cannot start leaves none
+    task = build_task(cfg, data, model, teacher.model if teacher else None)
     run_dir = Path(par.broadcast(str(create_run_dir(cfg, cfg.task.name)) if par.main else None))
     if par.main:
         data.tokenizer.save(run_dir / "tokenizer.json")

@@ -44,11 +44,17 @@ SCHEDULES = ("data.long_seq_len=64", "data.short_seq_frac=0.67", "train.batch_ra
     ("gpt", "deepspeed distributed.zero_stage=3 distributed.offload_optimizer=true", "torchrun", ()),
     ("bert", "deepspeed distributed.zero_stage=1", "deepspeed", ()),  # DeepSpeed's own launcher (--local_rank=N)
     ("bert", "deepspeed distributed.zero_stage=2", "torchrun", SCHEDULES),
+    ("distill-mlm", "fsdp", "torchrun", ()),  # the fused distillation loss runs inside the sharded forward
 ], ids=["bert-ddp", "gpt-ddp", "bert-fsdp", "gpt-fsdp", "bert-zero2", "gpt-zero3-offload", "bert-zero1-launcher",
-        "bert-zero2-seq-schedule-and-ramp"])
+        "bert-zero2-seq-schedule-and-ramp", "distill-mlm-fsdp"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_path, arch, strategy, launcher,
                                                           schedules):
     extra = ["task.name=clm", "model.arch=gpt"] if arch == "gpt" else []
+    if arch == "distill-mlm":  # a 2-layer teacher, trained a little, teaches a 1-layer student
+        from lmforge.pretrain import pretrain
+
+        teacher, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "teacher", "train.max_steps=6"))
+        extra = ["task.name=distill-mlm", f"task.teacher={teacher}"]
     cfg = tiny_config(tiny_prepared, tmp_path, *extra, *schedules, "model.dropout=0", "train.precision=fp32",
                       "train.num_threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3",
                       "train.grad_accum_steps=2")

@@ -36,3 +36,12 @@ def test_distill_experiment_trains_a_teacher_and_a_half_depth_student_and_times_
     for name in ("teacher", "student"):
         assert report[name]["examples_per_s"] > 0 and 0 <= report[name]["test_accuracy"] <= 1
     assert report["student_speedup"] > 0 and report["accuracy_kept"] >= 0
+
+
+def test_general_distillation_experiment_trains_teacher_distilled_and_scratch_students():
+    report = run_experiment("distill_mlm.py")
+    assert report["teacher"]["layers"] == 4 and report["distilled"]["layers"] == report["scratch"]["layers"] == 2
+    for name in ("teacher", "distilled", "scratch"):
+        assert report[name]["tokens_per_s"] > 0 and report[name]["val_loss"] > 0
+    assert Path(report["distilled"]["run_dir"]).name.startswith("distill-mlm.")
+    assert report["distilled"]["steps"] == report["scratch"]["steps"] == 4

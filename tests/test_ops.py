@@ -130,3 +130,74 @@ def test_fused_linear_cross_entropy_under_bf16_autocast_is_close_to_the_referenc
     for got, want in zip(fused[2], ref[2]):
         assert got.dtype == want.dtype == torch.float32
         assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+from lmforge.ops.linear_distill import linear_distill, reference_linear_distill  # noqa: E402
+
+
+def _distill_grads(fn, x, w, b, tx, tw, tb, t, temperature, scale):
+    for p in (x, w, b):
+        if p is not None:
+            p.grad = None
+    loss, soft, hard, correct, agreement = fn(x, w, b, tx, tw, tb, t, temperature, 5.0, 2.0)
+    (loss * scale).backward()
+    return ([loss.detach(), soft, hard], (int(correct), int(agreement)),
+            [p.grad.clone() for p in (x, w, b) if p is not None])
+
+
+@pytest.mark.parametrize("n,chunk", [(37, 8), (64, 64), (130, 7)])
+@pytest.mark.parametrize("bias,temperature", [(True, 2.0), (False, 1.0), (True, 3.5)])
+def test_fused_linear_distill_matches_reference_losses_counts_and_grads(n, chunk, bias, temperature):
+    x, w, b, t = _inputs(n, 97, 16, bias)
+    tx, tw, tb, _ = _inputs(n, 97, 24, bias, seed=1)  # a teacher of another width
+    t[:3] = (x[:3].detach() @ w.detach().t()).argmax(-1)  # a few rows right, so `correct` is tested
+    tx.data[3:6] = 0.0
+    if tb is not None:  # and a few rows where the teacher's top token is the student's
+        tb.data.copy_(b.detach())
+    tw.data[:, :16] = w.detach()
+    tx.data[:6, :16] = x.detach()[:6]
+    ref = _distill_grads(reference_linear_distill, x, w, b, tx, tw, tb, t, temperature, 0.37)
+    fused = _distill_grads(lambda *a: linear_distill(*a, chunk_rows=chunk), x, w, b, tx, tw, tb, t, temperature, 0.37)
+    for got, want in zip(fused[0], ref[0]):
+        assert torch.allclose(got.double(), want.double(), rtol=1e-6, atol=1e-9)
+    assert fused[1] == ref[1] and ref[1][0] >= 3 and ref[1][1] >= 3
+    for got, want in zip(fused[2], ref[2]):
+        assert got.dtype == want.dtype
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert tw.grad is None and tx.grad is None  # the teacher learns nothing
+
+
+def test_fused_linear_distill_of_a_student_equal_to_its_teacher_has_zero_soft_loss_and_edge_cases():
+    x, w, b, t = _inputs(20, 50, 8)
+    loss, soft, hard, correct, agreement = linear_distill(x, w, b, x, w, b, t, 2.0, 5.0, 0.0, chunk_rows=6)
+    assert abs(float(soft)) < 1e-9 and int(agreement) == 20 and float(loss.detach()) == 5.0 * float(soft)
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-9  # the soft term's gradient vanishes at the teacher
+    with torch.no_grad():
+        out = linear_distill(x, w, b, x, w, b, t, 2.0, 5.0, 2.0, chunk_rows=6)
+    ref = reference_linear_distill(x.detach(), w.detach(), b.detach(), x, w, b, t, 2.0, 5.0, 2.0)
+    assert all(torch.allclose(a.double(), r.double()) for a, r in zip(out, ref))
+    empty = linear_distill(x[:0], w, b, x[:0], w, b, t[:0], 2.0, 5.0, 2.0)
+    assert float(empty[0].detach()) == 0.0 and int(empty[3]) == int(empty[4]) == 0
+    empty[0].backward()
+
+
+def test_fused_linear_distill_float32_and_bf16_autocast_are_close_to_the_reference():
+    f32 = lambda vs: [v.float().detach().requires_grad_() if v is not None and v.is_floating_point() else v  # noqa: E731
+                      for v in vs]
+    x, w, b, t = f32(_inputs(300, 1000, 32))
+    tx, tw, tb, _ = f32(_inputs(300, 1000, 48, seed=1))
+    ref = _distill_grads(reference_linear_distill, x, w, b, tx, tw, tb, t, 2.0, 1 / 300)
+    fused = _distill_grads(lambda *a: linear_distill(*a, chunk_rows=64), x, w, b, tx, tw, tb, t, 2.0, 1 / 300)
+    for got, want in zip(fused[0], ref[0]):
+        assert torch.allclose(got, want, rtol=1e-5)
+    for got, want in zip(fused[2], ref[2]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _distill_grads(reference_linear_distill, x, w, b, tx, tw, tb, t, 2.0, 1 / 300)
+        fused = _distill_grads(lambda *a: linear_distill(*a, chunk_rows=64), x, w, b, tx, tw, tb, t, 2.0, 1 / 300)
+    for got, want in zip(fused[0], ref[0]):
+        assert abs(float(got) - float(want)) < 0.02 * abs(float(want))
+    for got, want in zip(fused[2], ref[2]):
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).abs().max() < 0.05 * want.abs().max()

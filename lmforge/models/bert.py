@@ -16,7 +16,7 @@ The model knows nothing about tasks, devices or parallelism.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -195,7 +195,8 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 selected: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-                next_sentence: bool = False):
+                next_sentence: bool = False, return_hidden: bool = False,
+                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]] = None):
         """Logits over the vocabulary. With `selected` ((batch, seq) bool) only at those positions:
         (n_selected, vocab), row-major order; the vocabulary projection, the largest matmul of
         the model, and the last encoder layer's per-position work then run on ~15% of positions. Without it: (batch, seq, vocab).
@@ -207,7 +208,23 @@ class BertForMaskedLM(nn.Module):
 
         With `next_sentence` (a model with the NSP head, task.nsp) the [CLS] position is computed
         too, and the result gains the next-sentence logits (batch, 2) as its last element:
-        (mlm logits, nsp logits) or (loss_sum, correct, nsp logits)."""
+        (mlm logits, nsp logits) or (loss_sum, correct, nsp logits).
+
+        With `return_hidden` (and `selected`, no targets): (logits at the selected positions, the
+        final hidden states at every position (batch, seq, hidden)), what distillation's
+        hidden-state loss compares; the last layer then runs on every position. With `head_loss`
+        too, the logits are not made: the head's input at the selected positions, the decoder
+        matrix and the bias go to `head_loss` instead (a fused loss such as distillation's
+        lmforge/ops/linear_distill.py), and its result takes the logits' place. It is called here,
+        inside forward, so that wrappers that gather parameters for forward (FSDP) see it."""
+        if return_hidden:
+            if selected is None or targets is not None or next_sentence:
+                raise ValueError("return_hidden goes with `selected` only (no targets, no next_sentence)")
+            hidden = self.bert(input_ids, token_type_ids, attention_mask)
+            decoder = self.bert.embeddings.token.weight
+            if head_loss is not None:
+                return head_loss(self.mlm_head.transform(hidden[selected]), decoder, self.mlm_head.bias), hidden
+            return self.mlm_head(hidden[selected], decoder), hidden
         if next_sentence:
             return self._with_next_sentence(input_ids, token_type_ids, attention_mask, selected, targets)
         if selected is None:

@@ -50,3 +50,26 @@ class BertClassifier(nn.Module):
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)
         return (self.polarity(cls), rating, state) if return_cls else (self.polarity(cls), rating)
+
+
+class PooledBertClassifier(nn.Module):
+    """transformers' `BertForSequenceClassification`, read from its directory to be a distillation
+    teacher: [CLS] -> pooler (dense, tanh) -> dropout -> classifier. Called like BertClassifier
+    (no rating head: `rating` is None), and its `return_cls` state is the final [CLS] hidden state
+    before the pooler, the one a BertClassifier student's own [CLS] state is compared with."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = Dropout(cfg.dropout)
+        self.polarity = nn.Linear(cfg.hidden_size, num_labels)
+        self.rating = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None, return_cls: bool = False) -> tuple:
+        first = input_ids.new_zeros(input_ids.size(0), 1)
+        state = self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
+        logits = self.polarity(self.dropout(torch.tanh(self.pooler(state))))
+        return (logits, None, state) if return_cls else (logits, None)

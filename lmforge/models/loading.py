@@ -18,6 +18,7 @@ from lmforge.config import FINE_TUNING_TASKS, ModelConfig, TaskConfig, load_conf
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
+from lmforge.models.classifier import PooledBertClassifier
 from lmforge.models.electra import Electra
 from lmforge.models.gpt import GPT
 from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
@@ -88,6 +89,7 @@ class LoadedModel:
     source: str  # "lmforge" or "hf"
     notes: list[str] = field(default_factory=list)  # what a user should know (e.g. a fresh MLM head)
     electra: Optional[Electra] = None  # an ELECTRA run's whole model; `model` is then its discriminator
+    fresh_mlm_head: bool = False  # the MLM head was initialised here, not loaded (an encoder-only source)
 
 
 def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
@@ -116,7 +118,8 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
                     f"initialised); fine-tune it, or export it (ElectraForPreTraining)")
             if mlm_head_required:
                 print(f"warning: {note}", file=sys.stderr)
-            return LoadedModel(encoder.eval(), cfg.model, tokenizer, "lmforge", [note], electra=model.eval())
+            return LoadedModel(encoder.eval(), cfg.model, tokenizer, "lmforge", [note], electra=model.eval(),
+                               fresh_mlm_head=True)
         return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
     if is_hf_dir(path):
         hf_cfg, hf_state = read_hf_dir(path)
@@ -146,7 +149,52 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
             notes.append(f"not used from {path}: {', '.join(sorted(ignored)[:6])}")
         tokenizer = load_tokenizer(str(path))
         check_tokenizer_fits(tokenizer, cfg, path)
-        return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes)
+        return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes, fresh_mlm_head=bool(missing))
     raise LmforgeError(f"{path} is neither an lmforge run directory (config.yaml) nor a Hugging Face model "
                        f"directory (config.json + model.safetensors or pytorch_model.bin)")
 
+
+
+def is_hf_classifier_dir(path: str | Path) -> bool:
+    """A transformers directory whose architecture is a BertForSequenceClassification."""
+    path = Path(path)
+    if not is_hf_dir(path):
+        return False
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def load_hf_classifier(path: str | Path, labels: tuple[str, ...]) -> tuple[ModelConfig, TextTokenizer,
+                                                                            PooledBertClassifier, list[str]]:
+    """(config, tokenizer, classifier in eval mode, notes) from a transformers
+    BertForSequenceClassification directory, its output rows put in the order of `labels`: by the
+    names of its id2label when they are those labels in any case (NEGATIVE / POSITIVE), else in its
+    own order (LABEL_0, LABEL_1: said in the notes)."""
+    path = Path(path)
+    hf_cfg, hf_state = read_hf_dir(path)
+    cfg = model_config_from_hf(hf_cfg)
+    head = {"pooler": "bert.pooler.dense", "polarity": "classifier"}
+    if any(f"{name}.weight" not in hf_state for name in head.values()):
+        raise LmforgeError(f"{path} lacks the pooler or classifier tensors of a BertForSequenceClassification")
+    num_labels = hf_state["classifier.weight"].size(0)
+    if num_labels != len(labels):
+        raise LmforgeError(f"{path} predicts {num_labels} labels, not the {len(labels)} of this task "
+                           f"({', '.join(labels)})")
+    state, _ = from_hf_state_dict({k: v for k, v in hf_state.items() if not k.startswith("classifier.")})
+    for ours, theirs in head.items():
+        state.update({f"{ours}.{p}": hf_state[f"{theirs}.{p}"] for p in ("weight", "bias")})
+    names = [str((hf_cfg.get("id2label") or {}).get(str(i), f"LABEL_{i}")).lower() for i in range(num_labels)]
+    notes = []
+    if sorted(names) == sorted(labels):
+        order = [names.index(label) for label in labels]
+        state["polarity.weight"], state["polarity.bias"] = state["polarity.weight"][order], state["polarity.bias"][order]
+    else:
+        notes.append(f"{path} names its labels {', '.join(names)}: taken in that order as {', '.join(labels)}")
+    model = PooledBertClassifier(cfg, num_labels)
+    model.load_state_dict(state)
+    tokenizer = load_tokenizer(str(path))
+    check_tokenizer_fits(tokenizer, cfg, path)
+    return cfg, tokenizer, model.eval(), notes

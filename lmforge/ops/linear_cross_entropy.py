@@ -140,20 +140,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):  # the counts and samples have no gradient
-        if ctx.grads is None:
-            raise RuntimeError("linear_cross_entropy: backward called twice (its gradients are handed over once)")
-        grad_hidden, grad_weight, grad_bias = ctx.grads
-        ctx.grads = None
-        outs = [None, None, None]
-        # Scaled in place: these buffers belong to this call alone, and a new 30-50 MB weight
-        # gradient would cost another round of page faults.
-        if ctx.needs_input_grad[0]:
-            outs[0] = grad_hidden.mul_(grad_loss).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            outs[1] = grad_weight.mul_(grad_loss).to(ctx.dtypes[1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            outs[2] = grad_bias.mul_(grad_loss).to(ctx.dtypes[2])
-        return outs[0], outs[1], outs[2], None, None, None
+        return (*hand_over_grads(ctx, grad_loss, "linear_cross_entropy"), None, None, None)
+
+
+def hand_over_grads(ctx, grad_loss: torch.Tensor, op: str) -> list[Optional[torch.Tensor]]:
+    """Backward of a fused op that computed its gradients in forward (ctx.grads: hidden, weight,
+    bias): scale them by the incoming scalar and hand them over, once."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{op}: backward called twice (its gradients are handed over once)")
+    grad_hidden, grad_weight, grad_bias = ctx.grads
+    ctx.grads = None
+    outs = [None, None, None]
+    # Scaled in place: these buffers belong to this call alone, and a new 30-50 MB weight
+    # gradient would cost another round of page faults.
+    if ctx.needs_input_grad[0]:
+        outs[0] = grad_hidden.mul_(grad_loss).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        outs[1] = grad_weight.mul_(grad_loss).to(ctx.dtypes[1])
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        outs[2] = grad_bias.mul_(grad_loss).to(ctx.dtypes[2])
+    return outs
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

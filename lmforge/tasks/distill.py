@@ -1,21 +1,29 @@
-"""Task-specific distillation (DistilBERT, Sanh et al. 2019) as a task: a fine-tuned classifier
-(the teacher) teaches a smaller one (the student) on the task's training texts.
+"""Distillation (DistilBERT, Sanh et al. 2019) as two tasks: a teacher teaches a student with
+fewer encoder layers that starts as a copy of it (`copy_teacher`): the teacher's embeddings,
+every other encoder layer ending at the top one (6 -> 3: layers 1, 3, 5), and its heads.
+The teacher runs without gradients in eval mode; only the student is trained, checkpointed and
+exported.
 
-The student has fewer encoder layers and starts as a copy of the teacher: its embeddings, every
-other encoder layer ending at the top one (6 -> 3: layers 1, 3, 5), and the heads
-(`student_from_teacher`). Its loss on a batch, summed over examples:
+task.name=distill (`lmforge finetune`, task-specific): the teacher is a fine-tuned classifier, the
+data the task's training texts. Loss on a batch, summed over examples:
 
     loss.soft_weight   x T^2 x KL(teacher's softmax(logits / T) || student's)   soft targets
   + loss.hard_weight   x cross-entropy with the true labels                      hard targets
   + loss.cosine_weight x (1 - cosine(student's [CLS] state, teacher's))          hidden states
   + loss.rating_weight x |rating - true rating|                                  (movie reviews)
 
+task.name=distill-mlm (`lmforge pretrain`, general, DistilBERT's own setting): the teacher is a
+masked LM (an lmforge MLM run or a transformers BERT with its MLM head), the data the corpus,
+masked as for MLM. The same three terms, as means: soft targets and cross-entropy over the masked
+positions (both over the whole vocabulary, fused in one chunked pass: lmforge/ops/linear_distill.py),
+the cosine over the final hidden state of every token.
+
 The T^2 keeps the soft term's gradient the same size at any temperature (Hinton et al. 2015).
-The teacher runs without gradients in eval mode; only the student is trained, checkpointed and
-exported, and `lmforge classify` uses it like any classifier.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -23,9 +31,12 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.data.padding import mask_if_padded
+from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.classifier import BertClassifier
-from lmforge.tasks.base import Batch, LossOutput
+from lmforge.ops.linear_distill import linear_distill
+from lmforge.tasks.base import Batch, EvalResult, LossOutput
 from lmforge.tasks.classify import ClassifyTask
+from lmforge.tasks.mlm import MaskedLMTask
 
 
 def student_layers(teacher_layers: int, layers: int) -> list[int]:
@@ -34,26 +45,40 @@ def student_layers(teacher_layers: int, layers: int) -> list[int]:
     return [round(teacher_layers - 1 - step * (layers - 1 - i)) for i in range(layers)]
 
 
-def student_from_teacher(teacher: BertClassifier, cfg: ModelConfig) -> BertClassifier:
-    """A classifier of shape `cfg` (the teacher's, with fewer layers; its own dropout) initialised
-    from `teacher` (see the module docstring)."""
-    layers = cfg.num_layers
-    rating_range = None
-    if teacher.rating is not None:
-        centre, half = float(teacher.rating_centre), float(teacher.rating_half_width)
-        rating_range = (centre - half, centre + half)
-    student = BertClassifier(cfg, teacher.polarity.out_features, rating_range)
-    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("bert.layers.")}
-    for mine, theirs in enumerate(student_layers(len(teacher.bert.layers), layers)):
-        state.update({f"bert.layers.{mine}.{k}": v for k, v in teacher.bert.layers[theirs].state_dict().items()})
-    student.load_state_dict(state)
+def copy_teacher(student: nn.Module, teacher: nn.Module, fresh: tuple[str, ...] = ()) -> nn.Module:
+    """Load into `student` (the teacher's shape, fewer layers) the teacher's tensors: every one
+    outside the encoder layers that the student has, and layers `student_layers(...)`. Student
+    tensors whose names start with `fresh` may be missing from the teacher: they keep their init."""
+    mine = student.state_dict()
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("bert.layers.") and k in mine}
+    picks = student_layers(len(teacher.bert.layers), len(student.bert.layers))
+    for i, theirs in enumerate(picks):
+        state.update({f"bert.layers.{i}.{k}": v for k, v in teacher.bert.layers[theirs].state_dict().items()})
+    lacking = [k for k in student.load_state_dict(state, strict=False).missing_keys if not k.startswith(fresh)]
+    if lacking:
+        raise KeyError(f"the teacher lacks student tensors: {', '.join(lacking)}")
     return student
+
+
+def student_from_teacher(teacher: nn.Module, cfg: ModelConfig,
+                         rating_range: Optional[tuple[float, float]]) -> BertClassifier:
+    """A classifier of shape `cfg` (the teacher's, with fewer layers; its own dropout) initialised
+    from `teacher` (see the module docstring), a BertClassifier or a transformers
+    BertForSequenceClassification (PooledBertClassifier: its classifier becomes the polarity head,
+    its pooler is left out). A rating head the teacher lacks starts from its init."""
+    return copy_teacher(BertClassifier(cfg, teacher.polarity.out_features, rating_range), teacher, fresh=("rating.",))
+
+
+def mlm_student_from_teacher(teacher: BertForMaskedLM, cfg: ModelConfig) -> BertForMaskedLM:
+    """A masked LM of shape `cfg` initialised from the masked-LM `teacher` (an NSP head, if the
+    teacher has one, is not copied: the student trains MLM only)."""
+    return copy_teacher(BertForMaskedLM(cfg), teacher)
 
 
 class DistillClassifyTask(ClassifyTask):
     name = "distill"
 
-    def __init__(self, *args, teacher: BertClassifier, **kwargs):
+    def __init__(self, *args, teacher: nn.Module, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
 
@@ -76,3 +101,57 @@ class DistillClassifyTask(ClassifyTask):
                 "cosine": cosine.detach(),
                 "teacher_agreement": (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()}
         return self.finish_loss(batch, rating, loss, sums)  # + the rating term, as for any classifier
+
+
+class DistillMLMTask(MaskedLMTask):
+    """General distillation: MaskedLMTask's batches and evaluation, the distillation loss."""
+
+    name = "distill-mlm"
+
+    def __init__(self, *args, teacher: BertForMaskedLM, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self._teacher_eval: dict[str, float] | None = None
+
+    def _teacher_on(self, device: torch.device) -> BertForMaskedLM:
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        return self.teacher
+
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        t = batch.tensors
+        masked, selected = t["masked_ids"], t["selected"]
+        teacher = self._teacher_on(masked.device)
+        with torch.no_grad():
+            teacher_hidden = teacher.bert(masked)
+            teacher_x = teacher.mlm_head.transform(teacher_hidden[selected])
+        w, temp = self.cfg.loss, self.cfg.task.temperature
+        targets = t["input_ids"][selected]
+
+        def head_loss(x, weight, bias):  # soft targets + cross-entropy, fused (lmforge/ops/linear_distill.py)
+            return linear_distill(x, weight, bias, teacher_x, teacher.bert.embeddings.token.weight,
+                                  teacher.mlm_head.bias, targets, temp, w.soft_weight, w.hard_weight)
+
+        (head, soft, hard, correct, agreement), hidden = model(masked, selected=selected, return_hidden=True,
+                                                              head_loss=head_loss)
+        # every token's state counts (no padding in MLM windows); scaled so that the loop's division
+        # by the masked-token count gives the per-token mean, as the other two terms are means
+        cosine = (1 - F.cosine_similarity(hidden.float(), teacher_hidden.float(), dim=-1)).sum()
+        cosine = cosine * (batch.num_targets / hidden.shape[:2].numel())
+        return LossOutput(head + w.cosine_weight * cosine, {"correct": correct, "mlm_loss": hard, "soft": soft,
+                                                            "cosine": cosine.detach(), "teacher_agreement": agreement})
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
+        """MLM's evaluation of the student, plus the teacher's loss and accuracy on the same masked
+        positions (computed once: the teacher does not change)."""
+        result = super().evaluate(model, device)
+        if self._teacher_eval is None:
+            teacher = self._teacher_on(device)
+            self._teacher_eval = {f"teacher_{k}": v for k, v in super().evaluate(teacher, device).metrics.items()
+                                  if k in ("loss", "accuracy")}
+        result.metrics.update(self._teacher_eval)
+        return result
+
+    def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
+        return {**super().summary(last_eval), "teacher_val_loss": last_eval["teacher_loss"],
+                "teacher_val_accuracy": last_eval["teacher_accuracy"]}
