@@ -81,6 +81,7 @@ class DataConfig:
 # What `lmforge pretrain` trains and what `lmforge finetune` trains (task.name)
 PRETRAINING_TASKS = ("mlm", "clm", "electra", "distill-mlm")
 FINE_TUNING_TASKS = ("classify", "distill")
+DISTILLATION_TASKS = ("distill", "distill-mlm")  # their model shape comes from task.teacher
 
 
 @dataclass
@@ -349,6 +350,7 @@ def validate(cfg: Config) -> Config:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and the deepspeed launcher
     full_step = t.batch_size * d.seq_len * t.grad_accum_steps * world  # tokens per step, all processes
     rows_step = d.long_seq_len // math.gcd(d.seq_len, d.long_seq_len) if d.long_seq_len else 1  # see long_seq_len
+    from_teacher = k.name in DISTILLATION_TASKS
     checks = [
         (m.hidden_size >= 1, f"model.hidden_size={m.hidden_size} must be positive"),
         (m.num_heads >= 1, f"model.num_heads={m.num_heads} must be at least 1"),
@@ -369,10 +371,12 @@ def validate(cfg: Config) -> Config:
          f"data.tokenizer"),
         (math.isfinite(cfg.loss.rating_weight) and cfg.loss.rating_weight >= 0,
          f"loss.rating_weight={cfg.loss.rating_weight} must be a finite number >= 0 (0 turns the rating head off)"),
-        (d.seq_len <= m.max_position_embeddings,
+        # (distillation: the model's shape is the teacher's, checked against it when it is read)
+        (from_teacher or d.seq_len <= m.max_position_embeddings,
          f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
          f"lower data.seq_len or raise model.max_position_embeddings"),
-        (d.long_seq_len is None or d.seq_len < d.long_seq_len <= m.max_position_embeddings,
+        (d.long_seq_len is None or (d.seq_len < d.long_seq_len
+                                    and (from_teacher or d.long_seq_len <= m.max_position_embeddings)),
          f"data.long_seq_len={d.long_seq_len} must be longer than data.seq_len={d.seq_len} and at most "
          f"model.max_position_embeddings={m.max_position_embeddings} (the position table is sized for the longest)"),
         (d.long_seq_len is None or k.name in PRETRAINING_TASKS,
@@ -453,6 +457,9 @@ def validate(cfg: Config) -> Config:
          f"task.name={k.name!r} is not a known task; known: {', '.join(PRETRAINING_TASKS + FINE_TUNING_TASKS)}"),
         (k.name != "distill" or k.teacher is not None,
          "task.name=distill needs task.teacher=RUN_DIR, a fine-tuned classifier run to learn from"),
+        (k.teacher is None or k.name in DISTILLATION_TASKS,
+         f"task.teacher is read by task.name=distill (lmforge finetune) or distill-mlm (lmforge pretrain), not by "
+         f"task.name={k.name}; set task.name or drop task.teacher"),
         (k.name != "distill-mlm" or k.teacher is not None,
          "task.name=distill-mlm needs task.teacher=PATH, an lmforge MLM run or a transformers BertForMaskedLM "
          "directory to learn from"),

@@ -26,9 +26,9 @@ from lmforge.models.classifier import BertClassifier
 from lmforge.models.hf import is_hf_dir
 from lmforge.models.loading import (check_tokenizer_fits, is_hf_classifier_dir, load_checkpoint_weights,
                                     load_hf_classifier, load_model, load_run_tokenizer, run_weights)
-from lmforge.pretrain import fill_vocab_size, resume_config, run_task, save_overrides
+from lmforge.pretrain import check_teacher_positions, fill_vocab_size, resume_config, run_task, save_overrides
 from lmforge.tasks.classify import ClassifyTask
-from lmforge.tasks.distill import DistillClassifyTask, student_from_teacher
+from lmforge.tasks.distill import DistillClassifyTask, check_teacher, record_teacher, student_from_teacher
 from lmforge.train.loop import resolve_device
 from lmforge.train.machine import set_threads
 from lmforge.train.run_dir import check_out_dir, create_run_dir
@@ -89,6 +89,7 @@ def load_teacher(cfg: Config) -> tuple[TextTokenizer, torch.nn.Module]:
     if cfg.model.init_from is not None:
         raise LmforgeError("task.name=distill starts the student from the teacher's own layers; drop "
                            "model.init_from (set it to null)")
+    cfg.task.teacher = str(Path(cfg.task.teacher).expanduser().resolve())  # saved absolute: a resume from elsewhere finds it
     t_cfg, tokenizer, teacher = _read_teacher(cfg.task.teacher)
     if t_cfg is not None:
         if cfg.data.dataset not in (t_cfg.data.dataset, DataConfig().dataset):
@@ -97,9 +98,7 @@ def load_teacher(cfg: Config) -> tuple[TextTokenizer, torch.nn.Module]:
         cfg.data.dataset, cfg.data.split_seed, cfg.data.seq_len = (t_cfg.data.dataset, t_cfg.data.split_seed,
                                                                    t_cfg.data.seq_len)
     t_model = teacher.cfg
-    if cfg.data.seq_len > t_model.max_position_embeddings:
-        raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the teacher's {t_model.max_position_embeddings} "
-                           f"positions; set data.seq_len={t_model.max_position_embeddings} or lower")
+    check_teacher_positions(cfg, t_model.max_position_embeddings)
     layers = cfg.task.student_layers or max(1, t_model.num_layers // 2)
     if layers > t_model.num_layers:
         raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {t_model.num_layers} layers")
@@ -112,8 +111,8 @@ def load_teacher(cfg: Config) -> tuple[TextTokenizer, torch.nn.Module]:
 def make_task(cfg: Config, data: LabeledData, split: dict, tokenizer: TextTokenizer, model: BertClassifier,
               teacher: Optional[torch.nn.Module] = None) -> ClassifyTask:
     if cfg.task.name == "distill":
-        if teacher is None:  # resuming: the teacher is read again
-            teacher = _read_teacher(cfg.task.teacher)[2]
+        if teacher is None:
+            raise ValueError("task.name=distill needs its teacher (load_teacher, or read again on resume)")
         return DistillClassifyTask(cfg, data, split, tokenizer, model, teacher=teacher)
     return ClassifyTask(cfg, data, split, tokenizer, model)
 
@@ -176,6 +175,8 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
     run_dir = Path(par.broadcast(str(create_run_dir(cfg, cfg.task.name)) if par.main else None))
     if par.main:
         _describe_run(cfg, run_dir, data, split, tokenizer, task, model, device, par)
+        if teacher is not None:
+            record_teacher(run_dir, cfg.task.teacher, teacher[1])
     return run_dir, run_task(cfg, task, run_dir, device, resume=False,
                              build=lambda: BertClassifier(cfg.model, len(LABELS), data.rating_range))
 
@@ -211,7 +212,11 @@ def resume_finetune(run_dir: Path, overrides: Optional[list[str]] = None) -> tup
         raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
     split = json.loads((run_dir / "split.json").read_text())
     tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
-    task = make_task(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range))
+    teacher = None
+    if cfg.task.name == "distill":  # read again, and it must be the same teacher
+        teacher = _read_teacher(cfg.task.teacher)[2]
+        check_teacher(run_dir, cfg.task.teacher, teacher)
+    task = make_task(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range), teacher)
     save_overrides(run_dir, cfg, overrides)
     return run_dir, run_task(cfg, task, run_dir, device, resume=True,
                              build=lambda: BertClassifier(cfg.model, len(LABELS), data.rating_range))

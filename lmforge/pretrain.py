@@ -25,11 +25,11 @@ from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_bpe, tr
 from lmforge.errors import LmforgeError
 from lmforge.eval.report import write_report
 from lmforge.models.bert import BertForMaskedLM
-from lmforge.models.loading import LoadedModel, load_model
+from lmforge.models.loading import LoadedModel, is_hf_classifier_dir, load_model
 from lmforge.models.loading import build_model as build_arch
 from lmforge.tasks.base import Task
 from lmforge.tasks.clm import CausalLMTask
-from lmforge.tasks.distill import DistillMLMTask, mlm_student_from_teacher
+from lmforge.tasks.distill import DistillMLMTask, check_teacher, mlm_student_from_teacher, record_teacher
 from lmforge.tasks.electra import ElectraTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
@@ -105,7 +105,11 @@ def load_mlm_teacher(cfg: Config) -> LoadedModel:
                            "model.init_from (set it to null)")
     if d.train_tokenizer_vocab:
         raise LmforgeError("task.name=distill-mlm uses the teacher's tokenizer; drop data.train_tokenizer_vocab")
-    path = Path(k.teacher).expanduser()
+    path = Path(k.teacher).expanduser().resolve()
+    k.teacher = str(path)  # saved absolute: a resume from elsewhere finds it
+    if is_hf_classifier_dir(path):
+        raise LmforgeError(f"task.teacher={k.teacher} is a fine-tuned classifier; it teaches with `lmforge finetune "
+                           f"task.name=distill`, not general distillation of a masked LM")
     teacher = load_model(path, mlm_head_required=False)
     if not isinstance(teacher.model, BertForMaskedLM):
         raise LmforgeError(f"task.teacher={k.teacher} is not a BERT masked LM (a GPT); general distillation "
@@ -125,19 +129,26 @@ def load_mlm_teacher(cfg: Config) -> LoadedModel:
     if layers > teacher.config.num_layers:
         raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {teacher.config.num_layers} layers")
     k.student_layers = layers
-    if d.seq_len > teacher.config.max_position_embeddings:
-        raise LmforgeError(f"data.seq_len={d.seq_len} exceeds the teacher's {teacher.config.max_position_embeddings} "
-                           f"positions; set data.seq_len={teacher.config.max_position_embeddings} or lower")
+    check_teacher_positions(cfg, teacher.config.max_position_embeddings)
     cfg.model = dataclasses.replace(teacher.config, num_layers=layers, dropout=cfg.model.dropout,
                                     next_sentence_head=False, init_from=None, reinit_layers=0)
     return teacher
 
 
+def check_teacher_positions(cfg: Config, positions: int) -> None:
+    """Distillation: the sequence lengths fit the teacher's position table (config validation left
+    them to this, since the model's shape is the teacher's)."""
+    for key, value in (("data.seq_len", cfg.data.seq_len), ("data.long_seq_len", cfg.data.long_seq_len)):
+        if value is not None and value > positions:
+            raise LmforgeError(f"{key}={value} exceeds the {positions} positions of task.teacher={cfg.task.teacher}; "
+                               f"set {key}={positions} or lower")
+
+
 def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module,
                teacher: Optional[BertForMaskedLM] = None) -> Task:
     if cfg.task.name == "distill-mlm":
-        if teacher is None:  # resuming: the teacher is read again
-            teacher = load_model(Path(cfg.task.teacher).expanduser(), mlm_head_required=False).model
+        if teacher is None:
+            raise ValueError("task.name=distill-mlm needs its teacher (load_mlm_teacher, or read again on resume)")
         return DistillMLMTask(cfg, data, model, teacher=teacher)
     if cfg.task.name == "clm":
         return CausalLMTask(cfg, data, model)
@@ -177,6 +188,8 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
     run_dir = Path(par.broadcast(str(create_run_dir(cfg, cfg.task.name)) if par.main else None))
     if par.main:
         data.tokenizer.save(run_dir / "tokenizer.json")
+        if teacher is not None:
+            record_teacher(run_dir, cfg.task.teacher, teacher.model)
         info = {"prepared": str(data.folder), "tokenizer_sha256": data.tokenizer.sha256, **data.manifest["splits"]}
         (run_dir / "data.json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"lmforge: run directory {run_dir}")
@@ -199,7 +212,11 @@ def resume(run_dir: Path, overrides: Optional[list[str]] = None) -> tuple[Path, 
         data = prepared_data(cfg, progress=cfg.train.progress)  # deterministic: re-made identically
     if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
         raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
-    task = build_task(cfg, data, build_model(cfg))
+    teacher = None
+    if cfg.task.name == "distill-mlm":  # read again, and it must be the same teacher
+        teacher = load_model(Path(cfg.task.teacher), mlm_head_required=False).model
+        check_teacher(run_dir, cfg.task.teacher, teacher)
+    task = build_task(cfg, data, build_model(cfg), teacher)
     save_overrides(run_dir, cfg, overrides)
     return run_dir, run_task(cfg, task, run_dir, device, resume=True)
 

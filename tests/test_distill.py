@@ -103,6 +103,22 @@ def test_the_mlm_student_copies_every_other_layer_and_a_full_copy_has_zero_disti
     torch.testing.assert_close(out.sums["mlm_loss"], reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss_sum, 2.0 * reference, rtol=1e-4, atol=1e-3)  # hard_weight 2
     assert out.sums["teacher_agreement"].item() == batch.num_targets
+    # the loop sums micro-batches' loss sums and divides by the step's masked tokens: a batch's sum is
+    # the sum of its halves' (the cosine term's scale is a constant), whatever their masked counts
+    selected[:2, :8] = True  # the first half has more masked positions than the second
+    whole_batch = Batch({"input_ids": ids, "masked_ids": masked, "selected": selected}, int(selected.sum()),
+                        ids.numel())
+    halves = [Batch({k: v[rows] for k, v in whole_batch.tensors.items()}, int(selected[rows].sum()), ids[rows].numel())
+              for rows in (slice(0, 2), slice(2, 4))]
+    student = mlm_student_from_teacher(teacher, dataclasses.replace(cfg, num_layers=1, next_sentence_head=False))
+    with torch.no_grad():
+        student.bert.layers[0].ffn_out.weight.mul_(5.0)  # rows whose states differ more or less from the teacher's
+    task.cfg.loss.soft_weight = task.cfg.loss.hard_weight = 0.0  # the cosine term alone
+    parts = [task.loss(student.eval(), b).loss_sum for b in halves]
+    whole_sum = task.loss(student, whole_batch).loss_sum
+    assert whole_sum > 0.001
+    torch.testing.assert_close(parts[0] + parts[1], whole_sum, rtol=1e-6, atol=1e-7)
+    task.cfg.loss.soft_weight, task.cfg.loss.hard_weight = 5.0, 2.0
     # and the student's gradient is zero in the soft and cosine terms alone at a full copy
     task.cfg.loss.hard_weight = 0.0
     whole.zero_grad()
@@ -136,6 +152,11 @@ def test_general_distillation_end_to_end_with_resume_and_a_transformers_teacher(
     hf_run, _ = pretrain(student(tmp_path / "hf-student", hf_dir, "train.precision=fp32"))
     fp32_run, _ = pretrain(student(tmp_path / "fp32-student", teacher_dir, "train.precision=fp32"))
     torch.testing.assert_close(losses(hf_run), losses(fp32_run), rtol=1e-4, atol=1e-4)
+    # the teacher trained further is another teacher: resuming the student with it is refused
+    assert json.loads((cut_dir / "teacher.json").read_text())["teacher"] == str(teacher_dir.resolve())
+    resume(teacher_dir, ["train.max_steps=22"])
+    with pytest.raises(LmforgeError, match="has other weights than when"):
+        resume(cut_dir, ["train.max_steps=14"])
 
 
 def test_general_distillation_refuses_teachers_without_soft_targets(tiny_prepared, tmp_path):
@@ -155,6 +176,10 @@ def test_general_distillation_refuses_teachers_without_soft_targets(tiny_prepare
         pretrain(student(mlm_dir, "data.tokenizer=gpt2"))
     with pytest.raises(LmforgeError, match="needs task.teacher"):
         load_config(None, ["task.name=distill-mlm"])
+    with pytest.raises(LmforgeError, match="task.teacher is read by task.name=distill"):
+        load_config(None, [f"task.teacher={mlm_dir}"])  # a teacher without a distillation task is not ignored
+    with pytest.raises(LmforgeError, match="data.long_seq_len=128 exceeds the 64 positions of task.teacher"):
+        pretrain(student(mlm_dir, "data.long_seq_len=128"))  # validation left the positions to the teacher
     with pytest.raises(LmforgeError, match="general distillation of a masked LM is task.name=distill-mlm"):
         pretrain(tiny_config(tiny_prepared, tmp_path / "x", "task.name=distill", f"task.teacher={mlm_dir}"))
     assert not (tmp_path / "s").exists()  # nothing refused left a run directory
@@ -195,5 +220,7 @@ def test_a_transformers_sequence_classifier_teaches_with_its_labels_in_our_order
     with pytest.raises(LmforgeError, match="not a BertForSequenceClassification"):
         finetune(_cfg(tiny_prepared, tmp_path / "x", tiny_reviews, "task.name=distill",
                       f"task.teacher={export_hf(run_dir, tmp_path / 'encoder')}"))
+    with pytest.raises(LmforgeError, match="teaches with `lmforge finetune task.name=distill`"):
+        pretrain(tiny_config(tiny_prepared, tmp_path / "y", "task.name=distill-mlm", f"task.teacher={hf_dir}"))
     with pytest.raises(LmforgeError, match="neither an lmforge fine-tuning run"):
         finetune(_cfg(tiny_prepared, tmp_path / "x", tiny_reviews, "task.name=distill", f"task.teacher={tmp_path}"))

@@ -194,7 +194,11 @@ def load_hf_classifier(path: str | Path, labels: tuple[str, ...]) -> tuple[Model
     else:
         notes.append(f"{path} names its labels {', '.join(names)}: taken in that order as {', '.join(labels)}")
     model = PooledBertClassifier(cfg, num_labels)
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LmforgeError(f"{path} is not a complete BertForSequenceClassification: "
+                           + "; ".join(f"{what} {', '.join(keys[:4])}" for what, keys in
+                                       (("missing", missing), ("unexpected", unexpected)) if keys))
     tokenizer = load_tokenizer(str(path))
     check_tokenizer_fits(tokenizer, cfg, path)
     return cfg, tokenizer, model.eval(), notes

@@ -119,12 +119,12 @@ class _LinearDistill(torch.autograd.Function):
                 g[t, cols] -= 1.0
                 g.mul_(hard_weight).add_(q.div_(total_q), alpha=soft_weight * temperature)
                 g.sub_(p_t, alpha=soft_weight * temperature)
+                first = start == 0
+                if grad_bias is not None:  # summed before the cast: in fp32 under bf16 autocast too
+                    torch.sum(g, 1, out=grad_bias) if first else grad_bias.add_(g.sum(1))
                 g = g.to(compute)
                 _matmul_into(grad_hidden[start:start + c], g.t(), w)
-                first = start == 0
                 _matmul_into(grad_weight, g, x, accumulate=not first)
-                if grad_bias is not None:
-                    torch.sum(g, 1, out=grad_bias) if first else grad_bias.add_(g.sum(1))
         ctx.grads = (grad_hidden, grad_weight, grad_bias) if need_grad else None
         ctx.has_bias = bias is not None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -16,13 +16,19 @@ task.name=distill-mlm (`lmforge pretrain`, general, DistilBERT's own setting): t
 masked LM (an lmforge MLM run or a transformers BERT with its MLM head), the data the corpus,
 masked as for MLM. The same three terms, as means: soft targets and cross-entropy over the masked
 positions (both over the whole vocabulary, fused in one chunked pass: lmforge/ops/linear_distill.py),
-the cosine over the final hidden state of every token.
+the cosine over the final hidden state of every token (`DistillMLMTask.loss` says how it is scaled).
+
+Both record the teacher's weights' sha256 in the run (teacher.json); a resume re-reads the teacher
+and refuses one that has changed.
 
 The T^2 keeps the soft term's gradient the same size at any temperature (Hinton et al. 2015).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -31,12 +37,42 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.data.padding import mask_if_padded
+from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.classifier import BertClassifier
 from lmforge.ops.linear_distill import linear_distill
 from lmforge.tasks.base import Batch, EvalResult, LossOutput
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.mlm import MaskedLMTask
+
+
+def teacher_sha256(teacher: nn.Module) -> str:
+    """Identity of a teacher's weights (names, shapes, dtypes, bytes): a resumed student must
+    learn from the very teacher it started with, not a teacher run trained further since."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def record_teacher(run_dir: Path, spec: str, teacher: nn.Module) -> None:
+    """teacher.json in the run directory: where the teacher was and which weights it had."""
+    (run_dir / "teacher.json").write_text(json.dumps({"teacher": spec, "sha256": teacher_sha256(teacher)}, indent=2)
+                                          + "\n")
+
+
+def check_teacher(run_dir: Path, spec: str, teacher: nn.Module) -> None:
+    """Refuse to resume with a teacher whose weights differ from the recorded ones."""
+    path = run_dir / "teacher.json"
+    if not path.is_file():
+        raise LmforgeError(f"{run_dir} has no teacher.json: it cannot tell which teacher it learned from; "
+                           f"start the run again")
+    if json.loads(path.read_text())["sha256"] != teacher_sha256(teacher):
+        raise LmforgeError(f"task.teacher={spec} has other weights than when {run_dir} started (trained further, or "
+                           f"replaced); a resumed student must learn from the same teacher: restore it, or start a "
+                           f"new run")
 
 
 def student_layers(teacher_layers: int, layers: int) -> list[int]:
@@ -134,10 +170,14 @@ class DistillMLMTask(MaskedLMTask):
 
         (head, soft, hard, correct, agreement), hidden = model(masked, selected=selected, return_hidden=True,
                                                               head_loss=head_loss)
-        # every token's state counts (no padding in MLM windows); scaled so that the loop's division
-        # by the masked-token count gives the per-token mean, as the other two terms are means
+        # Every token's state counts (no padding in MLM windows). The loop divides the step's sums by
+        # its masked-token count; scaled by the share of masked tokens masking aims at
+        # (task.mask_prob), a constant, the term is the per-token mean to within the actual share
+        # (each row masks round(15%) of its maskable tokens: 19 of a 128-token window, so 1.01x the
+        # mean), and a step's value does not depend on how it is split into micro-batches and
+        # processes, as scaling by each micro-batch's own share would make it.
         cosine = (1 - F.cosine_similarity(hidden.float(), teacher_hidden.float(), dim=-1)).sum()
-        cosine = cosine * (batch.num_targets / hidden.shape[:2].numel())
+        cosine = cosine * self.cfg.task.mask_prob
         return LossOutput(head + w.cosine_weight * cosine, {"correct": correct, "mlm_loss": hard, "soft": soft,
                                                             "cosine": cosine.detach(), "teacher_agreement": agreement})
 
