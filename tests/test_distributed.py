@@ -27,7 +27,8 @@ from lmforge.train.log import read_metrics
 
 def _run(argv, tmp_path, env=None):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # both streams on failure: where the ranks got to (stdout) matters as much as how they died
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
 
 
