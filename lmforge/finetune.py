@@ -8,7 +8,6 @@ BertClassifier -> ClassifyTask -> the same loop as pretraining -> test-split rep
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ from lmforge.models.classifier import BertClassifier
 from lmforge.models.hf import is_hf_dir
 from lmforge.models.loading import (check_tokenizer_fits, is_hf_classifier_dir, load_checkpoint_weights,
                                     load_hf_classifier, load_model, load_run_tokenizer, run_weights)
-from lmforge.pretrain import check_teacher_positions, fill_vocab_size, resume_config, run_task, save_overrides
+from lmforge.pretrain import (fill_vocab_size, resume_config, run_task, save_overrides, student_config,
+                             teacher_path)
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.distill import DistillClassifyTask, check_teacher, record_teacher, student_from_teacher
 from lmforge.train.loop import resolve_device
@@ -86,25 +86,14 @@ def load_teacher(cfg: Config) -> tuple[TextTokenizer, torch.nn.Module]:
     shape with task.student_layers layers (default half). From an lmforge teacher it also takes the
     dataset, split and sequence length (its test split must be the teacher's, never seen in
     training by either); a transformers teacher brings none, so the config's are used."""
-    if cfg.model.init_from is not None:
-        raise LmforgeError("task.name=distill starts the student from the teacher's own layers; drop "
-                           "model.init_from (set it to null)")
-    cfg.task.teacher = str(Path(cfg.task.teacher).expanduser().resolve())  # saved absolute: a resume from elsewhere finds it
-    t_cfg, tokenizer, teacher = _read_teacher(cfg.task.teacher)
+    t_cfg, tokenizer, teacher = _read_teacher(str(teacher_path(cfg)))
     if t_cfg is not None:
         if cfg.data.dataset not in (t_cfg.data.dataset, DataConfig().dataset):
             raise LmforgeError(f"data.dataset={cfg.data.dataset} differs from the teacher's ({t_cfg.data.dataset}); "
                                f"the student learns on the teacher's task: drop data.dataset")
         cfg.data.dataset, cfg.data.split_seed, cfg.data.seq_len = (t_cfg.data.dataset, t_cfg.data.split_seed,
                                                                    t_cfg.data.seq_len)
-    t_model = teacher.cfg
-    check_teacher_positions(cfg, t_model.max_position_embeddings)
-    layers = cfg.task.student_layers or max(1, t_model.num_layers // 2)
-    if layers > t_model.num_layers:
-        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {t_model.num_layers} layers")
-    cfg.task.student_layers = layers
-    cfg.model = dataclasses.replace(t_model, num_layers=layers, dropout=cfg.model.dropout, init_from=None,
-                                    reinit_layers=0)
+    cfg.model = student_config(cfg, teacher.cfg)
     return tokenizer, teacher
 
 

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from lmforge import distributed
-from lmforge.config import FINE_TUNING_TASKS, PRETRAINING_TASKS, Config, DataConfig, dump_yaml, load_config
+from lmforge.config import (FINE_TUNING_TASKS, PRETRAINING_TASKS, Config, DataConfig, ModelConfig, dump_yaml,
+                            load_config)
 from lmforge.data.corpora import open_corpus
 from lmforge.data.packages import cache_root
 from lmforge.data.shards import PreparedData, prepared_or_prepare
@@ -100,13 +101,9 @@ def load_mlm_teacher(cfg: Config) -> LoadedModel:
     its MLM head). The student takes the teacher's tokenizer (data.tokenizer is set to it) and its
     shape with task.student_layers layers (default half)."""
     k, d = cfg.task, cfg.data
-    if cfg.model.init_from is not None:
-        raise LmforgeError("task.name=distill-mlm starts the student from the teacher's own layers; drop "
-                           "model.init_from (set it to null)")
+    path = teacher_path(cfg)
     if d.train_tokenizer_vocab:
         raise LmforgeError("task.name=distill-mlm uses the teacher's tokenizer; drop data.train_tokenizer_vocab")
-    path = Path(k.teacher).expanduser().resolve()
-    k.teacher = str(path)  # saved absolute: a resume from elsewhere finds it
     if is_hf_classifier_dir(path):
         raise LmforgeError(f"task.teacher={k.teacher} is a fine-tuned classifier; it teaches with `lmforge finetune "
                            f"task.name=distill`, not general distillation of a masked LM")
@@ -125,23 +122,36 @@ def load_mlm_teacher(cfg: Config) -> LoadedModel:
             raise LmforgeError(f"data.tokenizer={d.tokenizer} is not the tokenizer of task.teacher={k.teacher}; "
                                f"drop data.tokenizer: the student reads the teacher's tokens")
     d.tokenizer = spec
-    layers = k.student_layers or max(1, teacher.config.num_layers // 2)
-    if layers > teacher.config.num_layers:
-        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {teacher.config.num_layers} layers")
-    k.student_layers = layers
-    check_teacher_positions(cfg, teacher.config.max_position_embeddings)
-    cfg.model = dataclasses.replace(teacher.config, num_layers=layers, dropout=cfg.model.dropout,
-                                    next_sentence_head=False, init_from=None, reinit_layers=0)
+    cfg.model = student_config(cfg, teacher.config, next_sentence_head=False)
     return teacher
 
 
-def check_teacher_positions(cfg: Config, positions: int) -> None:
-    """Distillation: the sequence lengths fit the teacher's position table (config validation left
-    them to this, since the model's shape is the teacher's)."""
+def teacher_path(cfg: Config) -> Path:
+    """Distillation: task.teacher as an absolute path, saved so in the config (a resume from
+    elsewhere finds it); model.init_from is refused, the student starts from the teacher."""
+    if cfg.model.init_from is not None:
+        raise LmforgeError(f"task.name={cfg.task.name} starts the student from the teacher's own layers; drop "
+                           f"model.init_from (set it to null)")
+    path = Path(cfg.task.teacher).expanduser().resolve()
+    cfg.task.teacher = str(path)
+    return path
+
+
+def student_config(cfg: Config, teacher: ModelConfig, **fixed) -> ModelConfig:
+    """Distillation: the student's shape, the teacher's with task.student_layers layers (default
+    half; set in cfg) and the config's dropout. The sequence lengths are checked against the
+    teacher's positions here (config validation left them to this)."""
+    positions = teacher.max_position_embeddings
     for key, value in (("data.seq_len", cfg.data.seq_len), ("data.long_seq_len", cfg.data.long_seq_len)):
         if value is not None and value > positions:
             raise LmforgeError(f"{key}={value} exceeds the {positions} positions of task.teacher={cfg.task.teacher}; "
                                f"set {key}={positions} or lower")
+    layers = cfg.task.student_layers or max(1, teacher.num_layers // 2)
+    if layers > teacher.num_layers:
+        raise LmforgeError(f"task.student_layers={layers} exceeds the teacher's {teacher.num_layers} layers")
+    cfg.task.student_layers = layers
+    return dataclasses.replace(teacher, num_layers=layers, dropout=cfg.model.dropout, init_from=None, reinit_layers=0,
+                               **fixed)
 
 
 def build_task(cfg: Config, data: PreparedData, model: torch.nn.Module,

@@ -111,6 +111,13 @@ def mlm_student_from_teacher(teacher: BertForMaskedLM, cfg: ModelConfig) -> Bert
     return copy_teacher(BertForMaskedLM(cfg), teacher)
 
 
+def on_device(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """The teacher, moved to the batches' device the first time (the loop moves only the student)."""
+    if next(teacher.parameters()).device != device:
+        teacher.to(device)
+    return teacher
+
+
 class DistillClassifyTask(ClassifyTask):
     name = "distill"
 
@@ -121,9 +128,7 @@ class DistillClassifyTask(ClassifyTask):
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         t = batch.tensors
         mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
-        device = t["input_ids"].device
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
+        on_device(self.teacher, t["input_ids"].device)
         with torch.no_grad():
             teacher_logits, _, teacher_cls = self.teacher(t["input_ids"], attention_mask=mask, return_cls=True)
         logits, rating, cls = model(t["input_ids"], attention_mask=mask, return_cls=True)
@@ -149,15 +154,10 @@ class DistillMLMTask(MaskedLMTask):
         self.teacher = teacher.eval().requires_grad_(False)
         self._teacher_eval: dict[str, float] | None = None
 
-    def _teacher_on(self, device: torch.device) -> BertForMaskedLM:
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        return self.teacher
-
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         t = batch.tensors
         masked, selected = t["masked_ids"], t["selected"]
-        teacher = self._teacher_on(masked.device)
+        teacher = on_device(self.teacher, masked.device)
         with torch.no_grad():
             teacher_hidden = teacher.bert(masked)
             teacher_x = teacher.mlm_head.transform(teacher_hidden[selected])
@@ -186,7 +186,7 @@ class DistillMLMTask(MaskedLMTask):
         positions (computed once: the teacher does not change)."""
         result = super().evaluate(model, device)
         if self._teacher_eval is None:
-            teacher = self._teacher_on(device)
+            teacher = on_device(self.teacher, device)
             self._teacher_eval = {f"teacher_{k}": v for k, v in super().evaluate(teacher, device).metrics.items()
                                   if k in ("loss", "accuracy")}
         result.metrics.update(self._teacher_eval)
