@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     transformers.utils.logging.set_verbosity_error()  # no load reports (the heads are new on purpose)
     cfg, tokenizer, encoder, task, data = lmforge_setup(args)
     k, b = args.batches_per_round, args.batch
-    grouped = task._batches_of_epoch(0)[:k]  # exactly what `lmforge finetune` trains on first
+    grouped = [task._examples_of_step(s) for s in range(k)]  # exactly what `lmforge finetune` trains on first
     examples = [i for batch in grouped for i in batch]
     shuffled = examples[:]
     random.Random(0).shuffle(shuffled)

@@ -231,7 +231,7 @@ def _plan(args) -> int:
     if args.vocab < 1:
         raise LmforgeError(f"--vocab must be at least 1, got {args.vocab}")
     result = plan(flops=args.flops, hours=args.hours, tokens_per_s=args.tokens_per_s, arch=args.arch,
-                  vocab=args.vocab)
+                  vocab=args.vocab, device=args.device, precision=args.precision)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0
 
@@ -377,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the planned model's measured training throughput here (else measured on a small model)")
     p.add_argument("--arch", choices=["bert", "gpt"], default="bert", help="model family (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (default: %(default)s, bert-base-uncased)")
+    p.add_argument("--device", default=None, metavar="D",
+                   help="where to measure the throughput, as train.device: auto, cpu, cuda, cuda:N, mps (default: auto)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the precision to measure it in, as train.precision (default: auto, resolved as training does)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
 
@@ -414,10 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 2
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`| head`) is then seen below
+        return code
     except LmforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lmforge ... | head`: the reader left; stop quietly, as other tools do
+        # before `except Exception` (a BrokenPipeError is an OSError); stdout to /dev/null so that
+        # the interpreter's own flush at exit finds no closed pipe either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         # A full disk or an unwritable directory is the machine's state, not a bug: one line, and
         # the run's last checkpoint is whole (checkpoints are written by rename). safetensors
@@ -431,9 +442,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {what} (free disk space or make it writable; a training run stopped this way continues "
               f"from its last checkpoint with `lmforge {args.verb} --resume RUN_DIR`)", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `lmforge ... | head`: the reader left; stop quietly, as other tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -165,8 +165,12 @@ class TrainConfig:
     batch_ramp_start_tokens: Optional[int] = None
     batch_ramp_tokens: int = 1_000_000
     eval_every: int = 200
-    eval_batches: int = 20  # mlm: validation batches per evaluation (classify: the whole split)
-    eval_batch_size: Optional[int] = None  # null = 4 x batch_size (no gradients, so bigger fits)
+    # validation set of mlm/clm/electra: eval_batches global batches (batch_size x grad_accum_steps x
+    # processes), the same set at any split of it (classify: the whole split)
+    eval_batches: int = 20
+    # rows per evaluation forward (speed and memory only, not the result); null = train.batch_size
+    # x processes (classify: 4 x train.batch_size, no gradients, so bigger fits)
+    eval_batch_size: Optional[int] = None
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -213,6 +217,11 @@ class DistributedConfig:
     # bucket sizes, communication settings). lmforge fills batch sizes, accumulation, clipping
     # and precision from train.* / optim.* and refuses a file that sets them differently.
     deepspeed_config: Optional[str] = None
+    # Seconds a collective (all-reduce, barrier, broadcast) may wait for the slowest rank before
+    # the job is stopped (init_process_group's timeout; NCCL's watchdog otherwise stops it after
+    # 10 minutes). Rank 0 alone evaluates, writes checkpoints and reports meanwhile: raise it for
+    # a large model or a slow disk. (Data preparation waits on a file lock, not a collective.)
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -344,6 +353,16 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def precision_refusal(precision: str, strategy: str, world: int) -> Optional[str]:
+    """Why `precision` (fp32 | bf16 | fp16) cannot train under `strategy` with `world`
+    processes, or None. The one rule: config validation refuses what a user asks for with it,
+    and `resolve_precision` never picks what it refuses."""
+    if precision == "fp16" and strategy == "fsdp" and world > 1:
+        # FSDP2 keeps sharded fp32 gradients that torch's GradScaler cannot unscale across ranks
+        return "train.precision=fp16 with distributed.strategy=fsdp is not supported; use bf16 (or fp32)"
+    return None
+
+
 def validate(cfg: Config) -> Config:
     """Reject configs that cannot train, with a message that says what to change."""
     m, t, o, d, k = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.task
@@ -425,12 +444,14 @@ def validate(cfg: Config) -> Config:
          f"distributed.strategy={cfg.distributed.strategy!r}: use ddp, fsdp or deepspeed"),
         (cfg.distributed.zero_stage in (0, 1, 2, 3),
          f"distributed.zero_stage={cfg.distributed.zero_stage}: use 0, 1, 2 or 3"),
+        (math.isfinite(cfg.distributed.timeout_s) and cfg.distributed.timeout_s > 0,
+         f"distributed.timeout_s={cfg.distributed.timeout_s} must be a positive number of seconds (default 1800)"),
         (cfg.distributed.strategy != "deepspeed" or not cfg.distributed.offload_param or cfg.distributed.zero_stage == 3,
          "distributed.offload_param=true needs distributed.zero_stage=3 (only stage 3 partitions parameters)"),
         (cfg.distributed.strategy != "deepspeed" or not cfg.distributed.offload_optimizer
          or cfg.distributed.zero_stage >= 1, "distributed.offload_optimizer=true needs distributed.zero_stage=1, 2 or 3"),
-        (cfg.distributed.strategy != "fsdp" or cfg.train.precision != "fp16",
-         "train.precision=fp16 with distributed.strategy=fsdp is not supported; use bf16 (or fp32)"),
+        (precision_refusal(t.precision, cfg.distributed.strategy, world) is None,
+         precision_refusal(t.precision, cfg.distributed.strategy, world)),
         (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative"),
         (0.0 <= o.beta1 < 1.0, f"optim.beta1={o.beta1} must be in [0, 1), e.g. 0.9"),
         (0.0 <= o.beta2 < 1.0, f"optim.beta2={o.beta2} must be in [0, 1), e.g. 0.999"),
@@ -509,11 +530,41 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             # A name or path is kept as typed: YAML alone reads 1.10 as 1.1 and 2024-01-01 as a date.
             value = text.split("=", 1)[1].strip()
         _update(cfg, _nest(key, value))
-    cfg.model.next_sentence_head = cfg.task.nsp  # the model carries the NSP head exactly when the task trains it
-    if cfg.train.tokens_per_step is not None:  # a zero batch_size x seq_len is reported by validate()
-        tokens_per_micro_step = max(1, cfg.train.batch_size * cfg.data.seq_len)
-        cfg.train.grad_accum_steps = max(1, cfg.train.tokens_per_step // tokens_per_micro_step)
+    derive_keys(cfg, _flat_keys(data if path is not None else {}), {parse_override(t)[0] for t in overrides or []})
     return validate(cfg)
+
+
+def _flat_keys(data: Any, prefix: str = "") -> set[str]:
+    """The dotted keys a YAML mapping sets."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    return {k for key, v in data.items() for k in _flat_keys(v, f"{prefix}{key}.")}
+
+
+def derive_keys(cfg: Config, in_file: set[str], overridden: set[str]) -> None:
+    """Set the keys that follow from others — model.next_sentence_head from task.nsp,
+    train.grad_accum_steps from train.tokens_per_step — and refuse a value the user gave for one
+    that disagrees (a key a user sets either acts or is refused, never silently overwritten). A
+    value from the file is not the user's own when an override changed what it follows from (a
+    resumed run's config.yaml holds the value derived when it started)."""
+    def given(key: str, sources: tuple[str, ...]) -> bool:
+        return key in overridden or (key in in_file and not overridden & set(sources))
+
+    if given("model.next_sentence_head", ("task.nsp",)) and cfg.model.next_sentence_head != cfg.task.nsp:
+        raise LmforgeError(f"model.next_sentence_head={str(cfg.model.next_sentence_head).lower()} but "
+                           f"task.nsp={str(cfg.task.nsp).lower()}: the model carries the NSP head exactly when the "
+                           f"task trains it; set task.nsp and drop model.next_sentence_head")
+    cfg.model.next_sentence_head = cfg.task.nsp
+    t = cfg.train
+    if t.tokens_per_step is not None:  # a zero batch_size x seq_len is reported by validate()
+        derived = max(1, t.tokens_per_step // max(1, t.batch_size * cfg.data.seq_len))
+        sources = ("train.tokens_per_step", "train.batch_size", "data.seq_len")
+        if given("train.grad_accum_steps", sources) and t.grad_accum_steps != derived:
+            raise LmforgeError(f"train.grad_accum_steps={t.grad_accum_steps} but train.tokens_per_step="
+                               f"{t.tokens_per_step} / (train.batch_size={t.batch_size} x data.seq_len="
+                               f"{cfg.data.seq_len}) gives {derived}; set one of the two (tokens_per_step=null to "
+                               f"choose the accumulation yourself)")
+        t.grad_accum_steps = derived
 
 
 def to_dict(cfg: Config) -> dict:

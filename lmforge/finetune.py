@@ -45,6 +45,9 @@ def _init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.T
         return tokenizer, None
     path = BUNDLED_MODELS[spec](cfg.data.cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
     loaded = load_model(path, mlm_head_required=False)
+    if loaded.config.arch != "bert":
+        raise LmforgeError(f"model.init_from={spec} is a {loaded.config.arch} model; a classifier is fine-tuned "
+                           f"from a BERT encoder (an MLM or ELECTRA run, minilm, or a transformers BERT)")
     if cfg.data.tokenizer != DataConfig().tokenizer:  # set on purpose: it must be the source's own
         given = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
         if given.tok.get_vocab(with_added_tokens=True) != loaded.tokenizer.tok.get_vocab(with_added_tokens=True):
@@ -141,13 +144,9 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
                            f"use configs/mr-minilm.yaml or set task.name=classify")
     check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
-    par, device = distributed.setup(resolve_device(cfg.train.device))
+    par, device = distributed.setup(resolve_device(cfg.train.device), timeout_s=cfg.distributed.timeout_s)
     teacher = load_teacher(cfg) if cfg.task.name == "distill" else None  # sets the student's data and shape
-    if not par.main:
-        par.barrier()  # rank 0 reads (and caches) the dataset first
-    data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
-    if par.main:
-        par.barrier()
+    data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)  # every rank; the cache's file lock fetches once
     split = _split(cfg, data)
     torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
     if teacher is not None:  # the student starts as every other layer of the teacher
@@ -157,7 +156,11 @@ def finetune(cfg: Config) -> tuple[Path, dict]:
         model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
         if encoder is not None:
             missing, unexpected = model.load_state_dict(encoder, strict=False)
-            assert not unexpected and all(not k.startswith("bert.") for k in missing), (missing, unexpected)
+            lacking = [k for k in missing if k.startswith("bert.")]
+            if unexpected or lacking:
+                raise LmforgeError(f"model.init_from={cfg.model.init_from} is not a whole BERT encoder for this "
+                                   f"classifier ({', '.join((unexpected + lacking)[:4])} do not fit); start from "
+                                   f"a BERT run, minilm or a transformers BERT directory")
         reinit_top_layers(model, cfg)
     # before the run directory: a task that fails to start leaves none
     task = make_task(cfg, data, split, tokenizer, model, teacher[1] if teacher else None)
@@ -218,10 +221,16 @@ def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, BertCla
         raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json); give a run "
                            f"made by `lmforge finetune`")
     cfg = load_config(run_dir / "config.yaml")
-    info = json.loads((run_dir / "dataset.json").read_text())
-    rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
-    model = BertClassifier(cfg.model, len(info["labels"]), rating_range)
-    load_checkpoint_weights(model, run_weights(run_dir), run_dir)
+    try:
+        info = json.loads((run_dir / "dataset.json").read_text())
+        rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
+        num_labels = len(info["labels"])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not what `finetune` writes
+        raise LmforgeError(f"{run_dir / 'dataset.json'} is damaged ({type(e).__name__}: {e}); it is written by "
+                           f"`lmforge finetune` when the run starts") from None
+    weights = run_weights(run_dir)  # first: a run without a checkpoint may not have its shape filled in yet
+    model = BertClassifier(cfg.model, num_labels, rating_range)
+    load_checkpoint_weights(model, weights, run_dir)
     tokenizer = load_run_tokenizer(run_dir, "dataset.json")
     check_tokenizer_fits(tokenizer, cfg.model, run_dir / "tokenizer.json")
     return cfg, tokenizer, model.eval()

@@ -19,7 +19,10 @@ tiny models and for other data it is a starting point, not a law.
 
 Time: the budget in FLOPs divided by the FLOP/s a training step reaches on this machine, measured
 by timing a few steps of a small lmforge GPT (6 N FLOPs per token, the same convention as C = 6ND)
-unless --tokens-per-s gives the throughput of the planned model itself.
+unless --tokens-per-s gives the throughput of the planned model itself. The steps run where a run
+would train: train.device and train.precision resolved as the training loop resolves them (auto:
+a GPU if there is one, bf16 where it pays), under the loop's autocast and optimizer; the plan says
+which device and precision it measured.
 """
 
 from __future__ import annotations
@@ -93,36 +96,89 @@ def closest_shape(params: float, arch: str, vocab: int) -> Shape:
     return min(shapes, key=lambda s: abs(math.log(s.params / params)))
 
 
-def measured_flops_per_s(seconds: float = 2.0) -> float:
-    """FLOP/s of full training steps (forward, backward, AdamW) of a small lmforge GPT here,
-    counted as 6 x parameters x tokens."""
-    from lmforge.models.loading import build_model
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a clock read after it times finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
+
+@dataclass
+class Throughput:
+    flops_per_s: float
+    device: str  # the resolved train.device, e.g. "cuda"
+    precision: str  # the resolved train.precision: "bf16", "fp16" or "fp32"
+
+
+def measure_throughput(seconds: float = 2.0, device: str | None = None, precision: str | None = None) -> Throughput:
+    """FLOP/s of full training steps (forward, backward, AdamW) of a small lmforge GPT, counted as
+    6 x parameters x tokens, on the device and in the precision a run would train in: `device` and
+    `precision` are train.device / train.precision (default: the config's defaults, auto / auto),
+    resolved, autocast and optimized the way the training loop does."""
+    from lmforge.config import OptimConfig, TrainConfig
+    from lmforge.models.loading import build_model
+    from lmforge.train.loop import autocast_for, resolve_device
+    from lmforge.train.machine import resolve_precision
+    from lmforge.train.optim import make_optimizer
+
+    defaults = TrainConfig()
+    where = resolve_device(defaults.device if device is None else device)
+    precision = resolve_precision(where, defaults.precision if precision is None else precision)
     torch.manual_seed(0)
     cfg = ModelConfig(arch="gpt", vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4,
                       intermediate_size=1024, max_position_embeddings=256, dropout=0.0)
-    model = build_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = build_model(cfg).to(where)
+    model.train()
+    opt = make_optimizer(model, OptimConfig(lr=1e-4), where)
+    scaler = torch.amp.GradScaler(where.type) if precision == "fp16" else None  # as the loop does for fp16
+    amp = autocast_for(precision, where)
     n = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, 8192, (4, 129))
-    steps, start = 0, None
-    while True:
-        loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        steps += 1
-        if steps == 2:  # the first steps warm up kernels and allocate AdamW's state
-            start, counted = time.perf_counter(), 0
-        elif start is not None:
-            counted += 1
-            if time.perf_counter() - start >= seconds and counted >= 2:
-                return 6 * n * ids[:, 1:].numel() * counted / (time.perf_counter() - start)
+    # 512 tokens a step keep a CPU busy; a GPU would spend them waiting on kernel launches
+    rows = 4 if where.type == "cpu" else 64
+    ids = torch.randint(0, 8192, (rows, 129), device=where)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if where.type == "cuda":  # the loop trains with TF32 tensor cores for fp32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        steps, start, counted = 0, None, 0
+        while True:
+            with amp:
+                loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+            if steps == 2:  # the first steps warm up kernels and allocate AdamW's state
+                _synchronize(where)
+                start = time.perf_counter()
+            elif start is not None:
+                counted += 1
+                if counted >= 2 and time.perf_counter() - start >= seconds:
+                    _synchronize(where)
+                    elapsed = time.perf_counter() - start
+                    return Throughput(6 * n * ids[:, 1:].numel() * counted / elapsed, where.type, precision)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def measured_flops_per_s(seconds: float = 2.0, device: str | None = None, precision: str | None = None) -> float:
+    """measure_throughput's FLOP/s alone."""
+    return measure_throughput(seconds, device, precision).flops_per_s
 
 
 def plan(flops: float | None = None, hours: float | None = None, tokens_per_s: float | None = None,
-         arch: str = "bert", vocab: int = 30522, flops_per_s: float | None = None) -> dict:
-    """The plan as a dict (see the top of this file)."""
+         arch: str = "bert", vocab: int = 30522, flops_per_s: float | None = None,
+         device: str | None = None, precision: str | None = None) -> dict:
+    """The plan as a dict (see the top of this file). Without --tokens-per-s or `flops_per_s`, the
+    throughput is measured on `device` in `precision` (train.device / train.precision, default
+    auto / auto, resolved as the training loop resolves them) and the dict says which, under
+    "measured_on"."""
     if (flops is None) == (hours is None):
         raise LmforgeError("give exactly one of --flops F or --hours H")
     for name, value in (("--flops", flops), ("--hours", hours), ("--tokens-per-s", tokens_per_s)):
@@ -133,7 +189,9 @@ def plan(flops: float | None = None, hours: float | None = None, tokens_per_s: f
     if tokens_per_s is None:
         if flops_per_s is None:
             print("lmforge: measuring this machine's training throughput (a few seconds)...", file=sys.stderr)
-            flops_per_s = measured_flops_per_s()
+            measured = measure_throughput(device=device, precision=precision)
+            flops_per_s = measured.flops_per_s
+            out["measured_on"] = {"device": measured.device, "precision": measured.precision}
         out["measured_flops_per_s"] = flops_per_s
         if flops is None:
             flops = flops_per_s * hours * 3600
@@ -164,8 +222,10 @@ def format_plan(p: dict) -> str:
     c = p["closest"]
     lines = [f"compute budget: {p['flops']:.3g} FLOPs (C = 6 N D)"]
     if "measured_flops_per_s" in p:
-        lines.append(f"this machine: {p['measured_flops_per_s'] / 1e9:.1f} GFLOP/s measured on a small lmforge GPT "
-                     f"training step")
+        on = p.get("measured_on")
+        where = f" on {on['device']} in {on['precision']}" if on else ""
+        lines.append(f"this machine: {p['measured_flops_per_s'] / 1e9:.1f} GFLOP/s measured{where} on a small lmforge "
+                     f"GPT training step")
     lines += [
         f"compute-optimal (Chinchilla Approach 3): {si(p['params'])} parameters, {si(p['tokens'])} tokens "
         f"({p['tokens_per_param']:.1f} tokens per parameter), fitted loss {p['expected_loss']:.2f}",

@@ -20,7 +20,7 @@ from lmforge import distributed
 from lmforge.config import (FINE_TUNING_TASKS, PRETRAINING_TASKS, Config, DataConfig, ModelConfig, dump_yaml,
                             load_config)
 from lmforge.data.corpora import open_corpus
-from lmforge.data.packages import cache_root
+from lmforge.data.packages import cache_root, cached_item_lock
 from lmforge.data.shards import PreparedData, prepared_or_prepare
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, train_bpe, train_wordpiece
 from lmforge.errors import LmforgeError
@@ -65,20 +65,21 @@ def prepared_data(cfg: Config, progress: bool = True) -> PreparedData:
 
 def trained_tokenizer(corpus, kind: str, vocab_size: int, root: Path) -> TextTokenizer:
     """A tokenizer of `kind` (bpe | wordpiece) trained on `corpus`, cached under root/tokenizers
-    (keyed by corpus identity, kind and size) so that it is trained once."""
+    (keyed by corpus identity, kind and size) so that it is trained once, also by processes
+    started together (under the file's lock)."""
     key = hashlib.sha256(f"{corpus.identity}:{kind}:{vocab_size}".encode()).hexdigest()[:16]
     path = root / "tokenizers" / f"{kind}-{vocab_size}-{key}.json"
-    if path.is_file():
-        tok = load_tokenizer(str(path))
-        tok.name = f"{kind}-{vocab_size}"
-        return tok
-    print(f"lmforge: training a {vocab_size}-entry {kind} vocabulary on {corpus.name}")
-    train = train_bpe if kind == "bpe" else train_wordpiece
-    tok = train((text for _, text in corpus.documents()), vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tok.save(tmp)
-    os.replace(tmp, path)
+    if not path.is_file():
+        with cached_item_lock(path, f"training a {kind} vocabulary on {corpus.name}"):
+            if not path.is_file():  # again: another process may have just trained it
+                print(f"lmforge: training a {vocab_size}-entry {kind} vocabulary on {corpus.name}")
+                train = train_bpe if kind == "bpe" else train_wordpiece
+                tok = train((text for _, text in corpus.documents()), vocab_size)
+                tmp = path.with_name(f".{path.name}.tmp")
+                tok.save(tmp)
+                os.replace(tmp, path)
+    tok = load_tokenizer(str(path))
+    tok.name = f"{kind}-{vocab_size}"
     return tok
 
 
@@ -180,13 +181,12 @@ def pretrain(cfg: Config) -> tuple[Path, dict]:
                            f"{cfg.task.name!r}; {hint}")
     check_out_dir(cfg.out_dir)
     set_threads(cfg.train.num_threads)
-    par, device = distributed.setup(resolve_device(cfg.train.device))
+    par, device = distributed.setup(resolve_device(cfg.train.device), timeout_s=cfg.distributed.timeout_s)
     teacher = load_mlm_teacher(cfg) if cfg.task.name == "distill-mlm" else None  # sets tokenizer and shape
-    if not par.main:
-        par.barrier()  # rank 0 tokenizes the corpus into the cache first; the others then read it
-    data = prepared_data(cfg, progress=cfg.train.progress and par.main)
-    if par.main:
-        par.barrier()
+    # Every rank, no collective: the first to take the cache's file lock tokenizes the corpus (and
+    # shows the progress bar), the others wait on the lock, then read it (a collective here would
+    # time out on a large corpus).
+    data = prepared_data(cfg, progress=cfg.train.progress)
     if teacher is not None and data.tokenizer.sha256 != teacher.tokenizer.sha256:
         raise LmforgeError(f"the prepared data {data.folder} was tokenized with another tokenizer than the teacher "
                            f"{cfg.task.teacher}'s; give the corpus itself (data.corpus), not prepared shards")
@@ -250,7 +250,8 @@ def resume_config(run_dir: Path, overrides: Optional[list[str]], fine_tuning: bo
     _check_model_unchanged(run_dir, cfg)
     _check_steps_left(run_dir, cfg)
     set_threads(cfg.train.num_threads)
-    par, device = distributed.setup(resolve_device(cfg.train.device))  # joins torchrun's ranks, if any
+    par, device = distributed.setup(resolve_device(cfg.train.device),  # joins torchrun's ranks, if any
+                                    timeout_s=cfg.distributed.timeout_s)
     _check_global_batch(run_dir, cfg, par.world)
     return cfg, device
 

@@ -151,6 +151,18 @@ def drop_checkpoints(run_dir: Path, runs: Runs) -> None:
     shutil.rmtree(run_dir / "checkpoints")
 
 
+def exported_hf(**config_changes) -> Callable[[Path, Runs], None]:
+    """The shared BERT run exported to tmp/hf, its config.json then edited (not its weights)."""
+    def setup(tmp: Path, runs: Runs) -> None:
+        from lmforge.export import export_hf
+
+        export_hf(runs.paths["bert"], tmp / "hf")
+        config = json.loads((tmp / "hf" / "config.json").read_text())
+        config.update(config_changes)
+        (tmp / "hf" / "config.json").write_text(json.dumps(config))
+    return setup
+
+
 # -- the table -------------------------------------------------------------------------------
 
 
@@ -284,6 +296,9 @@ CASES = [
          "does not match the tokenizer of model.init_from"),
     Case("finetune-init-from-missing", ["finetune", *FT, "model.init_from={tmp}/nope"],
          "is neither an lmforge run directory"),
+    Case("finetune-init-from-a-gpt-run", ["finetune", *FT, "data.tokenizer=bert-base-uncased",  # the default:
+                                          "model.init_from={gpt}"],  # the source's own tokenizer is taken
+         "is a gpt model; a classifier is fine-tuned from a BERT encoder"),
     Case("finetune-seq-len-above-init-positions", ["finetune", *FT, "model.init_from={bert}",
                                                    "model.max_position_embeddings=512", "data.seq_len=100"],
          "data.seq_len=100 exceeds the 64 positions of"),
@@ -327,6 +342,12 @@ CASES = [
          "put back the run's own tokenizer.json", run_copy("bert", edit_one_token)),
     Case("predict-config-does-not-match-checkpoint", ["predict", "{tmp}/bert", "a [MASK]"],
          "does not match its checkpoint", run_copy("bert", edit_config(model__hidden_size=64))),
+    Case("predict-hf-config-with-fewer-layers-than-its-weights", ["predict", "{tmp}/hf", "a [MASK]"],
+         "config.json does not describe its weights: bert.layers.1.", exported_hf(num_hidden_layers=1)),
+    Case("predict-hf-config-of-another-width", ["predict", "{tmp}/hf", "a [MASK]"],
+         "config.json does not describe its weights", exported_hf(hidden_size=64, intermediate_size=128)),
+    Case("predict-hf-config-without-a-size", ["predict", "{tmp}/hf", "a [MASK]"],
+         "config.json lacks hidden_size", exported_hf(hidden_size=None)),
     # -- generate
     Case("generate-with-bert", ["generate", "{bert}", "the"], "`generate` needs a GPT run"),
     Case("generate-with-a-classifier", ["generate", "{clf}", "the"], "is a fine-tuning run"),
@@ -395,6 +416,82 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(case, runs, tmp_p
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert case.expect in err, err
+    assert snapshot(tmp_path, runs.root) == before
+
+
+# -- every verb x a path that is not what it expects ------------------------------------------
+# kind -> (the bad path under the case's tmp dir, what makes it)
+
+BAD_PATHS = {
+    "a-file": ("notes.txt", files_at({"notes.txt": "hello\n"})),
+    "an-empty-dir": ("bad", files_at({"bad": None})),
+    "a-missing-path": ("bad", files_at({})),
+    "a-dir-with-metrics-but-no-config": ("bad", files_at({  # e.g. a run's metrics.jsonl copied on its own
+        "bad/metrics.jsonl": '{"split": "train", "step": 1, "tokens": 64, "loss": 5.0, "lr": 0.001, '
+                             '"grad_norm": 1.0, "tokens_per_s": 10.0}\n'})),
+    "a-dir-with-only-a-hand-written-config": ("bad", files_at({"bad/config.yaml": "train:\n  max_steps: 5\n"})),
+    "a-hf-dir-whose-download-was-cut-short": ("bad", files_at({  # config.json, a truncated model.safetensors
+        "bad/config.json": '{"model_type": "bert", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1, '
+                           '"num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}',
+        "bad/model.safetensors": b"\x08\x00\x00\x00"})),
+}
+
+
+@dataclass
+class PathArgument:
+    id: str
+    argv: list[str]  # {bad} is the bad path; `{tmp}` and the keys of Runs.paths as in CASES
+    valid: tuple[str, ...] = ()  # kinds of BAD_PATHS that are a valid input here (a text file is a corpus)
+    setup: Optional[Callable[[Path, Runs], None]] = field(default=None)
+
+
+PATH_ARGUMENTS = [
+    PathArgument("prepare-corpus", ["prepare", "--corpus", "{bad}", *PRE],
+                 valid=("a-file", "a-dir-with-metrics-but-no-config")),
+    PathArgument("prepare-tokenizer", ["prepare", "--corpus", "{tmp}/c.txt", "--tokenizer", "{bad}",
+                                       "--out", "{tmp}/out"], setup=files_at({"c.txt": "a cat\n"})),
+    PathArgument("pretrain-resume", ["pretrain", "--resume", "{bad}"]),
+    PathArgument("pretrain-config", ["pretrain", "--config", "{bad}", *TINY]),
+    PathArgument("finetune-resume", ["finetune", "--resume", "{bad}"]),
+    PathArgument("finetune-config", ["finetune", "--config", "{bad}", *FT]),
+    PathArgument("finetune-init-from", ["finetune", *FT, "model.init_from={bad}"]),
+    PathArgument("classify-run", ["classify", "{bad}", "--text", "fine"]),
+    PathArgument("classify-input", ["classify", "{clf}", "--input", "{bad}"], valid=("a-file",)),
+    PathArgument("predict", ["predict", "{bad}", "a [MASK]"]),
+    PathArgument("generate", ["generate", "{bad}", "the"]),
+    PathArgument("report", ["report", "{bad}", "--out", "{tmp}/r"]),
+    PathArgument("plot-schedule-config", ["plot-schedule", "--config", "{bad}", "--out", "{tmp}/lr.png"]),
+    PathArgument("export", ["export", "{bad}", "--out", "{tmp}/out"]),
+]
+PATH_CASES = [pytest.param(arg, kind, id=f"{arg.id}-given-{kind}")
+              for arg in PATH_ARGUMENTS for kind in BAD_PATHS if kind not in arg.valid]
+
+
+def test_the_path_table_covers_every_verb_that_takes_a_path():
+    from lmforge.cli import build_parser
+
+    verbs = set(next(a for a in build_parser()._actions if a.dest == "verb").choices)
+    assert verbs - {"plan"} == {arg.argv[0] for arg in PATH_ARGUMENTS}  # plan takes no path
+
+
+@pytest.mark.parametrize("arg, kind", PATH_CASES)
+def test_every_verb_given_a_path_that_is_not_what_it_expects_answers_in_one_line(arg, kind, runs, tmp_path,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    if arg.setup:
+        arg.setup(tmp_path, runs)
+    name, make = BAD_PATHS[kind]
+    make(tmp_path, runs)
+    argv = [a.format(tmp=tmp_path, bad=tmp_path / name, **runs.paths) for a in arg.argv]
+    before = snapshot(tmp_path, runs.root)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert snapshot(tmp_path, runs.root) == before
 
 

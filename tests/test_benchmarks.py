@@ -15,27 +15,59 @@ def run_benchmark(script: str, *args: str) -> dict:
     return run_smoke(ROOT / "benchmarks" / script, *args, timeout=600)
 
 
-@pytest.mark.parametrize("script,variants", [("bench_bert_mlm.py", ["lmforge", "hf", "hf-selected"]),
-                                             ("bench_gpt_clm.py", ["lmforge", "hf"])])
-def test_training_benchmark_reports_every_variant_in_both_precisions(script, variants):
+def encoder_flops_per_step(cfg: dict, ffn: int) -> int:
+    """Matmul FLOPs that every variant's training step must run, forward and backward (3 x the
+    forward's 2 per multiply-add): each layer's Q, K, V, output and FFN projections on every
+    token, and the attention scores and weighted sums of every row."""
+    tokens, h = cfg["batch"] * cfg["seq"], cfg["hidden"]
+    per_layer = 6 * tokens * (4 * h * h + 2 * h * ffn) + 3 * 2 * 2 * cfg["batch"] * cfg["seq"] ** 2 * h
+    return cfg["layers"] * per_layer
+
+
+@pytest.mark.parametrize("script,variants,full_head", [
+    ("bench_bert_mlm.py", ["lmforge", "hf", "hf-selected"], {"hf"}),  # the others: the head on masked rows only
+    ("bench_gpt_clm.py", ["lmforge", "hf"], {"lmforge", "hf"})])
+def test_training_benchmark_rows_are_consistent_with_their_measurements(script, variants, full_head):
     report = run_benchmark(script)
+    cfg = report["config"]
     assert [t["precision"] for t in report["tables"]] == ["fp32", "bf16"]
+    assert report["results"] == [r for t in report["tables"] for r in t["results"]]
+    ffn = cfg.get("ffn", 4 * cfg["hidden"])  # GPT: 4 x hidden
+    encoder = encoder_flops_per_step(cfg, ffn)
+    head = 6 * cfg["batch"] * cfg["seq"] * cfg["hidden"] * cfg["vocab"]  # the vocabulary projection on every token
+    transform = 6 * cfg["batch"] * cfg["seq"] * cfg["hidden"] ** 2  # BERT's head transform on every token
     for table in report["tables"]:
         assert [r["variant"] for r in table["results"]] == variants
-        assert table["matmul_peak_gflops"] > 0
+        assert all(r["precision"] == table["precision"] for r in table["results"])
+        peak = table["matmul_peak_gflops"] * 1e9
+        ours = table["results"][0]
         for r in table["results"]:
-            assert r["tokens_per_s"] > 0 and r["flops_per_step"] > 0 and r["mfu"] > 0 and r["peak_rss_mb"] >= 0
-        assert table["results"][0]["lmforge_speedup"] == 1.0
-        flops = {r["variant"]: r["flops_per_step"] for r in table["results"]}
-        if "hf-selected" in flops:  # a head on the selected positions only runs fewer FLOPs than a full one
-            assert flops["lmforge"] < flops["hf"] and flops["hf-selected"] < flops["hf"]
+            assert r["step_s"] > 0 and r["peak_rss_mb"] >= 0 and r["final_loss"] > 0
+            # throughput, MFU and speedup are the quotients of what was measured and counted
+            assert r["tokens_per_s"] == pytest.approx(cfg["batch"] * cfg["seq"] / r["step_s"], rel=1e-9)
+            assert r["mfu"] == pytest.approx(r["flops_per_step"] / r["step_s"] / peak, rel=1e-9)
+            assert r["lmforge_speedup"] == pytest.approx(ours["tokens_per_s"] / r["tokens_per_s"], rel=1e-9)
+            if r["peak_rss_mb"] > 0:
+                assert r["lmforge_rss_fraction"] == pytest.approx(ours["peak_rss_mb"] / r["peak_rss_mb"], rel=1e-9)
+            # the counted FLOPs hold at least the work every variant runs, at most a full model's
+            least = encoder + (head if r["variant"] in full_head else 0)
+            assert least <= r["flops_per_step"] <= 1.05 * (encoder + head + transform), r
+        assert ours["variant"] == "lmforge" and ours["lmforge_speedup"] == 1.0
+    # FLOPs are counted on shapes, not timed: each variant counts the same in fp32 and in bf16
+    fp32, bf16 = ({r["variant"]: r["flops_per_step"] for r in t["results"]} for t in report["tables"])
+    assert fp32 == bf16
+    if "hf-selected" in fp32:  # a head on the selected positions only runs fewer FLOPs than a full one
+        assert fp32["lmforge"] < fp32["hf"] and fp32["hf-selected"] < fp32["hf"]
 
 
 def test_data_wait_benchmark_reads_the_share_the_loop_logs():
     report = run_benchmark("bench_data_wait.py")
     assert [r["variant"] for r in report["results"]] == ["mlm", "clm"]
     for r in report["results"]:
-        assert 0 < r["data_wait_mean"] < 1 and r["tokens_per_s"] > 0
+        # the mean and max of the same logged shares: a share of the step time, so below 1
+        assert 0 < r["data_wait_mean"] <= r["data_wait_max"] < 1 and r["tokens_per_s"] > 0
+        assert r["steps"] == report["config"]["steps"] and r["log_records"] >= 1
+        assert r["config"] == "configs/" + ("bert-tiny.yaml" if r["variant"] == "mlm" else "gpt-tiny.yaml")
 
 
 def test_a_bad_benchmark_option_is_a_one_line_usage_error():
@@ -69,3 +101,7 @@ def test_zero_memory_benchmark_reports_each_ranks_peak():
         assert len(r["per_rank_peak_mb"]) == report["ranks"] == 2
         assert all(peak >= start > 0 for peak, start in zip(r["per_rank_peak_mb"], r["start_mb"]))
         assert r["checkpoint_mb"] > 0
+        # the ratio of this strategy's largest per-rank peak to the first strategy's
+        base = max(report["results"][0]["per_rank_peak_mb"])
+        assert r["vs_first"] == pytest.approx(max(r["per_rank_peak_mb"]) / base, abs=1e-3)
+    assert report["results"][0]["vs_first"] == 1.0

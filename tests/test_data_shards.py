@@ -72,17 +72,30 @@ def test_jsonl_and_text_file_corpora(tmp_path):
         list(open_corpus(str(jl)).documents())
 
 
-def test_hf_corpus_streams_the_named_dataset_through_datasets(monkeypatch):
-    import sys
-    import types
+def test_hf_corpus_streams_the_train_split_through_the_real_datasets_library(monkeypatch, tmp_path):
+    # `datasets` itself, offline, on a local dataset folder (a path is a dataset name to it): its
+    # train split is train.jsonl, its test split test.jsonl, and nothing is fetched
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
 
-    calls = []
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "local-dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "first"}\n{"text": "  "}\n{"text": null}\n{"text": "second"}\n')
+    (folder / "test.jsonl").write_text('{"text": "held out, not train"}\n')
+    calls, real_load = [], datasets.load_dataset
 
-    def load_dataset(name, config, split, streaming):
-        calls.append((name, config, split, streaming))
-        return iter([{"text": "first"}, {"text": "  "}, {"text": "second"}])
+    def load_dataset(*args, **kwargs):  # the real one, recording how lmforge calls it
+        ds = real_load(*args, **kwargs)
+        calls.append((args, kwargs, type(ds)))
+        return ds
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    corpus = open_corpus("hf:wikitext:wikitext-2-raw-v1")
-    assert [t for _, t in corpus.documents()] == ["first", "second"]
-    assert calls == [("wikitext", "wikitext-2-raw-v1", "train", True)]
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    corpus = open_corpus(f"hf:{folder}")
+    assert calls == []  # opening streams nothing; reading does
+    assert [t for _, t in corpus.documents()] == ["first", "second"]  # blank and missing texts skipped
+    assert calls == [((str(folder), None), {"split": "train", "streaming": True}, datasets.IterableDataset)]
+    assert not (tmp_path / "hf-cache").exists() or not any((tmp_path / "hf-cache").rglob("*.arrow"))  # streamed

@@ -103,8 +103,8 @@ def test_the_mlm_student_copies_every_other_layer_and_a_full_copy_has_zero_disti
     torch.testing.assert_close(out.sums["mlm_loss"], reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss_sum, 2.0 * reference, rtol=1e-4, atol=1e-3)  # hard_weight 2
     assert out.sums["teacher_agreement"].item() == batch.num_targets
-    # the loop sums micro-batches' loss sums and divides by the step's masked tokens: a batch's sum is
-    # the sum of its halves' (the cosine term's scale is a constant), whatever their masked counts
+    # the cosine term is a sum over every token, which the loop divides by the step's token count
+    # (Batch.counts["tokens"]): a batch's sum is the sum of its halves', whatever their masked counts
     selected[:2, :8] = True  # the first half has more masked positions than the second
     whole_batch = Batch({"input_ids": ids, "masked_ids": masked, "selected": selected}, int(selected.sum()),
                         ids.numel())
@@ -114,15 +114,16 @@ def test_the_mlm_student_copies_every_other_layer_and_a_full_copy_has_zero_disti
     with torch.no_grad():
         student.bert.layers[0].ffn_out.weight.mul_(5.0)  # rows whose states differ more or less from the teacher's
     task.cfg.loss.soft_weight = task.cfg.loss.hard_weight = 0.0  # the cosine term alone
-    parts = [task.loss(student.eval(), b).loss_sum for b in halves]
-    whole_sum = task.loss(student, whole_batch).loss_sum
+    parts = [task.loss(student.eval(), b).terms["tokens"] for b in halves]
+    whole_sum = task.loss(student, whole_batch).terms["tokens"]
     assert whole_sum > 0.001
     torch.testing.assert_close(parts[0] + parts[1], whole_sum, rtol=1e-6, atol=1e-7)
     task.cfg.loss.soft_weight, task.cfg.loss.hard_weight = 5.0, 2.0
     # and the student's gradient is zero in the soft and cosine terms alone at a full copy
     task.cfg.loss.hard_weight = 0.0
     whole.zero_grad()
-    task.loss(whole, batch).loss_sum.backward()
+    out = task.loss(whole, batch)
+    (out.loss_sum + out.terms["tokens"]).backward()
     assert max(p.grad.abs().max().item() for p in whole.parameters() if p.grad is not None) < 1e-3
 
 

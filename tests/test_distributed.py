@@ -211,3 +211,91 @@ def test_deepspeed_launcher_local_rank_argument_is_taken_into_the_environment(mo
     assert _launcher_local_rank(["--local_rank=1", "pretrain", "--config", "x.yaml"]) == ["pretrain", "--config", "x.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _launcher_local_rank(["pretrain", "--local_rank", "0", "a=b"]) == ["pretrain", "a=b"]
+
+
+def _rank_with_a_slow_preparation(rank: int, tmp: str, port: int) -> None:
+    """One of 2 gloo ranks (torch.multiprocessing.spawn) pretraining on a corpus that is not
+    prepared yet, with distributed.timeout_s=8: preparing it takes over 12 s in whichever rank
+    does it (rank 0, as rank 1 comes 3 s late), so a collective wait meanwhile would time out.
+    (8 s, not less: rank 0 alone writes the run directory and the reports meanwhile.)"""
+    import time
+
+    import lmforge.data.shards as shards
+    import lmforge.pretrain as pretrain_module
+    from lmforge.config import load_config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    tmp_path = Path(tmp)
+    prepare, prepared_data = shards.prepare, pretrain_module.prepared_data
+
+    def slow_prepare(*args, **kwargs):
+        with open(tmp_path / "prepared_by", "a") as f:
+            f.write(f"{rank}\n")
+        time.sleep(12)
+        return prepare(*args, **kwargs)
+
+    def late_prepared_data(*args, **kwargs):
+        time.sleep(3 * rank)
+        return prepared_data(*args, **kwargs)
+
+    shards.prepare, pretrain_module.prepared_data = slow_prepare, late_prepared_data
+    cfg = load_config(None, [
+        f"data.corpus={tmp_path / 'corpus'}", "data.train_tokenizer_vocab=200", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.seq_len=32", "data.val_frac=0.2", f"out_dir={tmp_path / 'runs'}", "model.hidden_size=32",
+        "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64",
+        "train.batch_size=4", "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1",
+        "train.checkpoint_every=2", "train.progress=false", "train.num_threads=1", "train.precision=fp32",
+        "distributed.timeout_s=8"])
+    pretrain_module.pretrain(cfg)
+
+
+def test_a_preparation_longer_than_the_collective_timeout_does_not_time_out_the_other_rank(tmp_path):
+    """Every rank waits for the prepared data on the cache's file lock, not in a collective: a
+    corpus that takes longer to tokenize than distributed.timeout_s does not stop the job."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from conftest import write_tiny_corpus
+
+    write_tiny_corpus(tmp_path / "corpus", docs=30, sentences=20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_with_a_slow_preparation, args=(str(tmp_path), port), nprocs=2, join=True)
+    assert len((tmp_path / "prepared_by").read_text().splitlines()) == 1  # once; the other rank reused it
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("verb,overrides,seconds", [("pretrain", ["distributed.timeout_s=7"], 7),
+                                                    ("finetune", ["task.name=classify", "distributed.timeout_s=7"], 7),
+                                                    ("pretrain", [], 1800)],
+                         ids=["pretrain", "finetune", "default"])
+def test_distributed_timeout_s_is_the_process_groups_timeout(monkeypatch, tmp_path, verb, overrides, seconds):
+    import datetime
+
+    import torch.distributed as dist
+
+    from lmforge.config import load_config
+    from lmforge.finetune import finetune
+    from lmforge.pretrain import pretrain
+
+    class Joined(Exception):
+        pass
+
+    seen = {}
+
+    def init_process_group(backend, **kwargs):
+        seen.update(kwargs)
+        raise Joined  # as far as this test goes: the group is not really made
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(None, [f"out_dir={tmp_path}", "train.device=cpu", *overrides])
+    with pytest.raises(Joined):
+        {"pretrain": pretrain, "finetune": finetune}[verb](cfg)
+    assert seen["timeout"] == datetime.timedelta(seconds=seconds)

@@ -66,10 +66,14 @@ def test_shapes_and_loss_at_initialisation_are_uniform_guesses():
     assert out["discriminator_logits"].shape == (4, 24) and out["replaced"].shape == (4, 24)
     assert not out["replaced"][~t["selected"]].any()  # only masked positions can be replaced
     loss = electra_loss(model, t, rtd_weight=50.0)
-    mlm, rtd = loss.sums["mlm_loss"] / n, loss.sums["rtd_loss"] / n
+    tokens = t["input_ids"].numel()  # no padding: every token is a real one
+    assert loss.per["rtd_loss"] == "real_tokens" and set(loss.terms) == {"real_tokens"}
+    mlm, rtd = loss.sums["mlm_loss"] / n, loss.sums["rtd_loss"] / tokens
     assert mlm.item() == pytest.approx(math.log(500), abs=0.05)  # a uniform guess over the vocabulary
     assert rtd.item() == pytest.approx(math.log(2), abs=0.01)  # a coin: replaced or not
-    assert (loss.loss_sum / n).item() == pytest.approx(mlm.item() + 50 * rtd.item(), rel=1e-5)
+    # the loop's loss: the MLM sum over the masked tokens, the RTD term over the real tokens
+    total = loss.loss_sum / n + loss.terms["real_tokens"] / tokens
+    assert total.item() == pytest.approx(mlm.item() + 50 * rtd.item(), rel=1e-5)
 
 
 def test_the_discriminator_loss_sends_no_gradient_into_the_generator():

@@ -1,8 +1,15 @@
-"""The experiment scripts keep working (tiny --smoke runs; their findings are in the README)."""
+"""The experiment scripts keep working (tiny --smoke runs; their findings are in the README), and
+their reports hold together: every summary is computed from the runs it summarises, every ratio
+from the two numbers it compares."""
 
+import math
+import statistics
 from pathlib import Path
 
+import pytest
+
 from conftest import run_smoke
+from lmforge.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,37 +18,66 @@ def run_experiment(script: str) -> dict:
     return run_smoke(ROOT / "experiments" / script)
 
 
-def test_finetune_fixes_experiment_runs_both_settings_over_the_seeds():
+def assert_summarises(summary: dict, accuracies: list[float]) -> None:
+    """`summary` is mean / std / min / max of `accuracies`, as the scripts print them."""
+    assert accuracies and all(0 <= a <= 1 for a in accuracies)
+    assert summary["mean"] == pytest.approx(statistics.mean(accuracies), rel=1e-12)
+    assert summary["std"] == pytest.approx(statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0, abs=1e-12)
+    assert (summary["min"], summary["max"]) == (min(accuracies), max(accuracies))
+
+
+def test_finetune_fixes_experiment_runs_both_settings_over_the_seeds_and_summarises_each():
     report = run_experiment("finetune_fixes.py")
+    assert report["examples"] == 64 and report["seeds"] == [0, 1]  # what --smoke sets
     assert [(r["setting"], r["seed"]) for r in report["results"]] == [("original", 0), ("original", 1),
                                                                        ("fixed", 0), ("fixed", 1)]
-    assert report["results"][2]["steps"] > report["results"][0]["steps"]  # the fixed setting trains longer
-    for name in ("original", "fixed"):
-        s = report["summary"][name]
-        assert 0 <= s["min"] <= s["mean"] <= s["max"] <= 1 and s["runs"] == 2
+    steps_per_epoch = math.ceil(report["examples"] / 32)  # the script's batch of 32
+    for name, epochs in (("original", 3), ("fixed", 10)):  # the two settings' epochs
+        runs = [r for r in report["results"] if r["setting"] == name]
+        assert all(r["steps"] == epochs * steps_per_epoch for r in runs)
+        assert all(Path(r["run_dir"]).parent.name == name and 0 <= r["val_accuracy"] <= 1 for r in runs)
+        assert report["summary"][name]["runs"] == len(runs) == len(report["seeds"])
+        assert_summarises(report["summary"][name], [r["test_accuracy"] for r in runs])
+    assert len({r["run_dir"] for r in report["results"]}) == 4  # a run directory each
 
 
 def test_electra_vs_bert_experiment_pretrains_both_and_fine_tunes_each():
     report = run_experiment("electra_vs_bert.py")
-    assert [r["model"] for r in report["results"]] == ["bert", "electra"]
-    for name in ("bert", "electra"):
+    assert [(r["model"], r["seed"]) for r in report["results"]] == [("bert", 0), ("electra", 0)]  # --smoke: 1 seed
+    for name, config in (("bert", "bert-tiny.yaml"), ("electra", "electra-tiny.yaml")):
         s = report["summary"][name]
-        assert s["steps"] == 4 and 0 <= s["mean"] <= 1 and Path(s["run_dir"]).name.startswith(
-            "mlm." if name == "bert" else "electra.")
+        assert_summarises(s, [r["test_accuracy"] for r in report["results"] if r["model"] == name])
+        assert Path(s["run_dir"]).name.startswith("mlm." if name == "bert" else "electra.")
+        # --smoke pretrains 4 steps of the config's batch: the tokens seen are those steps' tokens
+        cfg = load_config(ROOT / "configs" / config, [])
+        assert s["steps"] == 4
+        assert s["tokens"] == 4 * cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+        assert s["seconds"] > 0 and math.isfinite(s["val_loss"]) and s["val_loss"] > 0
 
 
 def test_distill_experiment_trains_a_teacher_and_a_half_depth_student_and_times_both():
     report = run_experiment("distill_classifier.py")
-    assert report["teacher"]["layers"] == 6 and report["student"]["layers"] == 3
-    for name in ("teacher", "student"):
-        assert report[name]["examples_per_s"] > 0 and 0 <= report[name]["test_accuracy"] <= 1
-    assert report["student_speedup"] > 0 and report["accuracy_kept"] >= 0
+    teacher, student = report["teacher"], report["student"]
+    assert teacher["layers"] == 6 and student["layers"] == 3
+    assert Path(teacher["run_dir"]).name.startswith("classify.") and Path(student["run_dir"]).name.startswith("distill.")
+    for r in (teacher, student):
+        assert r["examples_per_s"] > 0 and 0 <= r["test_accuracy"] <= 1
+    # the two ratios the script prints, of the numbers beside them
+    assert report["student_speedup"] == pytest.approx(student["examples_per_s"] / teacher["examples_per_s"], rel=1e-9)
+    assert report["accuracy_kept"] == pytest.approx(student["test_accuracy"] / teacher["test_accuracy"], rel=1e-9)
 
 
 def test_general_distillation_experiment_trains_teacher_distilled_and_scratch_students():
     report = run_experiment("distill_mlm.py")
     assert report["teacher"]["layers"] == 4 and report["distilled"]["layers"] == report["scratch"]["layers"] == 2
     for name in ("teacher", "distilled", "scratch"):
-        assert report[name]["tokens_per_s"] > 0 and report[name]["val_loss"] > 0
+        r = report[name]
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["val_loss"]) and r["val_loss"] > 0
+        assert 0 <= r["val_accuracy"] <= 1 and r["train_s"] > 0
+    assert Path(report["teacher"]["run_dir"]).name.startswith("mlm.")
     assert Path(report["distilled"]["run_dir"]).name.startswith("distill-mlm.")
-    assert report["distilled"]["steps"] == report["scratch"]["steps"] == 4
+    assert Path(report["scratch"]["run_dir"]).name.startswith("mlm.")
+    assert report["distilled"]["steps"] == report["scratch"]["steps"] == 4  # equal steps, not equal time
+    assert report["unigram_val_loss"] > 0
+    assert report["student_speedup"] == pytest.approx(
+        report["distilled"]["tokens_per_s"] / report["teacher"]["tokens_per_s"], rel=1e-9)

@@ -148,18 +148,33 @@ def test_fine_tuned_encoder_exports_as_a_bertmodel_with_identical_hidden_states(
     assert (ours - theirs)[mask.bool()].abs().max().item() <= 1e-5
 
 
-def test_hf_dataset_names_load_through_datasets_without_ratings(monkeypatch):
-    import sys
-    import types
+def test_hf_dataset_names_load_the_configs_train_split_through_real_datasets_without_ratings(monkeypatch, tmp_path):
+    # `datasets` itself, offline, on a local dataset folder whose README names two configs, each
+    # with its own files: `hf:FOLDER:sst2` must load sst2's train split and nothing else
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
 
-    def load_dataset(name, config, split):
-        assert (name, config, split) == ("glue", "sst2", "train")
-        return [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    data = load_labeled("hf:glue:sst2")
-    assert [(e.text, e.label, e.rating) for e in data.examples] == [("a fine film", 1, None), ("dull", 0, None)]
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "reviews"
+    for config in ("sst2", "other"):
+        (folder / config).mkdir(parents=True)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: sst2\n  data_files:\n  - split: train\n    path: sst2/train.jsonl\n"
+        "  - split: validation\n    path: sst2/validation.jsonl\n"
+        "- config_name: other\n  data_files:\n  - split: train\n    path: other/train.jsonl\n---\n")
+    (folder / "sst2" / "train.jsonl").write_text('{"text": "a fine film", "label": 1}\n{"text": "dull", "label": 0}\n'
+                                                 '{"text": "superb", "label": 1}\n')
+    (folder / "sst2" / "validation.jsonl").write_text('{"text": "not a train example", "label": 0}\n')
+    (folder / "other" / "train.jsonl").write_text('{"text": "the other config", "label": 0}\n')
+    data = load_labeled(f"hf:{folder}:sst2")
+    assert [(e.text, e.label, e.rating) for e in data.examples] == [("a fine film", 1, None), ("dull", 0, None),
+                                                                    ("superb", 1, None)]
     assert data.rating_range is None
+    assert [e.text for e in load_labeled(f"hf:{folder}:other").examples] == ["the other config"]
 
 
 # a batch-size ramp (lmforge/train/schedule.py) from 1 to 2 micro-batches of 16 examples

@@ -39,13 +39,13 @@ def _losses(run_dir):
 
 
 def test_a_resumed_auto_precision_run_keeps_the_precision_it_started_with(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "resolve_precision", lambda device, precision: "fp32")
+    monkeypatch.setattr(loop, "resolve_precision", lambda device, precision, *rest: "fp32")
     full_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "full"))
     interrupt_during_step(monkeypatch, MaskedLMTask, 7)
     cut_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "cut"))
     monkeypatch.undo()
     # resumed where auto would now pick bf16 (another machine, say): the checkpoint's fp32 wins
-    monkeypatch.setattr(loop, "resolve_precision", lambda device, precision: "bf16")
+    monkeypatch.setattr(loop, "resolve_precision", lambda device, precision, *rest: "bf16")
     resume(cut_dir)
     assert _losses(cut_dir) == _losses(full_dir)
 

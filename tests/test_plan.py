@@ -73,7 +73,82 @@ def test_plan_verb_prints_a_plan_and_json(capsys):
 def test_measured_throughput_is_a_positive_flop_rate():
     from lmforge.plan import measured_flops_per_s
 
-    assert 1e8 < measured_flops_per_s(seconds=0.2) < 1e14
+    assert 1e8 < measured_flops_per_s(seconds=0.2, device="cpu", precision="fp32") < 1e14
+
+
+def _spy_on_measurement(monkeypatch, precision: str):
+    """Make the loop's resolvers return cpu / `precision` while recording their arguments, and
+    record the autocast state inside every GPT forward of the throughput measurement."""
+    import torch
+
+    import lmforge.plan
+    import lmforge.train.loop
+    import lmforge.train.machine
+    from lmforge.models.gpt import GPT
+
+    seen = {"device_specs": [], "precision_args": [], "forwards": []}
+    real_resolve_device, real_forward, real_measure = (lmforge.train.loop.resolve_device, GPT.forward,
+                                                       lmforge.plan.measure_throughput)
+
+    def resolve_device(spec):
+        seen["device_specs"].append(spec)
+        seen["resolved"] = real_resolve_device("cpu")
+        return seen["resolved"]
+
+    def resolve_precision(device, spec):
+        seen["precision_args"].append((device, spec))
+        return precision
+
+    def forward(self, input_ids, *args, **kwargs):
+        seen["forwards"].append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                                 input_ids.device, next(self.parameters()).device))
+        return real_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(lmforge.train.loop, "resolve_device", resolve_device)
+    monkeypatch.setattr(lmforge.train.machine, "resolve_precision", resolve_precision)
+    monkeypatch.setattr(GPT, "forward", forward)
+    # the plan's own call, only shorter
+    monkeypatch.setattr(lmforge.plan, "measure_throughput",
+                        lambda seconds=2.0, device=None, precision=None: real_measure(0.05, device, precision))
+    return seen
+
+
+def test_plan_measures_on_the_resolved_device_under_the_loops_bf16_autocast_and_says_so(monkeypatch):
+    import torch
+
+    from lmforge.plan import format_plan
+
+    seen = _spy_on_measurement(monkeypatch, "bf16")
+    p = plan(flops=1e18)  # no throughput given: measured, with train.device / train.precision's defaults
+    assert seen["device_specs"] == ["auto"]
+    assert seen["precision_args"] == [(seen["resolved"], "auto")]  # the resolved device, not the spec
+    assert seen["precision_args"][0][0] is seen["resolved"]  # that very object, not another cpu
+    assert len(seen["forwards"]) >= 4  # 2 warm-up steps and at least 2 timed ones
+    for autocast_on, dtype, ids_device, weights_device in seen["forwards"]:
+        assert autocast_on and dtype == torch.bfloat16
+        assert ids_device == weights_device == seen["resolved"]
+    assert p["measured_on"] == {"device": "cpu", "precision": "bf16"}
+    assert p["hours"] == pytest.approx(1e18 / p["measured_flops_per_s"] / 3600)
+    assert "measured on cpu in bf16" in format_plan(p)
+
+
+def test_plan_measures_fp32_without_autocast_and_passes_the_device_and_precision_asked_for(monkeypatch, capsys):
+    seen = _spy_on_measurement(monkeypatch, "fp32")
+    p = plan(hours=1.0, device="cpu", precision="fp32")
+    assert seen["device_specs"] == ["cpu"] and seen["precision_args"] == [(seen["resolved"], "fp32")]
+    assert seen["forwards"] and not any(autocast_on for autocast_on, *_ in seen["forwards"])
+    assert p["measured_on"] == {"device": "cpu", "precision": "fp32"}
+    assert p["flops"] == pytest.approx(p["measured_flops_per_s"] * 3600)
+    # the verb's text names where the throughput was measured
+    assert main(["plan", "--flops", "1e18"]) == 0
+    assert "GFLOP/s measured on cpu in fp32" in capsys.readouterr().out
+
+
+def test_plan_given_a_throughput_measures_nothing_and_names_no_device(monkeypatch):
+    seen = _spy_on_measurement(monkeypatch, "bf16")
+    assert "measured_on" not in plan(flops=1e18, flops_per_s=50e9)
+    assert "measured_on" not in plan(flops=1e18, tokens_per_s=5e3)
+    assert seen["device_specs"] == [] and seen["forwards"] == []
 
 
 def test_plot_schedule_draws_the_loops_learning_rates_and_never_overwrites(tmp_path, capsys):

@@ -16,6 +16,7 @@ from lmforge.pretrain import build_model, fill_vocab_size, pretrain, resume
 from lmforge.tasks.base import Batch
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.loop import accumulate_gradients
+from lmforge.train import checkpoint
 from lmforge.train.log import read_metrics
 
 
@@ -203,6 +204,7 @@ def test_a_pickle_planted_as_a_checkpoint_is_refused_and_never_runs(tiny_prepare
     (ckpt / "model.safetensors").write_bytes(evil)
     state = json.loads((ckpt / "state.json").read_text())  # the attacker fixes the checksum too
     state["files"]["model.safetensors"] = hashlib.sha256(evil).hexdigest()
+    state["state_sha256"] = checkpoint.state_checksum(state)  # so that safetensors itself must refuse it
     (ckpt / "state.json").write_text(json.dumps(state))
     with pytest.raises(LmforgeError, match="no usable checkpoint"):
         load_model(run_dir)

@@ -16,7 +16,7 @@ With task.whole_word_mask, whole words (all their WordPiece pieces) are selected
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Tensor, mask_prob: float = 0.15,
                 mask_token_frac: float = 0.8, random_token_frac: float = 0.1,
-                generator: Optional[torch.Generator] = None,
+                generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
                 rows: Optional[tuple[int, int, int]] = None,
                 word_continuation: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply BERT masking to a whole batch at once.
@@ -32,9 +32,12 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     input_ids:    (batch, seq) int64 token ids (padding included).
     special_mask: (vocab_size,) bool, True for ids that are never selected nor used as random
                   replacements (padding, [CLS], [SEP], [MASK], [UNK], reserved slots).
-    rows:         (first, end, total): `input_ids` are rows first..end of a batch of `total` rows
-                  (a data-parallel rank's share). The random numbers are drawn for all `total`
-                  rows and cut, so each row gets the mask it would get in the whole batch.
+    generator:    one generator for the batch, or one per row: then each row's mask depends on its
+                  own generator alone, so no way of cutting a batch into pieces changes it (the
+                  training batches: a generator per row of the step's global batch).
+    rows:         (first, end, total), with one generator: `input_ids` are rows first..end of a
+                  batch of `total` rows. The random numbers are drawn for all `total` rows and
+                  cut, so each row gets the mask it would get in the whole batch.
     word_continuation: (vocab_size,) bool, True for ids that continue a word (WordPiece '##'
                   pieces). Given, whole words are selected (Google's whole-word-masking BERT):
                   see `whole_words`.
@@ -46,9 +49,19 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     if end - first != input_ids.size(0):
         raise ValueError(f"rows={rows} do not match {input_ids.size(0)} input rows")
     shape = (total, input_ids.size(1))
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != input_ids.size(0):
+        raise ValueError(f"{len(generator)} generators for {input_ids.size(0)} rows")
 
     def uniform() -> torch.Tensor:  # this rank's rows of a (total, seq) draw
+        if per_row:
+            return torch.stack([torch.rand(shape[1], generator=g) for g in generator]).to(input_ids.device)
         return torch.rand(shape, generator=generator, device=input_ids.device)[first:end]
+
+    def integers(high: int) -> torch.Tensor:
+        if per_row:
+            return torch.stack([torch.randint(high, (shape[1],), generator=g) for g in generator]).to(input_ids.device)
+        return torch.randint(high, shape, generator=generator, device=input_ids.device)[first:end]
 
     special_mask = special_mask.to(input_ids.device)
     maskable = ~special_mask[input_ids]
@@ -69,7 +82,7 @@ def random_mask(input_ids: torch.Tensor, *, mask_id: int, special_mask: torch.Te
     to_mask = selected & (how < mask_token_frac)
     to_random = selected & (how >= mask_token_frac) & (how < mask_token_frac + random_token_frac)
     allowed = torch.nonzero(~special_mask).squeeze(1)  # ids a random replacement may take
-    pick = torch.randint(len(allowed), shape, generator=generator, device=input_ids.device)[first:end]
+    pick = integers(len(allowed))
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(to_random, allowed[pick], masked)
     return masked, selected

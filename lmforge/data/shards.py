@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmforge.data.corpora import Corpus, is_validation_doc
+from lmforge.data.packages import cached_item_lock
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -207,8 +208,14 @@ def cache_key(corpus: Corpus, tokenizer: TextTokenizer, val_frac: float, split_s
 
 def prepared_or_prepare(corpus: Corpus, tokenizer: TextTokenizer, cache_root: Path, *, val_frac: float,
                         split_seed: int, progress: bool = True) -> PreparedData:
-    """The cached prepared directory for these settings, preparing it first if needed."""
+    """The cached prepared directory for these settings, preparing it first if needed.
+
+    Safe to call from several processes at once (a sweep, every rank of a torchrun job): the
+    first to take the folder's lock prepares it, the others wait and then read what it made."""
     folder = cache_root / "prepared" / cache_key(corpus, tokenizer, val_frac, split_seed)
     if not (folder / "manifest.json").is_file():
-        prepare(corpus, tokenizer, folder, val_frac=val_frac, split_seed=split_seed, force=True, progress=progress)
+        with cached_item_lock(folder, f"preparing {corpus.name}"):
+            if not (folder / "manifest.json").is_file():  # again: another process may have just made it
+                prepare(corpus, tokenizer, folder, val_frac=val_frac, split_seed=split_seed, force=True,
+                        progress=progress)
     return PreparedData(folder)

@@ -122,7 +122,11 @@ def load_tokenizer(spec: str, cache_dir: Optional[str] = None) -> TextTokenizer:
             return _gpt2_from_files(path, str(path), check=False, vocab="vocab.json", merges="merges.txt")
         raise LmforgeError(f"tokenizer folder {path} has no tokenizer.json, vocab.txt, or vocab.json + merges.txt")
     if path.is_file() and path.suffix == ".txt":
-        return TextTokenizer(BertWordPieceTokenizer(str(path), lowercase=True)._tokenizer, spec)
+        try:
+            return TextTokenizer(BertWordPieceTokenizer(str(path), lowercase=True)._tokenizer, spec)
+        except Exception as e:  # not a WordPiece vocabulary (tokenizers raises plain exceptions)
+            raise LmforgeError(f"cannot read vocabulary {path}: {str(e).splitlines()[0]}; a vocab.txt holds one "
+                               f"token per line, [CLS], [SEP], [MASK], [PAD] and [UNK] among them") from None
     if path.is_file():
         try:
             return TextTokenizer(Tokenizer.from_file(str(path)), spec)

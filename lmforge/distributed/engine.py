@@ -38,8 +38,6 @@ class Engine:
     # Evaluation on every rank (needed when parameters are sharded: a forward gathers them), or
     # on rank 0 alone, on the unwrapped model, while the others wait at the next collective.
     evaluate_on_all_ranks = False
-    # The loop's fp16 GradScaler is used (DeepSpeed brings its own loss scaling).
-    uses_grad_scaler = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, par: Parallel = Parallel()):
         self.model = model  # the plain model: its names are the checkpoint's names
@@ -78,6 +76,31 @@ class Engine:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    # -- fp16 loss scaling ----------------------------------------------------------------------
+    def make_grad_scaler(self, precision: str, device: torch.device) -> "torch.amp.GradScaler | None":
+        """The loss scaler the loop multiplies the loss with: torch's GradScaler in fp16 (fp16
+        overflows above 65,504: it scales the loss up, skips a step whose gradients overflowed and
+        halves the factor, and grows it again after 2,000 good steps), else None. An engine with
+        loss scaling of its own (DeepSpeed) returns None and keeps its scaler itself."""
+        return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def loss_scale_state(self, scaler) -> "dict | None":
+        """The state of whichever loss scaler this engine really uses, for the checkpoint; None
+        without one."""
+        return scaler.state_dict() if scaler is not None else None
+
+    def load_loss_scale_state(self, scaler, state: "dict | None") -> None:
+        """Inverse of loss_scale_state: on resume, the scale and its counters continue."""
+        if scaler is None or not state:
+            return
+        if "cur_scale" in state:  # DeepSpeed's scaler (a run started under ZeRO): carry its scale over
+            state = {**scaler.state_dict(), "scale": float(state["cur_scale"]), "_growth_tracker": 0}
+        scaler.load_state_dict(state)
+
+    def loss_scale(self, scaler) -> "float | None":
+        """The current loss scale, for the log; None without loss scaling."""
+        return scaler.get_scale() if scaler is not None else None
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -3,11 +3,17 @@
 `setup` reads what torchrun puts in the environment (RANK, WORLD_SIZE, LOCAL_RANK and the
 rendezvous address) and joins the process group: NCCL on CUDA GPUs (one GPU per process, by
 LOCAL_RANK), gloo on CPUs. Without torchrun it is a single process and nothing happens.
+
+Every collective waits at most `distributed.timeout_s` for the slowest rank (the group's
+timeout). Nothing long runs while the other ranks wait in one, except rank 0's evaluations,
+checkpoints and reports, which that timeout must cover: data preparation is done by whichever
+rank first takes the cache's file lock, with the others waiting on the lock (data/packages.py).
 """
 
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -57,9 +63,10 @@ def current() -> Parallel:
     return _current
 
 
-def setup(device: torch.device) -> tuple[Parallel, torch.device]:
-    """Join the process group torchrun describes in the environment, if any. Returns this
-    process's Parallel and its device (on CUDA, the GPU of its LOCAL_RANK)."""
+def setup(device: torch.device, timeout_s: float = 1800.0) -> tuple[Parallel, torch.device]:
+    """Join the process group torchrun describes in the environment, if any, with collectives
+    that wait up to `timeout_s` seconds (`distributed.timeout_s`). Returns this process's
+    Parallel and its device (on CUDA, the GPU of its LOCAL_RANK)."""
     global _current
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -72,7 +79,8 @@ def setup(device: torch.device) -> tuple[Parallel, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
         # Leave the group while the interpreter is still whole: a gloo group left to interpreter
         # shutdown can abort the process ("terminate called without an active exception",
         # SIGABRT) after a finished run; it happened here once in a ZeRO-3 test (pytorch#190489).

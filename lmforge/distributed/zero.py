@@ -9,14 +9,19 @@
 
 lmforge keeps one meaning for its settings under DeepSpeed: the engine is given torch's AdamW
 (train/optim.py, same groups and hyper-parameters), train.batch_size as the micro-batch,
-train.grad_accum_steps as its accumulation (with the boundary set by the loop, so the gradients
-are reduced once per step), optim.max_grad_norm as its clipping, and the loop keeps setting the
+train.grad_accum_steps as its accumulation (with the boundary set by the loop, so stages 0 and 1
+reduce the gradients once per step; stages 2 and 3 reduce-scatter them at every micro-batch, as a
+rank keeps only its partition of them — tests/test_distributed_semantics.py counts them), optim.max_grad_norm as its clipping, and the loop keeps setting the
 learning rate every step. bf16 and fp16 (with DeepSpeed's dynamic loss scaling) come from
 train.precision. The loss is already the token-weighted global mean (train/loop.py), so
 DeepSpeed does not divide it by the accumulation steps again.
 
 A non-finite gradient makes DeepSpeed skip the update itself (it checks the norm it computes);
-the loop counts that step as skipped, as in one process.
+the loop counts that step as skipped, as in one process. Stage 0 in fp32 is DeepSpeed's plain
+data parallelism with torch's optimizer as it is: DeepSpeed computes no gradient norm and checks
+nothing there, so lmforge clips, measures the norm and skips a non-finite step itself, exactly as
+in one process. fp16's dynamic loss scale is DeepSpeed's own (the loop's GradScaler is not used):
+its scale and counters go into the checkpoint and come back on resume.
 
 Checkpoints: every tensor is gathered to the single-process format through DeepSpeed's
 fragment API (deepspeed.utils.safe_get_full_fp32_param / safe_get_full_optimizer_state): the
@@ -100,7 +105,6 @@ def _merge(ours: dict, theirs: dict, where: str, prefix: str = "") -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    uses_grad_scaler = False  # DeepSpeed's fp16 brings its own dynamic loss scaling
 
     def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str):
         if device.type == "cpu":
@@ -116,7 +120,11 @@ class DeepSpeedEngine(Engine):
         self.names = param_names(model, optimizer)  # index -> name, before DeepSpeed flattens the groups
         self.group_params = [len(g["params"]) for g in optimizer.param_groups]
         self.stage = cfg.distributed.zero_stage
+        # stage 0 in fp32: DeepSpeed steps torch's optimizer untouched (no norm, no overflow check)
+        self.plain = self.stage == 0 and precision == "fp32"
         config = deepspeed_config(cfg, par.world, precision, device)
+        if self.plain:
+            config["gradient_clipping"] = 0.0  # lmforge clips (step), as in one process
         self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                            dist_init_required=False)
         super().__init__(model, ds_optimizer, par)
@@ -142,15 +150,62 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)  # the loop's loss is already the step's mean
 
     def step(self, max_norm: float, loss_sum: torch.Tensor, scaler=None) -> tuple[torch.Tensor, bool]:
+        if self.plain:  # the gradients are whole and already averaged over the ranks
+            norm = torch.nn.utils.clip_grad_norm_([p for g in self.base.param_groups for p in g["params"]], max_norm)
+            if not bool(torch.isfinite(loss_sum + norm)):
+                self.ds.zero_grad()  # skip: the weights stay as they are
+                return norm, False
+            self.ds.step()
+            return norm, True
         # DeepSpeed computes the norm, clips to gradient_clipping (= optim.max_grad_norm) and
         # steps, or skips the update when the gradients are not finite
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
-        return norm, bool(torch.isfinite(norm)) and bool(torch.isfinite(loss_sum))
+        if norm is None:  # a configuration where DeepSpeed measures none: a bug to report, not a bad step
+            raise RuntimeError(f"DeepSpeed (ZeRO stage {self.stage}) reported no gradient norm")
+        norm = torch.as_tensor(float(norm))
+        overflow = getattr(self.ds.optimizer, "overflow", False)  # fp16: DeepSpeed skipped this update
+        return norm, bool(torch.isfinite(norm)) and bool(torch.isfinite(loss_sum)) and not overflow
 
     def zero_grad(self) -> None:
         """Nothing to do: DeepSpeed's step clears the gradients at the accumulation boundary."""
+
+    # -- fp16 loss scaling: DeepSpeed's own -----------------------------------------------------
+    SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def make_grad_scaler(self, precision: str, device: torch.device):
+        return None  # DeepSpeed scales the loss in ds.backward: a second scaler would scale it twice
+
+    def _ds_scaler(self):
+        """DeepSpeed's dynamic loss scaler (ZeRO 1-3: loss_scaler; stage 0: loss_scale_config),
+        None outside fp16."""
+        opt = self.ds.optimizer
+        for name in ("loss_scaler", "loss_scale_config"):
+            found = getattr(opt, name, None)
+            if found is not None and hasattr(found, "cur_scale"):
+                return found
+        return None
+
+    def loss_scale_state(self, scaler) -> "dict | None":
+        found = self._ds_scaler() if self.ds.fp16_enabled() else None
+        if found is None:
+            return None
+        return {k: float(getattr(found, k)) if k == "cur_scale" else getattr(found, k)
+                for k in self.SCALE_FIELDS if hasattr(found, k)}
+
+    def load_loss_scale_state(self, scaler, state: "dict | None") -> None:
+        found = self._ds_scaler() if self.ds.fp16_enabled() else None
+        if found is None or not state:
+            return
+        if "cur_scale" not in state:  # a GradScaler's state (a run started under another strategy)
+            state = {"cur_scale": float(state.get("scale", found.cur_scale))}
+        for k, v in state.items():
+            if k in self.SCALE_FIELDS and hasattr(found, k):
+                setattr(found, k, v)
+
+    def loss_scale(self, scaler) -> "float | None":
+        found = self._ds_scaler() if self.ds.fp16_enabled() else None
+        return float(found.cur_scale) if found is not None else None
 
     def set_lr(self, lr: float) -> None:
         for group in self.base.param_groups:  # the groups DeepSpeed's partitions step with

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.train.log import read_metrics  # noqa: E402
 
 
@@ -137,6 +138,34 @@ def plot_schedule(cfg, out: Path) -> tuple[Path, str]:
     return out, text
 
 
+def _read_run(run_dir: Path) -> tuple[list[dict], dict, dict]:
+    """(metrics records, summary or {}, config mapping) of one run directory, or a one-line
+    LmforgeError naming the file that is missing or damaged: a folder that merely looks like a
+    run (a copied metrics.jsonl, a hand-edited config.yaml) is the user's to fix, not a bug."""
+    import json
+
+    import yaml
+
+    for name in ("metrics.jsonl", "config.yaml"):
+        if not (run_dir / name).is_file():
+            raise LmforgeError(f"{run_dir} is not an lmforge run directory (no {name})")
+    name = "metrics.jsonl"
+    try:
+        records = read_metrics(run_dir)
+        if not all(isinstance(r, dict) and "split" in r for r in records):
+            raise ValueError("a line is not a metrics record")
+        name = "summary.json"
+        summary = json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else {}
+        name = "config.yaml"
+        config = yaml.safe_load((run_dir / name).read_text()) or {}
+        if not isinstance(config, dict) or not isinstance(summary, dict):
+            raise ValueError("not a mapping")
+    except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise LmforgeError(f"{run_dir / name} is damaged ({reason}); give a whole lmforge run directory") from None
+    return records, summary, config
+
+
 def compare_runs(run_dirs: list[Path], out_prefix: Path) -> tuple[Path, Path]:
     """`lmforge report`: one PNG comparing runs (loss against tokens with each run's unigram
     baseline, learning rate, gradient norm, tokens/s, and accuracy for fine-tuning runs) and a
@@ -146,19 +175,15 @@ def compare_runs(run_dirs: list[Path], out_prefix: Path) -> tuple[Path, Path]:
     import html
     import json
 
-    import yaml
-
     from lmforge.train.run_dir import flatten
 
     runs = []
     for d in run_dirs:
-        records = read_metrics(d)
+        records, summary, config = _read_run(Path(d))
         runs.append({"dir": Path(d), "name": Path(d).name,
                      "train": [r for r in records if r["split"] == "train"],
                      "val": [r for r in records if r["split"] == "validation"],
-                     "summary": json.loads((Path(d) / "summary.json").read_text())
-                     if (Path(d) / "summary.json").is_file() else {},
-                     "config": flatten(yaml.safe_load((Path(d) / "config.yaml").read_text()) or {})})
+                     "summary": summary, "config": flatten(config)})
     with_accuracy = any(r.get("accuracy") is not None for run in runs for r in run["val"])
     fig, axes = plt.subplots(1, 5 if with_accuracy else 4, figsize=(26 if with_accuracy else 21, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

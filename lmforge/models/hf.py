@@ -1,7 +1,8 @@
 """Hugging Face transformers layouts <-> lmforge's BERT: name maps, config maps, safe file I/O.
 
 Reading: a transformers model directory (config.json + model.safetensors, or pytorch_model.bin
-read with `torch.load(weights_only=True)`, which refuses pickled code) becomes an lmforge
+read with `torch.load(weights_only=True)`, which refuses pickled code from torch 2.6 on and is
+refused here on an older torch, CVE-2025-32434) becomes an lmforge
 `BertForMaskedLM`. Both `BertModel` (encoder only, e.g. the bundled MiniLM: names without a
 "bert." prefix) and `BertForMaskedLM` / `BertForPreTraining` layouts are accepted.
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig
@@ -110,12 +113,22 @@ def model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConf
                            f"'bert')")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise LmforgeError("only BERTs with hidden_act 'gelu' and absolute position embeddings are supported")
+    _require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings")
     return ModelConfig(
         arch="bert", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
         dropout=hf.get("hidden_dropout_prob", 0.1) if dropout is None else dropout,
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02))
+
+
+def _require(hf: dict, *keys: str) -> None:
+    """A transformers config.json without one of the sizes a model is built from: one line."""
+    lacking = [k for k in keys if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
+    if lacking:
+        raise LmforgeError(f"the Hugging Face config.json lacks {', '.join(lacking)} (a whole number each); use "
+                           f"the config.json saved with the model")
 
 
 def hf_config_from_model(cfg: ModelConfig, architecture: str = "BertForMaskedLM", pad_token_id: int = 0) -> dict:
@@ -134,21 +147,55 @@ def is_hf_dir(path: Path) -> bool:
         (Path(path) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
 
 
+# torch.load(weights_only=True) can be made to run code before torch 2.6 (CVE-2025-32434)
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def torch_load_is_safe() -> bool:
+    """Whether this torch's weights-only unpickler refuses code (torch >= 2.6)."""
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= SAFE_TORCH_LOAD
+
+
+def _weights_only_load(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled state dict, read by torch's weights-only unpickler (never code),
+    or a one-line LmforgeError; never on a torch whose unpickler can be bypassed."""
+    if not torch_load_is_safe():
+        raise LmforgeError(f"refusing {path}: reading a pickle is safe only with torch>=2.6 (CVE-2025-32434) and "
+                           f"this is torch {torch.__version__}; upgrade torch, or give the model as model.safetensors")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": many lines before our one
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler refuses anything but tensors and containers
+        text = str(e)  # torch says what it refused after "WeightsUnpickler error:", else on its first line
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        reason = next((line.strip() for line in reason.splitlines() if line.strip()), type(e).__name__)
+        raise LmforgeError(f"refusing {path}: it is not a plain tensor file ({reason[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise LmforgeError(f"refusing {path}: it is not a state dict of named tensors")
+    return state
+
+
 def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a transformers model directory, loaded without running code."""
+    """(config dict, tensors) of a transformers model directory, loaded without running code.
+    A config.json or weights file that is damaged is a one-line LmforgeError."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LmforgeError(f"{path} is not a Hugging Face model directory (no config.json)")
-    hf_cfg = json.loads((path / "config.json").read_text())
+    try:
+        hf_cfg = json.loads((path / "config.json").read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LmforgeError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise LmforgeError(f"{path / 'config.json'} is not a JSON object of model settings")
     if (path / "model.safetensors").is_file():
-        return hf_cfg, load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
         try:
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # the weights-only unpickler refuses anything but tensors and containers
-            raise LmforgeError(f"refusing {path / 'pytorch_model.bin'}: it is not a plain tensor file "
-                               f"({str(e).splitlines()[0][:200]})") from None
-        return hf_cfg, state
+            return hf_cfg, load_file(path / "model.safetensors")
+        except SafetensorError as e:  # a truncated or malformed file
+            raise LmforgeError(f"{path / 'model.safetensors'} is damaged ({str(e).splitlines()[0][:200]})") from None
+    if (path / "pytorch_model.bin").is_file():
+        return hf_cfg, _weights_only_load(path / "pytorch_model.bin")
     raise LmforgeError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
 
 
@@ -208,6 +255,7 @@ def gpt2_from_hf_state_dict(state: dict[str, torch.Tensor], padded_vocab: int
 def gpt2_model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise LmforgeError(f"GPT-2 activation {hf.get('activation_function')!r} is not supported (gelu_new only)")
+    _require(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
     h = hf["n_embd"]
     return ModelConfig(arch="gpt", vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["n_layer"],
                        num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * h,

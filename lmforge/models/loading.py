@@ -81,6 +81,22 @@ def check_tokenizer_fits(tokenizer: TextTokenizer, cfg: ModelConfig, where: Path
                            f"model's own tokenizer")
 
 
+def load_hf_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """Load a transformers directory's tensors (already in lmforge names) into `model`, built
+    from that directory's config.json; returns the names of the model's tensors it lacks. A tensor
+    with no place in that model (a layer beyond num_hidden_layers) or of another shape means the
+    config.json is not the one saved with these weights: said in one line."""
+    expected = model.state_dict()
+    for name, tensor in sorted(state.items()):
+        here = tuple(expected[name].shape) if name in expected else None
+        if here != tuple(tensor.shape):
+            raise LmforgeError(f"{path / 'config.json'} does not describe its weights: {name} is "
+                               f"{tuple(tensor.shape)} in the weights but {'absent' if here is None else here} by config.json; "
+                               f"use the config.json saved with these weights")
+    missing, _ = model.load_state_dict(state, strict=False)
+    return list(missing)
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module  # BertForMaskedLM or GPT
@@ -106,8 +122,9 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         if cfg.task.name in FINE_TUNING_TASKS:
             raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
                                f"for its encoder")
+        weights = run_weights(path)  # first: a run without a checkpoint may not have its shape filled in yet
         model = build_model(cfg.model, cfg.task)
-        load_checkpoint_weights(model, run_weights(path), path)
+        load_checkpoint_weights(model, weights, path)
         tokenizer = load_run_tokenizer(path, "data.json")
         check_tokenizer_fits(tokenizer, cfg.model, path / "tokenizer.json")
         if isinstance(model, Electra):  # its discriminator: a BERT encoder (no MLM head of its own)
@@ -127,7 +144,9 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
             cfg = gpt2_model_config_from_hf(hf_cfg)
             model = GPT(cfg)
             state, ignored = gpt2_from_hf_state_dict(hf_state, model.token.weight.size(0))
-            model.load_state_dict(state)
+            missing = load_hf_tensors(model, state, path)
+            if missing:
+                raise LmforgeError(f"{path} lacks GPT-2 tensors: {', '.join(missing[:5])}")
             notes = [f"not used from {path}: {', '.join(sorted(ignored)[:6])}"] if ignored else []
             tokenizer = load_tokenizer(str(path))
             check_tokenizer_fits(tokenizer, cfg, path)
@@ -135,8 +154,7 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         cfg = model_config_from_hf(hf_cfg)
         state, ignored = from_hf_state_dict(hf_state)
         model = BertForMaskedLM(cfg)  # initialised, so a missing head starts as N(0, 0.02)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected, unexpected  # from_hf_state_dict only yields our names
+        missing = load_hf_tensors(model, state, path)
         notes = []
         if missing:
             if not all(name.startswith("mlm_head.") for name in missing):

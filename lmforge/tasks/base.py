@@ -6,7 +6,15 @@ The loop (lmforge/train/loop.py) calls, per optimizer step:
 and every `eval_every` steps `task.evaluate(model)`. Dividing summed losses by the number of
 targets in the whole step (known before any forward pass, because masking happens when the
 batch is drawn) makes k accumulated micro-batches give exactly the gradient of one batch k times
-larger, even when micro-batches hold different numbers of masked tokens.
+larger, even when micro-batches hold different numbers of masked tokens. A loss part that is a
+mean over something else (NSP: over examples; ELECTRA's detection: over real tokens) names that
+count in `Batch.counts` and its sum in `LossOutput.terms`; the loop divides it by the step's
+total of that count, so every part is a mean over the whole global batch.
+
+The rule every task keeps: a step is a function of its global batch alone. However the step is
+cut into micro-batches (train.batch_size x train.grad_accum_steps) and ranks, row g of the step
+is the same example with the same random draws (`step_rows` gives a batch's global row indices;
+draws are keyed by (seed, step, g), never by the micro-batch), and the loss is the same mean.
 
 `train_batch(step, micro)` must be a pure function of (seed, step, micro) and the state returned
 by `data_state()`, so that a resumed run draws exactly the batches the uninterrupted run drew.
@@ -33,12 +41,19 @@ class Batch:
     tensors: dict[str, torch.Tensor]  # moved to the device by the loop
     num_targets: int  # loss terms in this batch (masked tokens, examples)
     num_tokens: int  # input tokens, for throughput
+    # further counts that loss parts or metrics are means over, e.g. {"examples": 8} (NSP)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class LossOutput:
     loss_sum: torch.Tensor  # scalar: sum of the per-target losses
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"correct": n}, summed over targets
+    # count name (a key of Batch.counts) -> a loss part summed over that count: added to the
+    # loss as its sum over the step / the step's total count (a mean over the global batch)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # metric name -> the count its sum in `sums` is over, where that is not the targets
+    per: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +101,23 @@ class Task(ABC):
         """(rows in the global micro-batch, (first, end) row of this rank's share)."""
         rank, world = self.shard
         return per_rank * world, (rank * per_rank, (rank + 1) * per_rank)
+
+    def step_rows(self, micro: int, per_rank: int) -> range:
+        """The indices, within the step's global batch, of this rank's rows of micro-batch
+        `micro`: micro-batch m holds global rows m x (world x per_rank) onwards, rank r the r-th
+        share of them. Samplers hand out a step's rows in this order, so index g names the same
+        example at any split; random draws keyed by g are the same too."""
+        total, (lo, hi) = self.global_rows(per_rank)
+        return range(micro * total + lo, micro * total + hi)
+
+    def eval_sizes(self) -> tuple[int, int]:
+        """(examples in the validation set, examples per evaluation batch). The set is
+        train.eval_batches global batches (train.batch_size x grad_accum_steps x processes: the
+        same at any split of it); it is read train.eval_batch_size at a time (default: the
+        micro-batch, train.batch_size x processes), which changes only speed and memory."""
+        t = self.cfg.train
+        return (t.eval_batches * self.global_rows(t.batch_size * t.grad_accum_steps)[0],
+                t.eval_batch_size or self.global_rows(t.batch_size)[0])
 
     @abstractmethod
     def train_batch(self, step: int, micro: int) -> Batch: ...

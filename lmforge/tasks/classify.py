@@ -2,8 +2,10 @@
 
 Examples are tokenized once as [CLS] text [SEP] (truncated to data.seq_len). Batches are padded
 only to their longest member, and members have similar lengths: each epoch's seeded shuffle is
-cut into chunks of 50 batches, each chunk sorted by length and cut into batches, and the batch
-order shuffled again. On short texts like movie-review snippets (~28 tokens, max ~90) this does
+cut into chunks of 50 global batches (one optimizer step's examples: train.batch_size x
+grad_accum_steps x processes), each chunk sorted by length and cut into global batches, and the
+batch order shuffled again. A step's examples, and so its loss, therefore depend only on the
+global batch size, not on how it is cut into micro-batches and processes. On short texts like movie-review snippets (~28 tokens, max ~90) this does
 several times less work than padding every example to 128. A batch with no padding at all goes
 to the model without an attention mask (the same result, less work).
 
@@ -52,8 +54,9 @@ class ClassifyTask(Task):
         self.has_rating = data.rating_range is not None
         self.ratings = torch.tensor([e.rating if e.rating is not None else math.nan for e in data.examples],
                                     dtype=torch.float32)
-        self.consumed = 0  # train batches handed out so far
-        self._epoch, self._epoch_batches = -1, []
+        self.consumed = 0  # train examples handed out so far, in epoch order
+        self._epoch, self._epoch_order = -1, []
+        self._step, self._step_examples = -1, []
 
     # -- batches ---------------------------------------------------------------------------------
     def collate(self, indices: list[int]) -> Batch:
@@ -63,10 +66,16 @@ class ClassifyTask(Task):
                    "ratings": self.ratings[index], "index": index}
         return Batch(tensors, num_targets=len(indices), num_tokens=int(attention.sum()))
 
-    def _batches_of_epoch(self, epoch: int) -> list[list[int]]:
-        """The epoch's global batches (train.batch_size x world size examples each)."""
+    def global_batch(self) -> int:
+        """Examples in a full optimizer step over every process."""
+        t = self.cfg.train
+        return self.global_rows(t.batch_size * t.grad_accum_steps)[0]
+
+    def _order_of_epoch(self, epoch: int) -> list[int]:
+        """The epoch's train examples in the order steps take them: global batches of similar
+        lengths, one after another (see the module docstring)."""
         if epoch != self._epoch:
-            b = self.global_rows(self.cfg.train.batch_size)[0]
+            b = self.global_batch()
             rng = random.Random(derive_seed(self.cfg.train.seed, "classify-epoch", epoch))
             order = list(self.split["train"])
             rng.shuffle(order)
@@ -75,35 +84,51 @@ class ClassifyTask(Task):
                 chunk = sorted(order[start:start + b * CHUNK_BATCHES], key=lambda i: len(self.ids[i]))
                 batches += [chunk[k:k + b] for k in range(0, len(chunk), b)]
             rng.shuffle(batches)
-            self._epoch, self._epoch_batches = epoch, batches
-        return self._epoch_batches
+            self._epoch, self._epoch_order = epoch, [i for batch in batches for i in batch]
+        return self._epoch_order
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.split["train"]) / self.global_rows(self.cfg.train.batch_size)[0])
+        return math.ceil(len(self.split["train"]) / self.global_batch())
+
+    def _examples_of_step(self, step: int) -> list[int]:
+        """The step's examples over every micro-batch and process: the next global batch (the
+        last one of an epoch is short; steps of a batch-size ramp take fewer)."""
+        if step != self._step:
+            shape = self.step_shape(step)
+            wanted = self.global_rows(shape.rows)[0] * shape.micro_batches
+            epoch, offset = divmod(self.consumed, len(self.split["train"]))
+            examples = self._order_of_epoch(epoch)[offset:offset + wanted]
+            self.consumed += len(examples)
+            self._step, self._step_examples = step, examples
+        return self._step_examples
 
     def train_batch(self, step: int, micro: int) -> Batch:
-        """This rank's share of the next global batch. A full batch splits into equal shares; the
-        short last batch of an epoch into near-equal ones. A rank left with no example (fewer
-        examples than ranks) gets one with no weight: every rank must run a backward."""
-        per_epoch = self.steps_per_epoch()
-        epoch, k = divmod(self.consumed, per_epoch)
-        self.consumed += 1
-        rows = self._batches_of_epoch(epoch)[k]
+        """This rank's share of micro-batch `micro` of the step's examples. A full step splits
+        into equal shares; the short last step of an epoch into near-equal ones. A rank left with
+        no example gets one with no weight: every rank must run a backward."""
+        examples = self._examples_of_step(step)
         rank, world = self.shard
-        if world == 1:
-            return self.collate(rows)
-        mine = [int(i) for i in np.array_split(np.array(rows), world)[rank]]
+        micro_rows = np.array_split(np.array(examples), self.step_shape(step).micro_batches)[micro]
+        mine = [int(i) for i in np.array_split(micro_rows, world)[rank]]
         if not mine:
-            batch = self.collate(rows[:1])
+            batch = self.collate(examples[:1])
             batch.num_targets = batch.num_tokens = 0
             return batch
         return self.collate(mine)
 
     def data_state(self) -> dict:
-        return {"consumed_batches": self.consumed, "epoch": self.consumed / self.steps_per_epoch()}
+        return {"consumed_examples": self.consumed, "epoch": self.consumed / len(self.split["train"])}
 
     def load_data_state(self, state: dict) -> None:
-        self.consumed = int(state["consumed_batches"])
+        if "consumed_examples" in state:
+            self.consumed = int(state["consumed_examples"])
+            return
+        # a checkpoint of an lmforge before 0.2 counted batches of train.batch_size x processes:
+        # continue at the same place in the same epoch (its batches were composed another way)
+        t, n = self.cfg.train, len(self.split["train"])
+        b = self.global_rows(t.batch_size)[0]
+        epoch, k = divmod(int(state["consumed_batches"]), math.ceil(n / b))
+        self.consumed = epoch * n + min(k * b, n)
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:

@@ -76,9 +76,9 @@ class CausalLMTask(Task):
 
     @torch.no_grad()  # not inference_mode: sharded engines (ZeRO-3) keep tensors gathered here for training
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
-        b = self.global_rows(self.cfg.train.batch_size)[0]  # the global batch: the same set at any world size
+        n, b = self.eval_sizes()  # the same set at any split of the global batch
         if self._eval_windows is None:
-            picks = self.val_windows.spread(self.cfg.train.eval_batches * b)
+            picks = self.val_windows.spread(n)
             self._eval_windows = self.val_windows.get(picks)
         was_training = model.training
         model.eval()

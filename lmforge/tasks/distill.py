@@ -170,16 +170,18 @@ class DistillMLMTask(MaskedLMTask):
 
         (head, soft, hard, correct, agreement), hidden = model(masked, selected=selected, return_hidden=True,
                                                               head_loss=head_loss)
-        # Every token's state counts (no padding in MLM windows). The loop divides the step's sums by
-        # its masked-token count; scaled by the share of masked tokens masking aims at
-        # (task.mask_prob), a constant, the term is the per-token mean to within the actual share
-        # (each row masks round(15%) of its maskable tokens: 19 of a 128-token window, so 1.01x the
-        # mean), and a step's value does not depend on how it is split into micro-batches and
-        # processes, as scaling by each micro-batch's own share would make it.
+        # Every token's state counts (no padding in MLM windows): a loss term over "tokens"
+        # (Batch.counts), which the loop divides by the step's token count — the per-token mean
+        # over the global batch, whatever micro-batches and processes it is cut into.
         cosine = (1 - F.cosine_similarity(hidden.float(), teacher_hidden.float(), dim=-1)).sum()
-        cosine = cosine * self.cfg.task.mask_prob
-        return LossOutput(head + w.cosine_weight * cosine, {"correct": correct, "mlm_loss": hard, "soft": soft,
-                                                            "cosine": cosine.detach(), "teacher_agreement": agreement})
+        return LossOutput(head, {"correct": correct, "mlm_loss": hard, "soft": soft, "cosine": cosine.detach(),
+                                 "teacher_agreement": agreement},
+                          terms={"tokens": w.cosine_weight * cosine}, per={"cosine": "tokens"})
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        batch = super().train_batch(step, micro)
+        batch.counts["tokens"] = batch.tensors["masked_ids"].numel()
+        return batch
 
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:
         """MLM's evaluation of the student, plus the teacher's loss and accuracy on the same masked

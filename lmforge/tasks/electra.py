@@ -2,9 +2,9 @@
 generator's MLM loss and the discriminator's replaced-token detection, and their metrics.
 
 The loop sees what it sees for any task: `loss_sum` divided by the step's targets (the masked
-positions) gives the generator's mean MLM loss plus rtd_weight x the discriminator's mean binary
-cross-entropy over every real token (each micro-batch's RTD sum is scaled by masked / real tokens,
-so the division comes out as a per-token mean). `mlm_loss`, `rtd_loss` and `rtd_accuracy` are
+positions) gives the generator's mean MLM loss, and a loss term over "real_tokens" (Batch.counts)
+adds rtd_weight x the discriminator's binary cross-entropy, divided by the step's real tokens:
+its mean over every real token of the global batch. `mlm_loss`, `rtd_loss` and `rtd_accuracy` are
 logged beside it. Validation reports `loss` as the generator's MLM loss (comparable with the
 unigram baseline and with a BERT run's), and the discriminator's accuracy on replaced and on
 original tokens separately (most tokens are originals: overall accuracy alone flatters it).
@@ -22,8 +22,9 @@ from lmforge.tasks.mlm import MaskedLMTask
 
 
 def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight: float) -> LossOutput:
-    """Summed generator MLM loss + rtd_weight x discriminator loss (scaled to per-target units, see
-    the module docstring), with the generator's correct count and both parts for logging."""
+    """Summed generator MLM loss, with rtd_weight x the discriminator's summed loss as a term over
+    "real_tokens" (see the module docstring), the generator's correct count and both parts for
+    logging."""
     selected = tensors["selected"]
     out = model(tensors["masked_ids"], tensors["input_ids"], selected, tensors["sample_seeds"],
                 tensors.get("attention_mask"))
@@ -33,11 +34,12 @@ def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight:
             else torch.ones_like(selected))
     disc = out["discriminator_logits"].float()[real]
     replaced = out["replaced"][real]
-    per_target = targets.numel() / max(1, disc.numel())
-    rtd_sum = F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum") * per_target
-    rtd_correct = ((disc > 0).float() == replaced).sum() * per_target
-    return LossOutput(mlm_sum + rtd_weight * rtd_sum, {"correct": correct, "mlm_loss": mlm_sum.detach(),
-                                                        "rtd_loss": rtd_sum.detach(), "rtd_accuracy": rtd_correct})
+    rtd_sum = F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum")
+    rtd_correct = ((disc > 0).float() == replaced).sum()
+    return LossOutput(mlm_sum, {"correct": correct, "mlm_loss": mlm_sum.detach(), "rtd_loss": rtd_sum.detach(),
+                                "rtd_accuracy": rtd_correct},
+                      terms={"real_tokens": rtd_weight * rtd_sum},
+                      per={"rtd_loss": "real_tokens", "rtd_accuracy": "real_tokens"})
 
 
 class ElectraTask(MaskedLMTask):
@@ -45,10 +47,12 @@ class ElectraTask(MaskedLMTask):
 
     def train_batch(self, step: int, micro: int) -> Batch:
         batch = super().train_batch(step, micro)
-        _, (lo, hi) = self.global_rows(self.step_shape(step).rows)
-        # the generator's draw for each row of the global batch: the same at any world size and on resume
+        rows = self.step_rows(micro, self.step_shape(step).rows)
+        # the generator's draw for each row of the step's global batch: the same at any split and on resume
         batch.tensors["sample_seeds"] = torch.tensor(
-            [derive_seed(self.cfg.train.seed, "electra-sample", step, micro, row) for row in range(lo, hi)])
+            [derive_seed(self.cfg.train.seed, "electra-sample", step, g) for g in rows])
+        mask = batch.tensors.get("attention_mask")
+        batch.counts["real_tokens"] = int(mask.sum()) if mask is not None else batch.tensors["input_ids"].numel()
         return batch
 
     def eval_batches(self) -> list[Batch]:

@@ -3,8 +3,9 @@
 Examples are non-overlapping windows of `seq_len - 2` tokens cut from the prepared token stream
 (documents back to back, separated by [SEP]) and framed as [CLS] window [SEP], so no example
 needs padding. The train windows are visited in a seeded random order, a fresh permutation each
-epoch; masking is drawn when a batch is made, with a generator seeded by (seed, step, micro),
-so the same step always sees the same masks, in a resumed run too.
+epoch; masking is drawn when a batch is made, each row with a generator seeded by (seed, step,
+row of the step's global batch), so the same step always sees the same masks — in a resumed run
+too, and however the step is cut into micro-batches and processes.
 
 With task.nsp the examples are sentence pairs instead (lmforge/data/nsp.py): [CLS] A [SEP] B
 [SEP], B the true continuation of A half the time, masked the same way; next-sentence prediction
@@ -47,9 +48,8 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
 
     With next-sentence pairs (task.nsp: also "token_type_ids", "next_sentence_label" and, when
     padded, "attention_mask") the NSP cross-entropy is added, as the paper adds the two means:
-    each example's NSP loss is weighted by the batch's masked tokens per example, so that the
-    loop's division by the masked-token count makes it the mean over examples. Metrics: the MLM
-    and NSP losses apart and the NSP accuracy (on the same weighting)."""
+    the NSP sum is a loss term over "examples" (Batch.counts), which the loop divides by the
+    step's example count: the mean over the step's examples. Metrics: the MLM and NSP losses apart and the NSP accuracy (per example)."""
     selected = tensors["selected"]
     targets = tensors["input_ids"][selected]
     if "next_sentence_label" not in tensors:
@@ -59,11 +59,11 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     loss_sum, correct, nsp = model(tensors["masked_ids"], token_type_ids=tensors["token_type_ids"],
                                    attention_mask=tensors.get("attention_mask"), selected=selected, targets=targets,
                                    next_sentence=True)
-    per_example = targets.numel() / labels.numel()
-    nsp_sum = F.cross_entropy(nsp.float(), labels, reduction="sum") * per_example
-    nsp_correct = (nsp.argmax(-1) == labels).sum() * per_example
-    return LossOutput(loss_sum + nsp_sum, {"correct": correct, "mlm_loss": loss_sum.detach(),
-                                           "nsp_loss": nsp_sum.detach(), "nsp_accuracy": nsp_correct})
+    nsp_sum = F.cross_entropy(nsp.float(), labels, reduction="sum")
+    nsp_correct = (nsp.argmax(-1) == labels).sum()
+    return LossOutput(loss_sum, {"correct": correct, "mlm_loss": loss_sum.detach(), "nsp_loss": nsp_sum.detach(),
+                                 "nsp_accuracy": nsp_correct},
+                      terms={"examples": nsp_sum}, per={"nsp_loss": "examples", "nsp_accuracy": "examples"})
 
 
 class MaskedLMTask(Task):
@@ -122,14 +122,19 @@ class MaskedLMTask(Task):
         sep = torch.full((b, 1), self.tokenizer.sep_id, dtype=torch.int64)
         return torch.cat([cls, ids, sep], dim=1)
 
-    def _mask(self, input_ids: torch.Tensor, generator: torch.Generator,
-              rows: tuple[int, int, int] | None = None, pairs: dict[str, torch.Tensor] | None = None) -> Batch:
-        """Mask `input_ids`; with NSP `pairs` (PairBatches.rows) their segment ids, labels and,
-        when a row is padded, the attention mask come along."""
+    def row_generators(self, *key: object, rows: range) -> list[torch.Generator]:
+        """One masking generator per row, seeded by (seed, *key, row): a row's mask is then the
+        same in any batch that holds it."""
+        return [generator_for(self.cfg.train.seed, *key, g) for g in rows]
+
+    def _mask(self, input_ids: torch.Tensor, generators: list[torch.Generator],
+              pairs: dict[str, torch.Tensor] | None = None) -> Batch:
+        """Mask `input_ids`, row r with generators[r]; with NSP `pairs` (PairBatches.rows) their
+        segment ids, labels and, when a row is padded, the attention mask come along."""
         k = self.cfg.task
         masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
                                        mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
-                                       random_token_frac=k.random_token_frac, generator=generator, rows=rows,
+                                       random_token_frac=k.random_token_frac, generator=generators,
                                        word_continuation=self.word_continuation)
         tensors = {"input_ids": input_ids, "masked_ids": masked, "selected": selected}
         num_tokens = input_ids.numel()
@@ -138,18 +143,20 @@ class MaskedLMTask(Task):
             num_tokens = int(pairs["attention_mask"].sum())
             if num_tokens < input_ids.numel():  # no mask at all when nothing is padded: the fast path
                 tensors["attention_mask"] = pairs["attention_mask"]
-        return Batch(tensors, num_targets=int(selected.sum()), num_tokens=num_tokens)
+        counts = {"examples": input_ids.size(0)} if pairs is not None else {}
+        return Batch(tensors, num_targets=int(selected.sum()), num_tokens=num_tokens, counts=counts)
 
     def train_batch(self, step: int, micro: int) -> Batch:
         shape = self.step_shape(step)
         total, (lo, hi) = self.global_rows(shape.rows)
-        if self.pairs:  # NSP: pairs are a function of (seed, step, micro, row of the global batch)
+        rows = self.step_rows(micro, shape.rows)  # this batch's rows of the step's global batch
+        masks = self.row_generators("mask", step, rows=rows)
+        if self.pairs:  # NSP: pairs are a function of (seed, step, row of the step's global batch)
             maker = self.long_pairs if shape.seq_len != self.cfg.data.seq_len else self.pairs["train"]
-            pairs = maker.rows([("train", step, micro, row) for row in range(lo, hi)])
-            return self._mask(pairs["input_ids"], generator_for(self.cfg.train.seed, "mask", step, micro),
-                              rows=(lo, hi, total), pairs=pairs)
+            pairs = maker.rows([("train", step, g) for g in rows])
+            return self._mask(pairs["input_ids"], masks, pairs=pairs)
         input_ids = self._frame(self.samplers[shape.seq_len].next(total, (lo, hi)))
-        return self._mask(input_ids, generator_for(self.cfg.train.seed, "mask", step, micro), rows=(lo, hi, total))
+        return self._mask(input_ids, masks)
 
     def data_state(self) -> dict:
         return sampler_states(self.samplers, self.cfg.data.seq_len)
@@ -163,22 +170,21 @@ class MaskedLMTask(Task):
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_batches(self) -> list[Batch]:
-        """The fixed validation set: up to eval_batches x the global batch size windows spread
-        evenly over the split, masked once with a fixed seed."""
-        if self._eval_batches is None and self.pairs:  # NSP: a fixed set of validation pairs
-            b = self.global_rows(self.cfg.train.batch_size)[0]
-            gen = generator_for(self.cfg.train.seed, "eval-masks")
-            self._eval_batches = []
-            for first in range(0, self.cfg.train.eval_batches * b, b):
-                pairs = self.pairs["validation"].rows([("validation", i) for i in range(first, first + b)])
-                self._eval_batches.append(self._mask(pairs["input_ids"], gen, pairs=pairs))
+        """The fixed validation set (`eval_sizes`): windows spread evenly over the split, or with
+        NSP pairs drawn once, each row masked by its own fixed seed."""
         if self._eval_batches is None:
-            b = self.global_rows(self.cfg.train.batch_size)[0]  # the global batch: the same set at any world size
-            picks = self.val_windows.spread(self.cfg.train.eval_batches * b)
-            n = len(picks)
-            gen = generator_for(self.cfg.train.seed, "eval-masks")
-            self._eval_batches = [self._mask(self._frame(self.val_windows.get(picks[i:i + b])), gen)
-                                  for i in range(0, n, b)]
+            n, b = self.eval_sizes()
+            if self.pairs:  # NSP: a fixed set of validation pairs
+                chunks = [range(i, min(i + b, n)) for i in range(0, n, b)]
+                made = [(self.pairs["validation"].rows([("validation", i) for i in rows]), rows) for rows in chunks]
+                self._eval_batches = [self._mask(pairs["input_ids"], self.row_generators("eval-masks", rows=rows),
+                                                 pairs=pairs) for pairs, rows in made]
+            else:
+                picks = self.val_windows.spread(n)
+                self._eval_batches = [
+                    self._mask(self._frame(self.val_windows.get(picks[i:i + b])),
+                               self.row_generators("eval-masks", rows=range(i, min(i + b, len(picks)))))
+                    for i in range(0, len(picks), b)]
         return self._eval_batches
 
     @torch.no_grad()  # not inference_mode: sharded engines (ZeRO-3) keep tensors gathered here for training

@@ -4,7 +4,9 @@ One checkpoint is a folder `checkpoints/step_00001234/`:
     model.safetensors       model weights, names free of wrapper prefixes (_orig_mod., module.)
     optimizer.safetensors   AdamW moments and step counts, keyed `<param index>.<name>`
     state.json              step, data position, optimizer hyper-parameters, metrics needed to
-                            continue, and the sha256 of both tensor files (checked on load)
+                            continue, the sha256 of both tensor files, and `state_sha256`: the
+                            sha256 of state.json's own content without that key (all checked
+                            on load; a checkpoint written before that key existed loads as before)
 It is written under a temporary name, fsynced and renamed, and only then does the small
 `checkpoints/latest` file (also written by rename) point to it. A crash at any moment leaves
 either the old or the new checkpoint complete, never half of one. Loading checks the sha256s;
@@ -69,6 +71,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def state_checksum(state: dict) -> str:
+    """sha256 of a checkpoint's state (without `state_sha256`) as JSON with sorted keys: the same
+    whether computed before writing state.json or after reading it back, whatever its layout."""
+    canonical = json.loads(json.dumps({k: v for k, v in state.items() if k != "state_sha256"}))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -124,6 +133,7 @@ def _save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, d
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
     payload = {"step": step, "optimizer": opt_meta, "files": files, **state}
+    payload["state_sha256"] = state_checksum(payload)  # a changed step or data position is damage too
     (tmp / "state.json").write_text(json.dumps(payload, indent=1))
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         with open(tmp / name, "rb") as f:
@@ -164,8 +174,13 @@ def load_checkpoint(path: Path, with_optimizer: bool = True
         state = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LmforgeError(f"{state_path} is damaged (not valid JSON)") from None
+    if not isinstance(state, dict):
+        raise LmforgeError(f"checkpoint {path} is damaged: state.json is not a JSON object")
+    recorded = state.pop("state_sha256", None)  # None: written before lmforge recorded it
+    if recorded is not None and recorded != state_checksum(state):
+        raise LmforgeError(f"checkpoint {path} is damaged: state.json does not match its recorded sha256")
     names = ["model.safetensors"] + (["optimizer.safetensors"] if with_optimizer else [])
-    files = state.get("files", {}) if isinstance(state, dict) else {}
+    files = state.get("files", {})
     for name in names:
         digest = files.get(name)
         if digest is None or not (path / name).is_file() or _sha256(path / name) != digest:

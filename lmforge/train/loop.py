@@ -72,42 +72,54 @@ class TrainResult:
     last_eval: dict
 
 
+def step_counts(batches: list, par: Parallel, device: torch.device) -> dict[str, int]:
+    """The step's denominators over every micro-batch and rank: "targets" (Batch.num_targets)
+    and each count the task names in Batch.counts. One all-reduce with several ranks."""
+    names = sorted({k for b in batches for k in b.counts})
+    local = [sum(b.num_targets for b in batches), *(sum(b.counts.get(k, 0) for b in batches) for k in names)]
+    if par.world > 1:  # no tensor and no device sync for a single process
+        local = [int(x) for x in par.sum_(torch.tensor(local, dtype=torch.float64, device=device)).tolist()]
+    return dict(zip(["targets", *names], local))
+
+
 def accumulate_gradients(task: Task, model: torch.nn.Module, batches: list, device: torch.device,
                          amp: contextlib.AbstractContextManager, scaler: Optional[torch.amp.GradScaler] = None,
                          par: Parallel = Parallel(), engine: Optional[Engine] = None
-                         ) -> tuple[torch.Tensor, dict, int]:
+                         ) -> tuple[torch.Tensor, dict, dict[str, int]]:
     """Forward and backward every micro-batch of one optimizer step into `.grad`.
 
     Each micro-batch's summed loss is divided by the number of targets in the WHOLE step, so the
     gradient equals that of one batch holding all micro-batches (the mean over all targets), not
-    a mean of per-micro-batch means. With fp16, `scaler` multiplies the loss before backward so
+    a mean of per-micro-batch means; a loss part over another count (LossOutput.terms) is divided
+    by the step's total of that count. With fp16, `scaler` multiplies the loss before backward so
     that small gradients do not underflow.
 
-    Data parallel (`par.world` > 1): the targets are counted over every rank's micro-batches, and
+    Data parallel (`par.world` > 1): the counts are taken over every rank's micro-batches, and
     each rank's loss is multiplied by the world size, so that the engine's average of the ranks'
-    gradients is the gradient of the mean over all targets of the global batch. `engine`
-    (lmforge/distributed) reduces gradients once, on the last micro-batch, and runs the backward;
-    `model` is what the loss is computed with (the engine's forward model, maybe compiled).
-    Returns (this rank's summed loss, its summed task metrics, total targets over all ranks).
+    gradients is the gradient of the mean over the global batch. `engine` (lmforge/distributed)
+    reduces gradients once, on the last micro-batch, and runs the backward; `model` is what the
+    loss is computed with (the engine's forward model, maybe compiled).
+    Returns (this rank's share of the step's mean loss, its share of each metric's mean — summed
+    over ranks, both are the global batch's — and the step's counts over all ranks).
     """
-    total_targets = sum(b.num_targets for b in batches)
-    if par.world > 1:  # no tensor and no device sync for a single process
-        total_targets = int(par.sum_(torch.tensor(float(total_targets), device=device)).item())
-    total_targets = max(1, total_targets)
+    counts = step_counts(batches, par, device)
+    scale = {k: par.world / max(1, v) for k, v in counts.items()}
     engine = engine or Engine(model, optimizer=None)
-    loss_sum = torch.zeros((), device=device)
-    sums: dict[str, torch.Tensor] = {}
+    loss_mean = torch.zeros((), device=device)
+    means: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         batch.tensors = {k: v.to(device, non_blocking=True) for k, v in batch.tensors.items()}
         with engine.micro_batch(last=i == len(batches) - 1):
             with amp:
                 out = task.loss(model, batch)
-            loss = out.loss_sum * (par.world / total_targets)
+            loss = out.loss_sum * scale["targets"]
+            for name, part in out.terms.items():
+                loss = loss + part * scale[name]
             engine.backward(scaler.scale(loss) if scaler is not None else loss)
-        loss_sum += out.loss_sum.detach().float()
+        loss_mean += loss.detach().float() / par.world
         for k, v in out.sums.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
-    return loss_sum, sums, total_targets
+            means[k] = means.get(k, 0) + v.detach().float() * (scale[out.per.get(k, "targets")] / par.world)
+    return loss_mean, means, counts
 
 
 class _StopFlag:
@@ -155,11 +167,11 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         torch.backends.cudnn.allow_tf32 = True
     say = tqdm.write if par.main else (lambda text: None)  # one voice: every rank would say the same
     global_batch = t_cfg.batch_size * t_cfg.grad_accum_steps * par.world
-    scaler = None  # fp16's loss scaler, made once the precision is known
+    scaler = scale_state = None  # fp16: the loop's loss scaler, made by the engine (see below)
     ckpt_root = run_dir / "checkpoints"
 
     step, tokens_seen, time_before = 0, 0, 0.0
-    precision = resolve_precision(device, t_cfg.precision)
+    precision = resolve_precision(device, t_cfg.precision, cfg.distributed.strategy, par.world)
     if resume:
         found = load_newest_good(ckpt_root)
         if found is None:
@@ -172,10 +184,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
         if t_cfg.precision == "auto":  # keep the precision the run started with, so resume stays exact
             precision = state.get("precision", precision)
-        if precision == "fp16":
-            scaler = torch.amp.GradScaler(device.type)
-            if "loss_scaler" in state:
-                scaler.load_state_dict(state["loss_scaler"])
+        scale_state = state.get("loss_scaler")  # restored by the engine that really scales the loss
         if step >= t_cfg.max_steps and (run_dir / "summary.json").is_file():
             raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
@@ -193,8 +202,11 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         say(f"lmforge: {schedule.describe()}")
     # the strategy (ddp, fsdp, deepspeed; plain in one process) wraps the model and makes AdamW
     engine = make_engine(model, cfg, par, device, precision)
+    # fp16: torch's GradScaler, or none where the engine scales the loss itself (DeepSpeed)
+    scaler = engine.make_grad_scaler(precision, device)
     if resume:  # every rank loads the same whole state; sharded engines keep their part
         engine.load_full_state(weights, opt_tensors, state["optimizer"])
+        engine.load_loss_scale_state(scaler, scale_state)
         del weights, opt_tensors
     forward_model = torch.compile(engine.forward_model) if t_cfg.compile else engine.forward_model
     # With whole parameters on every rank, rank 0 evaluates alone on the plain model (a DDP
@@ -206,10 +218,6 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                             tensorboard=cfg.log.tensorboard, csv=cfg.log.csv,
                             wandb=to_dict(cfg) if cfg.log.wandb else None)
               if par.main else NullLogger())
-    if precision == "fp16" and scaler is None and engine.uses_grad_scaler:
-        # fp16 overflows above 65,504: the scaler multiplies the loss by a large factor, skips a step
-        # whose gradients overflowed and halves the factor, and grows it again after 2,000 good steps
-        scaler = torch.amp.GradScaler(device.type)
     if t_cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         say("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
                    "slower than fp32; use train.precision=auto")
@@ -244,8 +252,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
         state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
                  "last_eval": last_eval, "task": task.name, "precision": precision,
                  "nonfinite_steps": nonfinite_steps, "global_batch": global_batch}
-        if scaler is not None:
-            state["loss_scaler"] = scaler.state_dict()
+        if (scale := engine.loss_scale_state(scaler)) is not None:
+            state["loss_scaler"] = scale
         save_checkpoint(ckpt_root, step, full_state, state, keep=t_cfg.keep_checkpoints)
 
     def evaluate() -> None:
@@ -296,24 +304,25 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
             shape = schedule.at(step)
             batches = [task.train_batch(step, micro) for micro in range(shape.micro_batches)]
             data_wait += time.perf_counter() - step_start
-            loss_sum, sums, total_targets = accumulate_gradients(task, forward_model, batches, device, amp, scaler,
-                                                                 par, engine)
+            loss_mean, means, _ = accumulate_gradients(task, forward_model, batches, device, amp, scaler, par,
+                                                       engine)
             num_tokens = sum(b.num_tokens for b in batches)
             if par.world > 1:  # one all-reduce: the loss and metrics of the global batch, and the stop flags
                 counts = torch.tensor([num_tokens, stop.requested, out_of_time()], dtype=torch.float32, device=device)
-                packed = par.sum_(torch.cat([loss_sum.view(1), counts, *(v.view(1) for v in sums.values())]))
+                packed = par.sum_(torch.cat([loss_mean.view(1), counts, *(v.view(1) for v in means.values())]))
                 num_tokens, signalled, timed_out = (int(x) for x in packed[1:4].tolist())
-                loss_sum, sums = packed[0], dict(zip(sums, packed[4:]))
-            grad_norm, updated = engine.step(max_norm, loss_sum, scaler)
+                loss_mean, means = packed[0], dict(zip(means, packed[4:]))
+            grad_norm, updated = engine.step(max_norm, loss_mean, scaler)
             if updated:
                 nonfinite_in_a_row = 0
             else:
                 nonfinite_steps += 1
                 # fp16 gradient overflow with a finite loss is the loss scaler's business (it lowers
                 # its factor below, or DeepSpeed's does); only a non-finite loss counts towards stopping
-                overflow = precision == "fp16" and bool(torch.isfinite(loss_sum))
+                overflow = precision == "fp16" and bool(torch.isfinite(loss_mean))
                 nonfinite_in_a_row = 0 if overflow else nonfinite_in_a_row + 1
-                what = ("fp16 gradients overflowed" + (f" at loss scale {scaler.get_scale():g}" if scaler else "")
+                scale = engine.loss_scale(scaler)
+                what = ("fp16 gradients overflowed" + (f" at loss scale {scale:g}" if scale is not None else "")
                         if overflow
                         else "loss or gradient is not finite")
                 say(f"lmforge: warning: step {step + 1}: {what}; update skipped")
@@ -333,8 +342,8 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                 now = time.time()
                 tokens_per_s = (tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_tokens = now, tokens_seen
-                loss = loss_sum.item() / total_targets
-                extra = {k: v.item() / total_targets for k, v in sums.items()}
+                loss = loss_mean.item()
+                extra = {k: v.item() for k, v in means.items()}
                 if "correct" in extra:
                     extra["accuracy"] = extra.pop("correct")
                 # data_wait: share of step time spent making batches (the loop waits for them)
@@ -342,7 +351,7 @@ def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: 
                            tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9),
                            skipped_steps=nonfinite_steps, **memory_mb(device), **extra,
                            **({"seq_len": shape.seq_len, "step_tokens": num_tokens} if schedule.varies else {}),
-                           **({"loss_scale": scaler.get_scale()} if scaler is not None else {}))
+                           **({"loss_scale": scale} if (scale := engine.loss_scale(scaler)) is not None else {}))
                 data_wait = step_time = 0.0
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             # at max_steps: evaluate, then checkpoint, so that the last checkpoint holds the last evaluation

@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from lmforge.config import precision_refusal
+
 
 def set_threads(num_threads: Optional[int]) -> None:
     """torch's intra-op threads: `num_threads` if given, else torch's default."""
@@ -73,33 +75,41 @@ def cpu_bf16_speedup() -> float:
     otherwise make two runs of the same config pick different precisions."""
     if not cpu_has_native_bf16():
         return 0.0
-    from lmforge.data.packages import cache_root
+    from lmforge.data.packages import cache_root, cached_item_lock
 
     key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-    try:
-        path = cache_root() / "machine.json"
-        known = json.loads(path.read_text()) if path.is_file() else {}
-        if isinstance(known.get(key), (int, float)):
-            return float(known[key])
-    except (OSError, ValueError):
-        path, known = None, {}
-    speedup = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
-    if path is not None and isinstance(known, dict):
-        with contextlib.suppress(OSError):  # a read-only cache is no error: the next run measures again
-            tmp = path.with_name(f".machine.json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**known, key: speedup}, indent=1) + "\n")
-            os.replace(tmp, path)
-    return speedup
+    with contextlib.ExitStack() as locked:
+        try:
+            path = cache_root() / "machine.json"
+            # Read, time and write under machine.json's lock: runs started together time once (not
+            # side by side, which would load the machine and skew the timing), and none drops the
+            # entry another process wrote in between.
+            locked.enter_context(cached_item_lock(path, "timing bf16 matmuls on this CPU"))
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            if isinstance(known.get(key), (int, float)):
+                return float(known[key])
+        except (OSError, ValueError):
+            path, known = None, {}
+        speedup = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+        if path is not None and isinstance(known, dict):
+            with contextlib.suppress(OSError):  # a read-only cache is no error: the next run measures again
+                tmp = path.with_name(f".machine.json.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({**known, key: speedup}, indent=1) + "\n")
+                os.replace(tmp, path)
+        return speedup
 
 
-def resolve_precision(device: torch.device, precision: str) -> str:
+def resolve_precision(device: torch.device, precision: str, strategy: str = "ddp", world: int = 1) -> str:
     """'bf16', 'fp16' or 'fp32' for `train.precision` (auto | fp32 | bf16 | fp16) on `device`.
     auto: bf16 on a CUDA GPU that supports it (Ampere and later), fp16 with loss scaling on an
-    older one (V100, T4), bf16 on a CPU with native bf16 that a timing shows 1.2x faster."""
+    older one (V100, T4) unless the strategy refuses fp16 (FSDP: then fp32), bf16 on a CPU with
+    native bf16 that a timing shows 1.2x faster."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32" if precision_refusal("fp16", strategy, world) else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_bf16_speedup() >= 1.2 else "fp32"
     return "fp32"
