@@ -55,6 +55,20 @@ def tiny_prepared(tmp_path_factory, tiny_corpus) -> PreparedData:
     return PreparedData(out)
 
 
+@pytest.fixture()
+def offline_datasets(monkeypatch, tmp_path):
+    """The real `datasets` library, offline, with a cache of its own under tmp_path: local
+    dataset folders load through it, and nothing is fetched."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return datasets
+
+
 def tiny_config(prepared: PreparedData, out_dir: Path, *overrides: str):
     """A config for a 2-layer, hidden-32 BERT on the tiny prepared corpus."""
     base = [

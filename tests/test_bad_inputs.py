@@ -402,12 +402,24 @@ def test_the_table_covers_every_verb_with_at_least_30_cases():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(case, runs, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # a relative out_dir (runs/) would land here, inside the snapshot
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # any cache write is seen too
-    (tmp_path / "cache").mkdir()
+    _isolate(tmp_path, monkeypatch)
     if case.setup:
         case.setup(tmp_path, runs)
-    argv = [a.format(tmp=tmp_path, **runs.paths) for a in case.argv]
+    err = _one_line_refusal([a.format(tmp=tmp_path, **runs.paths) for a in case.argv], tmp_path, runs, capsys)
+    assert case.expect in err, err
+
+
+def _isolate(tmp_path, monkeypatch) -> None:
+    """Run in tmp_path with a cache of its own: a relative out_dir (runs/) or any cache write
+    lands inside the snapshot that `_one_line_refusal` compares."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+
+
+def _one_line_refusal(argv: list[str], tmp_path, runs, capsys) -> str:
+    """Run `lmforge argv`: it must exit 2 with one `error:` line, no traceback, and write
+    nothing under tmp_path or the shared runs. Returns that line."""
     before = snapshot(tmp_path, runs.root)
     capsys.readouterr()
     code = main(argv)
@@ -415,8 +427,8 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(case, runs, tmp_p
     assert "Traceback" not in err
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert case.expect in err, err
     assert snapshot(tmp_path, runs.root) == before
+    return err
 
 
 # -- every verb x a path that is not what it expects ------------------------------------------
@@ -477,22 +489,13 @@ def test_the_path_table_covers_every_verb_that_takes_a_path():
 @pytest.mark.parametrize("arg, kind", PATH_CASES)
 def test_every_verb_given_a_path_that_is_not_what_it_expects_answers_in_one_line(arg, kind, runs, tmp_path,
                                                                                   monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
+    _isolate(tmp_path, monkeypatch)
     if arg.setup:
         arg.setup(tmp_path, runs)
     name, make = BAD_PATHS[kind]
     make(tmp_path, runs)
-    argv = [a.format(tmp=tmp_path, bad=tmp_path / name, **runs.paths) for a in arg.argv]
-    before = snapshot(tmp_path, runs.root)
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert snapshot(tmp_path, runs.root) == before
+    _one_line_refusal([a.format(tmp=tmp_path, bad=tmp_path / name, **runs.paths) for a in arg.argv], tmp_path, runs,
+                      capsys)
 
 
 # -- not exit 2: reported and carried on ---------------------------------------------------------

@@ -72,16 +72,11 @@ def test_jsonl_and_text_file_corpora(tmp_path):
         list(open_corpus(str(jl)).documents())
 
 
-def test_hf_corpus_streams_the_train_split_through_the_real_datasets_library(monkeypatch, tmp_path):
+def test_hf_corpus_streams_the_train_split_through_the_real_datasets_library(offline_datasets, monkeypatch,
+                                                                            tmp_path):
     # `datasets` itself, offline, on a local dataset folder (a path is a dataset name to it): its
     # train split is train.jsonl, its test split test.jsonl, and nothing is fetched
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    datasets = offline_datasets
     folder = tmp_path / "local-dataset"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"text": "first"}\n{"text": "  "}\n{"text": null}\n{"text": "second"}\n')

@@ -148,16 +148,10 @@ def test_fine_tuned_encoder_exports_as_a_bertmodel_with_identical_hidden_states(
     assert (ours - theirs)[mask.bool()].abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("offline_datasets")
 def test_hf_dataset_names_load_the_configs_train_split_through_real_datasets_without_ratings(monkeypatch, tmp_path):
     # `datasets` itself, offline, on a local dataset folder whose README names two configs, each
     # with its own files: `hf:FOLDER:sst2` must load sst2's train split and nothing else
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     folder = tmp_path / "reviews"
     for config in ("sst2", "other"):
         (folder / config).mkdir(parents=True)

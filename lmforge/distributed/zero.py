@@ -11,8 +11,8 @@ lmforge keeps one meaning for its settings under DeepSpeed: the engine is given 
 (train/optim.py, same groups and hyper-parameters), train.batch_size as the micro-batch,
 train.grad_accum_steps as its accumulation (with the boundary set by the loop, so stages 0 and 1
 reduce the gradients once per step; stages 2 and 3 reduce-scatter them at every micro-batch, as a
-rank keeps only its partition of them — tests/test_distributed_semantics.py counts them), optim.max_grad_norm as its clipping, and the loop keeps setting the
-learning rate every step. bf16 and fp16 (with DeepSpeed's dynamic loss scaling) come from
+rank keeps only its partition of them — tests/test_distributed_semantics.py counts them),
+optim.max_grad_norm as its clipping, and the loop keeps setting the learning rate every step. bf16 and fp16 (with DeepSpeed's dynamic loss scaling) come from
 train.precision. The loss is already the token-weighted global mean (train/loop.py), so
 DeepSpeed does not divide it by the accumulation steps again.
 
@@ -179,6 +179,8 @@ class DeepSpeedEngine(Engine):
     def _ds_scaler(self):
         """DeepSpeed's dynamic loss scaler (ZeRO 1-3: loss_scaler; stage 0: loss_scale_config),
         None outside fp16."""
+        if not self.ds.fp16_enabled():
+            return None
         opt = self.ds.optimizer
         for name in ("loss_scaler", "loss_scale_config"):
             found = getattr(opt, name, None)
@@ -187,14 +189,14 @@ class DeepSpeedEngine(Engine):
         return None
 
     def loss_scale_state(self, scaler) -> "dict | None":
-        found = self._ds_scaler() if self.ds.fp16_enabled() else None
+        found = self._ds_scaler()
         if found is None:
             return None
         return {k: float(getattr(found, k)) if k == "cur_scale" else getattr(found, k)
                 for k in self.SCALE_FIELDS if hasattr(found, k)}
 
     def load_loss_scale_state(self, scaler, state: "dict | None") -> None:
-        found = self._ds_scaler() if self.ds.fp16_enabled() else None
+        found = self._ds_scaler()
         if found is None or not state:
             return
         if "cur_scale" not in state:  # a GradScaler's state (a run started under another strategy)
@@ -204,7 +206,7 @@ class DeepSpeedEngine(Engine):
                 setattr(found, k, v)
 
     def loss_scale(self, scaler) -> "float | None":
-        found = self._ds_scaler() if self.ds.fp16_enabled() else None
+        found = self._ds_scaler()
         return float(found.cur_scale) if found is not None else None
 
     def set_lr(self, lr: float) -> None:

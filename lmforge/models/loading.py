@@ -90,8 +90,9 @@ def load_hf_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], path
     for name, tensor in sorted(state.items()):
         here = tuple(expected[name].shape) if name in expected else None
         if here != tuple(tensor.shape):
+            by_config = "absent" if here is None else here
             raise LmforgeError(f"{path / 'config.json'} does not describe its weights: {name} is "
-                               f"{tuple(tensor.shape)} in the weights but {'absent' if here is None else here} by config.json; "
+                               f"{tuple(tensor.shape)} in the weights but {by_config} by config.json; "
                                f"use the config.json saved with these weights")
     missing, _ = model.load_state_dict(state, strict=False)
     return list(missing)

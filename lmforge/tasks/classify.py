@@ -5,8 +5,9 @@ only to their longest member, and members have similar lengths: each epoch's see
 cut into chunks of 50 global batches (one optimizer step's examples: train.batch_size x
 grad_accum_steps x processes), each chunk sorted by length and cut into global batches, and the
 batch order shuffled again. A step's examples, and so its loss, therefore depend only on the
-global batch size, not on how it is cut into micro-batches and processes. On short texts like movie-review snippets (~28 tokens, max ~90) this does
-several times less work than padding every example to 128. A batch with no padding at all goes
+global batch size, not on how it is cut into micro-batches and processes. On short texts like
+movie-review snippets (~28 tokens, max ~90) this does several times less work than padding every
+example to 128. A batch with no padding at all goes
 to the model without an attention mask (the same result, less work).
 
 The loss per example is cross-entropy on the polarity plus `loss.rating_weight` x |rating error|

@@ -28,7 +28,6 @@ def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight:
     selected = tensors["selected"]
     out = model(tensors["masked_ids"], tensors["input_ids"], selected, tensors["sample_seeds"],
                 tensors.get("attention_mask"))
-    targets = tensors["input_ids"][selected]
     mlm_sum, correct = out["mlm_loss_sum"], out["correct"]
     real = (tensors["attention_mask"].bool() if "attention_mask" in tensors
             else torch.ones_like(selected))

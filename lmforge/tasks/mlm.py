@@ -49,7 +49,8 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     With next-sentence pairs (task.nsp: also "token_type_ids", "next_sentence_label" and, when
     padded, "attention_mask") the NSP cross-entropy is added, as the paper adds the two means:
     the NSP sum is a loss term over "examples" (Batch.counts), which the loop divides by the
-    step's example count: the mean over the step's examples. Metrics: the MLM and NSP losses apart and the NSP accuracy (per example)."""
+    step's example count: the mean over the step's examples. Metrics: the MLM and NSP losses
+    apart and the NSP accuracy (per example)."""
     selected = tensors["selected"]
     targets = tensors["input_ids"][selected]
     if "next_sentence_label" not in tensors:
