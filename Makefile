@@ -1,6 +1,6 @@
 # The two commands of the README, and the set-up they share.
 #   make demo   set up, then pretrain the small BERT on the bundled corpus and show what it learned
-#   make test   set up, then run the test suite
+#   make test   set up, then check the package layers (import-linter) and run the test suite
 # Set-up creates (or reuses) .venv and installs pinned dependencies. torch is pinned to the CPU
 # build by default; on a GPU machine install your own torch into .venv first (it is kept), or
 # run e.g. `make demo TORCH_SPEC=torch`.
@@ -31,6 +31,7 @@ demo: setup
 		"The United [MASK] of America."
 
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-slow: setup

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import common
 from lmforge.config import load_config
-from lmforge.pretrain import pretrain
+from lmforge.jobs import pretrain
 from lmforge.train.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,9 +41,8 @@ import torch  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.data.sentiment import LABELS, load_labeled, stratified_split  # noqa: E402
 from lmforge.data.tokenizers import minilm_model_dir  # noqa: E402
-from lmforge.finetune import _init_source  # noqa: E402
 from lmforge.models.classifier import BertClassifier  # noqa: E402
-from lmforge.tasks.classify import ClassifyTask  # noqa: E402
+from lmforge.tasks.classify import ClassifyTask, init_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("lmforge", "hf", "lmforge-random", "hf-grouped")
@@ -55,7 +54,7 @@ def lmforge_setup(args):
     cfg = load_config(ROOT / "configs" / "mr-minilm.yaml", overrides)
     data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
     split = stratified_split([e.label for e in data.examples], cfg.data.split_seed)
-    tokenizer, encoder = _init_source(cfg)
+    tokenizer, encoder = init_source(cfg)
     task = ClassifyTask(cfg, data, split, tokenizer, model=None)
     return cfg, tokenizer, encoder, task, data
 

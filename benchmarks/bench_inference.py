@@ -44,7 +44,7 @@ from lmforge.eval.predict import fill_mask  # noqa: E402
 from lmforge.export import export_hf, write_hf_tokenizer  # noqa: E402
 from lmforge.models.classifier import BertClassifier  # noqa: E402
 from lmforge.models.hf import model_config_from_hf, read_hf_dir  # noqa: E402
-from lmforge.models.loading import load_model  # noqa: E402
+from lmforge.tasks.loading import load_model  # noqa: E402
 
 VARIANTS = ("lmforge-classify", "hf-classify", "lmforge-fill-mask", "hf-fill-mask")
 PAIRS = {"hf-classify": "lmforge-classify", "hf-fill-mask": "lmforge-fill-mask"}

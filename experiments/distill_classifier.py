@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.data.sentiment import load_labeled  # noqa: E402
 from lmforge.eval.classify import classify_texts  # noqa: E402
-from lmforge.finetune import finetune, load_classifier  # noqa: E402
+from lmforge.jobs import finetune  # noqa: E402
+from lmforge.tasks.classify import load_classifier  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_fixes import tiny_reviews  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> int:
                                                                     *quick])
             teacher_dir, _ = finetune(cfg)
         cfg = load_config(ROOT / "configs" / "mr-minilm.yaml", [
-            "task.name=distill", f"task.teacher={teacher_dir}", f"task.student_layers={args.layers}",
+            "task.name=distill", f"distill.teacher={teacher_dir}", f"distill.student_layers={args.layers}",
             "model.init_from=null", "optim.lr=1e-4", f"out_dir={out / 'student'}", "train.progress=false", *quick,
             *args.overrides])
         student_dir, _ = finetune(cfg)

@@ -30,8 +30,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from lmforge.config import load_config  # noqa: E402
-from lmforge.models.loading import load_model  # noqa: E402
-from lmforge.pretrain import build_task, prepared_data, pretrain  # noqa: E402
+from lmforge.tasks.loading import load_model  # noqa: E402
+from lmforge.jobs import pretrain  # noqa: E402
+from lmforge.tasks.mlm import MaskedLMTask  # noqa: E402
+from lmforge.data.prepared import prepared_data
 
 
 def tokens_per_s(models: dict, batches: list, rounds: int) -> dict[str, float]:
@@ -73,17 +75,17 @@ def main() -> int:
         else:
             runs["teacher"] = Path(args.teacher)
         runs["distilled"] = pretrain(load_config(config, [
-            "task.name=distill-mlm", f"task.teacher={runs['teacher']}", "task.student_layers=2",
+            "task.name=distill-mlm", f"distill.teacher={runs['teacher']}", "distill.student_layers=2",
             f"out_dir={out / 'distilled'}", *base, *args.overrides]))[0]
         runs["scratch"] = pretrain(load_config(config, [f"out_dir={out / 'scratch'}", *base, *args.overrides]))[0]
         summaries = {k: json.loads((d / "summary.json").read_text()) for k, d in runs.items()
                      if (d / "summary.json").is_file()}
         # the fixed masked validation set of the students' config (the teacher's is the same one
         # when it was pretrained here); the distilled run also reports the teacher's loss on it
-        cfg = load_config(runs["scratch"] / "config.yaml")
+        cfg = load_config(runs["scratch"] / "config.yaml", migrate_run=True)
         data = prepared_data(cfg, progress=False)
         scratch = load_model(runs["scratch"])
-        batches = build_task(cfg, data, scratch.model).eval_batches()
+        batches = MaskedLMTask(cfg, data, scratch.model).eval_batches()
         models = {"teacher": load_model(runs["teacher"]).model, "distilled": load_model(runs["distilled"]).model,
                   "scratch": scratch.model}
         speed = tokens_per_s(models, batches, 1 if args.smoke else args.rounds)

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from lmforge.config import load_config  # noqa: E402
-from lmforge.finetune import finetune  # noqa: E402
-from lmforge.pretrain import pretrain  # noqa: E402
+from lmforge.jobs import finetune  # noqa: E402
+from lmforge.jobs import pretrain  # noqa: E402
 
 # Fine-tuning, the same for both: 3 epochs of the movie-review train split
 FINETUNE = ["optim.lr=1e-4", "train.max_steps=792", "train.eval_every=264", "train.checkpoint_every=792",

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lmforge.config import load_config  # noqa: E402
-from lmforge.finetune import finetune  # noqa: E402
+from lmforge.jobs import finetune  # noqa: E402
 
 SETTINGS = {
     "original": {"overrides": ["optim.bias_correction=false", "model.reinit_layers=0"], "epochs": 3},

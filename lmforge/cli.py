@@ -53,55 +53,50 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_or_resume(args: argparse.Namespace, new_run, resume_run, fixed: tuple[str, ...] = ()):
-    """Shared by pretrain and finetune: --list-keys / --print-config (return None), --resume, or a
-    new run from --config and overrides. Returns (run directory, summary)."""
-    from lmforge.config import all_keys, dump_yaml, load_config
+def _train(args: argparse.Namespace, verb: str) -> int:
+    """`lmforge pretrain` and `lmforge finetune` (lmforge.api's functions of the same names): a new
+    run from --config and overrides, or --resume; --list-keys / --print-config print and stop.
+    Then the objective's headline (Task.headline) and where the run's files are."""
+    from lmforge import api
+    from lmforge.config import all_keys, dump_yaml, import_plugin_of
+    from lmforge.tasks import registry
 
     if args.list_keys:
+        import_plugin_of(args.config, args.overrides)  # task.plugin's config section is listed too
         print("\n".join(all_keys()))
-        return None
+        return 0
     if args.resume:
         if args.config:
             raise LmforgeError("--resume takes its config from the run directory; drop --config")
-        return resume_run(Path(args.resume), args.overrides)
-    cfg = load_config(args.config, [*fixed, *args.overrides])
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return None
-    return new_run(cfg)
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from lmforge.pretrain import pretrain, resume
-
-    result = _start_or_resume(args, pretrain, resume)
-    if result is None:
-        return 0
-    run_dir, summary = result
+        run = api.resume(Path(args.resume), args.overrides, verb=verb)
+    else:
+        cfg = api.make_config(args.config, args.overrides, default_task="classify" if verb == "finetune" else None)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        run = api.pretrain(cfg) if verb == "pretrain" else api.finetune(cfg)
+    run_dir, summary = run.dir, run.summary
     if not summary:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     print()
-    kind = "causal-LM" if "val_perplexity" in summary else "MLM"
-    perplexity = f", perplexity {summary['val_perplexity']:.1f}" if "val_perplexity" in summary else ""
-    print(f"held-out {kind} loss {summary['val_loss']:.4f} vs unigram baseline {summary['unigram_val_loss']:.4f} "
-          f"(accuracy {summary['val_accuracy']:.1%}{perplexity}); {summary['steps']} steps, "
+    print(f"{registry.objective(run.config.task.name).headline(summary)}; {summary['steps']} steps, "
           f"{summary['tokens_seen']:,} tokens, {summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
-    print(f"report: {run_dir / 'report.png'}   metrics: {run_dir / 'metrics.jsonl'}   "
-          f"tensorboard --logdir {run_dir / 'tb'}")
+    files = [("report", run_dir / "report.png"), ("metrics", run_dir / "metrics.jsonl"),
+             ("errors", run_dir / "errors.md"), ("confusion matrix", run_dir / "confusion.png")]
+    print("   ".join(f"{name}: {path}" for name, path in files if path.is_file())
+          + (f"   tensorboard --logdir {run_dir / 'tb'}" if (run_dir / "tb").is_dir() else ""))
     print(f"run directory: {run_dir}")
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from lmforge.eval.predict import fill_mask
-    from lmforge.models.loading import load_model
+def _pretrain(args: argparse.Namespace) -> int:
+    return _train(args, "pretrain")
 
-    loaded = load_model(args.run_dir)
-    if loaded.config.arch != "bert":
-        raise LmforgeError(f"{args.run_dir} is a {loaded.config.arch} model; `predict` fills in [MASK] with a BERT "
-                           f"run (use `lmforge generate` to continue text)")
-    results = fill_mask(loaded.model, loaded.tokenizer, args.texts, top_k=args.top_k)
+
+def _predict(args: argparse.Namespace) -> int:
+    from lmforge import api
+
+    results = api.predict(args.run_dir, args.texts, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"text": t, "masks": r} for t, r in zip(args.texts, results)], indent=2))
         return 0
@@ -114,36 +109,19 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from lmforge.finetune import finetune, resume_finetune
-
-    result = _start_or_resume(args, finetune, resume_finetune, fixed=("task.name=classify",))
-    if result is None:
-        return 0
-    run_dir, summary = result
-    if not summary:  # a data-parallel rank other than 0: rank 0 reports
-        return 0
-    print()
-    rating = f", rating MAE {summary['test_rating_mae']:.3f}" if "test_rating_mae" in summary else ""
-    print(f"test accuracy {summary['test_accuracy']:.4f}, F1 {summary['test_f1']:.4f}{rating} "
-          f"(validation accuracy {summary['val_accuracy']:.4f}); {summary['steps']} steps, "
-          f"{summary['wall_time_s']:.0f} s, stopped by {summary['stopped_by']}")
-    print(f"errors: {run_dir / 'errors.md'}   confusion matrix: {run_dir / 'confusion.png'}")
-    print(f"run directory: {run_dir}")
-    return 0
+    return _train(args, "finetune")
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from lmforge.eval.classify import classify_texts, read_inputs
-    from lmforge.finetune import load_classifier
+    from lmforge import api
+    from lmforge.eval.classify import read_inputs
 
     if (args.text is None) == (args.input is None):
         raise LmforgeError("give exactly one of --text \"...\" or --input FILE")
     if args.text is not None and not args.text.strip():
         raise LmforgeError("--text is empty; give the text to classify")
     texts = [args.text] if args.text is not None else read_inputs(Path(args.input))
-    cfg, tokenizer, model = load_classifier(args.run_dir)
-    results = classify_texts(model, tokenizer, texts, cfg.data.seq_len)
-    for r in results:
+    for r in api.classify(args.run_dir, texts):
         if args.json:
             print(json.dumps(r))
         elif "error" in r:
@@ -155,22 +133,14 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lmforge.eval.generate import check_sampling, generate
-    from lmforge.models.loading import load_model
+    from lmforge import api
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
-    loaded = load_model(args.run_dir)
-    if loaded.config.arch != "gpt":
-        raise LmforgeError(f"{args.run_dir} is a {loaded.config.arch} model; `generate` needs a GPT run "
-                           f"(use `lmforge predict` for fill-mask)")
-    tok = loaded.tokenizer
-    samples = generate(loaded.model, tok.encode(args.prompt), max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       num_samples=args.num_samples, seed=args.seed, eot_id=tok.eot_id)
-    for i, ids in enumerate(samples):
-        text = tok.decode(ids)
+    samples = api.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           num_samples=args.num_samples, seed=args.seed, with_token_counts=True)
+    for i, (text, tokens) in enumerate(samples):
         if args.json:
-            print(json.dumps({"prompt": args.prompt, "sample": i, "text": text, "tokens": len(ids)}))
+            print(json.dumps({"prompt": args.prompt, "sample": i, "text": text, "tokens": tokens}))
         else:
             print(("" if i == 0 else "\n---\n") + args.prompt + text)
     return 0
@@ -214,8 +184,10 @@ def _report(args) -> int:
 def _plot_schedule(args) -> int:
     from lmforge.config import load_config
     from lmforge.eval.report import plot_schedule
+    from lmforge.train.schedule import check_batch_ramp
 
     cfg = load_config(args.config, args.overrides)
+    check_batch_ramp(cfg, 1)  # the schedule of one process is drawn
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise LmforgeError(f"--out {out} must name a .png file")
@@ -290,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Pretrain a model; every run gets its own directory under out_dir "
                                      "(config, provenance, metrics, TensorBoard, checkpoints, report). "
                                      "task.name: mlm (BERT), clm (GPT), electra (replaced-token detection), "
-                                     "distill-mlm (a smaller BERT learning from task.teacher, an MLM run or a "
+                                     "distill-mlm (a smaller BERT learning from distill.teacher, an MLM run or a "
                                      "transformers BertForMaskedLM directory).",
                          epilog=EPILOG_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_arguments(p, "configs/bert-tiny.yaml")
@@ -301,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "from model.init_from (minilm, an lmforge run, a Hugging Face directory, or "
                                      "null for random). Writes a run directory with summary.json (val/test "
                                      "accuracy, test F1, rating MAE), errors.md and confusion.png. "
-                                     "task.name=distill task.teacher=RUN trains a smaller classifier from a "
+                                     "task.name=distill distill.teacher=RUN trains a smaller classifier from a "
                                      "fine-tuned one (an lmforge run or a transformers "
                                      "BertForSequenceClassification directory).",
                          epilog=EPILOG_CONFIG.replace("pretrain", "finetune").replace("bert-tiny", "mr-minilm"),

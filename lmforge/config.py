@@ -5,15 +5,27 @@ the dataclass defaults, then `--config FILE.yaml`, then `section.key=value` over
 command line. Every layer goes through the same checks, so a typo in a YAML file gets the same
 "did you mean" message as a typo on the command line. The resolved config is written into the
 run directory, and `load_config(run_dir / "config.yaml")` rebuilds exactly the same object.
+
+Config by concern: `task` says which objective (`name`, and `plugin`, a user's module that
+registers one); each objective's options live in a section of their own (`mlm`, `clm`, `electra`,
+`distill`, `classify`), a plug-in objective's in a section it registers (`register_section`).
+Each section checks its values in its `check(cfg)` method, beside its fields; what an objective
+needs of the others is its own `check_config` (lmforge/tasks/), and what depends on the machine
+is checked when a run starts (lmforge/train/machine.py `check_environment`). A key that moved
+(`task.nsp` -> `mlm.nsp`) is refused in one line naming its new place, except in a run
+directory's own config.yaml, which is migrated (`load_config(..., migrate_run=True)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import importlib
 import importlib.util
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,8 +52,8 @@ class ModelConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
-    # BERT: the pooler ([CLS] -> dense -> tanh) and the next-sentence head; follows task.nsp
-    # (set it through task.nsp, not here).
+    # BERT: the pooler ([CLS] -> dense -> tanh) and the next-sentence head; follows mlm.nsp
+    # (set it through mlm.nsp, not here).
     next_sentence_head: bool = False
     # Start from these weights: `minilm` (the bundled MiniLM-L6-H384 encoder), an lmforge run
     # directory or a Hugging Face BERT directory; null = random. The shape keys above are then
@@ -50,6 +62,24 @@ class ModelConfig:
     # Fine-tuning (Zhang et al. 2021): re-initialise the top k encoder layers of the model.init_from
     # weights (BERT's init); the top layers are the most specific to pretraining and transfer least.
     reinit_layers: int = 0
+
+    def check(self, cfg: Config) -> None:
+        _require(self.arch in ("bert", "gpt"), f"model.arch={self.arch!r} is not known; known: bert, gpt")
+        _require(self.hidden_size >= 1, f"model.hidden_size={self.hidden_size} must be positive")
+        _require(self.num_heads >= 1, f"model.num_heads={self.num_heads} must be at least 1")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}; pick a "
+                 f"divisor")
+        _require(self.vocab_size is None or self.vocab_size >= 1,
+                 f"model.vocab_size={self.vocab_size} must be positive, or null to take the tokenizer's")
+        _require(self.type_vocab_size >= 1, f"model.type_vocab_size={self.type_vocab_size} must be at least 1")
+        _require(self.layer_norm_eps > 0 and self.init_std >= 0,
+                 f"model.layer_norm_eps={self.layer_norm_eps} must be positive and model.init_std={self.init_std} "
+                 f"not negative")
+        _require(self.num_layers >= 1, f"model.num_layers={self.num_layers} must be at least 1")
+        _require(self.reinit_layers >= 0, f"model.reinit_layers={self.reinit_layers} must be 0 or more")
+        _require(self.intermediate_size >= 1, f"model.intermediate_size={self.intermediate_size} must be positive")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -77,24 +107,62 @@ class DataConfig:
     # split_seed; validation and test stay whole): few-sample fine-tuning. null = all.
     train_examples: Optional[int] = None
 
+    def check(self, cfg: Config) -> None:
+        m, t = cfg.model, cfg.train
+        # distillation: the model's shape is the teacher's, checked against it when it is read
+        from_teacher = cfg.task.name in DISTILLATION_TASKS
+        _require(self.seq_len >= 4, f"data.seq_len={self.seq_len} is too short; use at least 4")
+        _require(self.train_tokenizer_vocab is None or self.train_tokenizer_vocab >= 1,
+                 f"data.train_tokenizer_vocab={self.train_tokenizer_vocab} must be positive (e.g. 8000), or null to "
+                 f"use data.tokenizer")
+        _require(from_teacher or self.seq_len <= m.max_position_embeddings,
+                 f"data.seq_len={self.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
+                 f"lower data.seq_len or raise model.max_position_embeddings")
+        long = self.long_seq_len
+        _require(long is None or (self.seq_len < long and (from_teacher or long <= m.max_position_embeddings)),
+                 f"data.long_seq_len={long} must be longer than data.seq_len={self.seq_len} and at most "
+                 f"model.max_position_embeddings={m.max_position_embeddings} (the position table is sized for the "
+                 f"longest)")
+        if long:
+            rows_step = long // math.gcd(self.seq_len, long)
+            _require((t.batch_size * self.seq_len) % long == 0,
+                     f"train.batch_size={t.batch_size} x data.seq_len={self.seq_len} is not a multiple of "
+                     f"data.long_seq_len={long}, so the long steps cannot keep the tokens per step; use a "
+                     f"train.batch_size that is a multiple of {rows_step}")
+        _require(0.0 < self.short_seq_frac < 1.0, f"data.short_seq_frac={self.short_seq_frac} must be in (0, 1)")
+        _require(self.train_examples is None or self.train_examples >= 1,
+                 f"data.train_examples={self.train_examples} must be positive (at least one example of each label "
+                 f"is kept), or null for all")
+        _require(0.0 < self.val_frac < 1.0, f"data.val_frac={self.val_frac} must be in (0, 1)")
 
-# What `lmforge pretrain` trains and what `lmforge finetune` trains (task.name)
-PRETRAINING_TASKS = ("mlm", "clm", "electra", "distill-mlm")
-FINE_TUNING_TASKS = ("classify", "distill")
-DISTILLATION_TASKS = ("distill", "distill-mlm")  # their model shape comes from task.teacher
+
+# Which objectives (task.name) take their model's shape from distill.teacher (the checks of
+# model.max_position_embeddings against data.* are then left to the teacher) and read distill.*
+DISTILLATION_TASKS = ("distill", "distill-mlm")
 
 
 @dataclass
 class TaskConfig:
-    """What is learned: `mlm` (masked-LM pretraining; the BERT masking recipe below, all fractions
-    configurable), `clm` (causal-LM pretraining, GPT), `electra` (ELECTRA pretraining: a small
-    MLM generator and a replaced-token-detection discriminator) or `classify` (fine-tune a
-    sentence classifier on data.dataset)."""
-    # clm: prompts sampled into samples.md at each evaluation
-    sample_prompts: str = "The state of the Union is|My fellow citizens,|In the coming year, we will"
-    sample_tokens: int = 40
+    """What is learned: task.name picks the objective (lmforge/tasks/registry.py): `mlm` (masked-LM
+    pretraining, BERT), `clm` (causal-LM pretraining, GPT), `electra` (ELECTRA pretraining: a small
+    MLM generator and a replaced-token-detection discriminator), `distill-mlm` (a smaller BERT
+    learning from a masked LM), `classify` (fine-tune a sentence classifier on data.dataset),
+    `distill` (a smaller classifier learning from a fine-tuned one), or a plug-in's. Each
+    objective's own options live in its section below (mlm:, clm:, electra:, distill:, classify:)."""
 
     name: str = "mlm"
+    # A user's own objective: a Python module name or a path to a .py file, imported before the
+    # rest of the config is read, so that the objective it registers (lmforge.register_objective)
+    # and any config section it adds (lmforge.config.register_section) are known. config.yaml
+    # records it (a file as its absolute path): a resume or a load in a new process imports it too.
+    plugin: Optional[str] = None
+
+
+@dataclass
+class MLMConfig:
+    """Masking, BERT's recipe with every fraction configurable: read by task.name=mlm, electra and
+    distill-mlm, which mask the same way."""
+
     mask_prob: float = 0.15  # share of maskable tokens that are selected for prediction
     mask_token_frac: float = 0.8  # of the selected: replaced by [MASK]
     random_token_frac: float = 0.1  # of the selected: replaced by a random token (rest unchanged)
@@ -102,31 +170,87 @@ class TaskConfig:
     # mlm: next-sentence prediction too ([CLS] A [SEP] B [SEP] pairs, B the true continuation half
     # the time; the pooler and NSP head's loss added to MLM's; lmforge/data/nsp.py)
     nsp: bool = False
-    # electra (Clark et al. 2020; lmforge/models/electra.py): a masked-LM generator this fraction of
-    # the discriminator's width (hidden, heads, feed-forward) and the weight of the discriminator's
-    # replaced-token-detection loss: loss = generator MLM + rtd_weight x RTD.
-    generator_frac: float = 0.25
-    rtd_weight: float = 50.0
-    share_embeddings: bool = True  # generator and discriminator share the embedding layer (the paper)
-    # distill / distill-mlm (DistilBERT; lmforge/tasks/distill.py): the teacher to learn from (distill:
-    # a fine-tuned classifier run; distill-mlm: an lmforge MLM run or a transformers BertForMaskedLM
-    # directory), the student's encoder layers (null = half the teacher's) and the softmax temperature
-    teacher: Optional[str] = None
-    student_layers: Optional[int] = None
-    temperature: float = 2.0
+
+    def check(self, cfg: Config) -> None:
+        _require(0.0 < self.mask_prob < 1.0, f"mlm.mask_prob={self.mask_prob} must be in (0, 1)")
+        _require(0.0 <= self.mask_token_frac and 0.0 <= self.random_token_frac
+                 and self.mask_token_frac + self.random_token_frac <= 1.0,
+                 "mlm.mask_token_frac + mlm.random_token_frac must be in [0, 1]")
+        # read by task.name=mlm alone: refused with another objective rather than ignored
+        _require(not self.nsp or cfg.task.name == "mlm",
+                 f"mlm.nsp=true trains with task.name=mlm, not {cfg.task.name!r}")
+        _require(not self.nsp or cfg.data.seq_len >= 8,
+                 f"mlm.nsp=true needs data.seq_len of at least 8, not {cfg.data.seq_len}")
 
 
 @dataclass
-class LossConfig:
-    """Weights of extra loss terms."""
+class CLMConfig:
+    """task.name=clm: the prompts sampled into samples.md at each evaluation."""
 
-    rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating)
+    sample_prompts: str = "The state of the Union is|My fellow citizens,|In the coming year, we will"
+    sample_tokens: int = 40
+
+    def check(self, cfg: Config) -> None:
+        _require(self.sample_tokens >= 1, f"clm.sample_tokens={self.sample_tokens} must be at least 1")
+
+
+@dataclass
+class ElectraConfig:
+    """task.name=electra (Clark et al. 2020; lmforge/models/electra.py): a masked-LM generator this
+    fraction of the discriminator's width (hidden, heads, feed-forward) and the weight of the
+    discriminator's replaced-token-detection loss: loss = generator MLM + rtd_weight x RTD."""
+
+    generator_frac: float = 0.25
+    rtd_weight: float = 50.0
+    share_embeddings: bool = True  # generator and discriminator share the embedding layer (the paper)
+
+    def check(self, cfg: Config) -> None:
+        _require(0.0 < self.generator_frac <= 1.0,
+                 f"electra.generator_frac={self.generator_frac} must be in (0, 1] (the paper: 0.25)")
+        _require(math.isfinite(self.rtd_weight) and self.rtd_weight >= 0,
+                 f"electra.rtd_weight={self.rtd_weight} must be a finite number >= 0")
+
+
+@dataclass
+class DistillConfig:
+    """task.name=distill / distill-mlm (DistilBERT; lmforge/tasks/distill.py): the teacher to learn
+    from (distill: a fine-tuned classifier run; distill-mlm: an lmforge MLM run or a transformers
+    BertForMaskedLM directory), the student's encoder layers (null = half the teacher's), the
+    softmax temperature and the weights of the loss terms."""
+
+    teacher: Optional[str] = None
+    student_layers: Optional[int] = None
+    temperature: float = 2.0
     # distill: soft_weight x T^2 KL(teacher || student) + hard_weight x cross-entropy
-    # + cosine_weight x (1 - cosine of the [CLS] states) (+ the rating term); DistilBERT's 5 / 2 / 1.
+    # + cosine_weight x (1 - cosine of the [CLS] states) (+ classify.rating_weight's term); DistilBERT's 5 / 2 / 1.
     # distill-mlm: the same at the masked positions, the cosine over every token's final state
     soft_weight: float = 5.0
     hard_weight: float = 2.0
     cosine_weight: float = 1.0
+
+    def check(self, cfg: Config) -> None:
+        name = cfg.task.name
+        _require(self.teacher is None or name in DISTILLATION_TASKS,
+                 f"distill.teacher is read by task.name=distill (lmforge finetune) or distill-mlm (lmforge pretrain), "
+                 f"not by task.name={name}; set task.name or drop distill.teacher")
+        _require(self.student_layers is None or self.student_layers >= 1,
+                 f"distill.student_layers={self.student_layers} must be at least 1, or null for half the teacher's")
+        _require(self.temperature > 0 and math.isfinite(self.temperature),
+                 f"distill.temperature={self.temperature} must be positive")
+        _require(all(math.isfinite(w) and w >= 0 for w in (self.soft_weight, self.hard_weight, self.cosine_weight)),
+                 "distill.soft_weight, distill.hard_weight and distill.cosine_weight must be finite numbers >= 0")
+
+
+@dataclass
+class ClassifyConfig:
+    """task.name=classify (and distill, whose student has the same rating head)."""
+
+    rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating)
+
+    def check(self, cfg: Config) -> None:
+        _require(math.isfinite(self.rating_weight) and self.rating_weight >= 0,
+                 f"classify.rating_weight={self.rating_weight} must be a finite number >= 0 (0 turns the rating "
+                 f"head off)")
 
 
 @dataclass
@@ -146,6 +270,19 @@ class OptimConfig:
     # Adam's bias correction of its moment estimates; false = the original BERT optimizer, which
     # left it out (Zhang et al. 2021 show fine-tuning is less stable without it)
     bias_correction: bool = True
+
+    def check(self, cfg: Config) -> None:
+        _require(self.lr > 0, f"optim.lr={self.lr} must be positive")
+        _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must not be negative")
+        _require(0.0 <= self.beta1 < 1.0, f"optim.beta1={self.beta1} must be in [0, 1), e.g. 0.9")
+        _require(0.0 <= self.beta2 < 1.0, f"optim.beta2={self.beta2} must be in [0, 1), e.g. 0.999")
+        _require(self.eps > 0, f"optim.eps={self.eps} must be positive, e.g. 1e-6")
+        _require(0.0 <= self.min_lr_frac <= 1.0, f"optim.min_lr_frac={self.min_lr_frac} must be in [0, 1]")
+        _require(0.0 <= self.warmup_frac <= 1.0, f"optim.warmup_frac={self.warmup_frac} must be in [0, 1]")
+        _require(self.schedule in ("linear", "cosine", "constant"),
+                 f"optim.schedule={self.schedule!r}: use linear, cosine or constant")
+        _require(self.decay in ("linear", "2d"), f"optim.decay={self.decay!r}: use linear or 2d")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "optim.max_grad_norm must be positive or null")
 
 
 @dataclass
@@ -186,6 +323,42 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     progress: bool = True
 
+    def check(self, cfg: Config) -> None:
+        seq_len = cfg.data.seq_len
+        _require(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be at least 1")
+        _require(self.max_nonfinite_steps >= 1,
+                 f"train.max_nonfinite_steps={self.max_nonfinite_steps} must be at least 1")
+        _require(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be at least 1")
+        _require(self.grad_accum_steps >= 1, f"train.grad_accum_steps={self.grad_accum_steps} must be at least 1")
+        _require(self.tokens_per_step is None
+                 or (self.tokens_per_step > 0 and self.tokens_per_step % (self.batch_size * seq_len) == 0),
+                 f"train.tokens_per_step={self.tokens_per_step} must be a positive multiple of train.batch_size x "
+                 f"data.seq_len = {self.batch_size * seq_len}")
+        # (that the ramp starts below the full step depends on the number of processes: checked when
+        # the run starts, lmforge/train/machine.py check_environment)
+        _require(self.batch_ramp_start_tokens is None or self.batch_ramp_start_tokens >= 1,
+                 f"train.batch_ramp_start_tokens={self.batch_ramp_start_tokens} must be positive, or null for no "
+                 f"ramp")
+        _require(self.batch_ramp_start_tokens is None or self.grad_accum_steps >= 2,
+                 "train.batch_ramp_start_tokens needs train.grad_accum_steps >= 2: the ramp grows the number of "
+                 "micro-batches per step (a smaller train.batch_size with more accumulation, or "
+                 "train.tokens_per_step)")
+        _require(self.batch_ramp_tokens >= 1, f"train.batch_ramp_tokens={self.batch_ramp_tokens} must be positive")
+        _require(self.eval_batch_size is None or self.eval_batch_size >= 1,
+                 f"train.eval_batch_size={self.eval_batch_size} must be at least 1, or null for 4 x "
+                 f"train.batch_size")
+        _require(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be at least 1")
+        _require(self.num_threads is None or self.num_threads >= 1,
+                 f"train.num_threads={self.num_threads} must be at least 1, or null for torch's default")
+        _require(self.samples_every is None or self.samples_every >= 1,
+                 f"train.samples_every={self.samples_every} must be at least 1, or null to sample at each "
+                 f"evaluation")
+        _require(self.eval_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1,
+                 "train.eval_every, train.checkpoint_every and train.log_every must be at least 1")
+        _require(self.max_time_s is None or self.max_time_s > 0, f"train.max_time_s={self.max_time_s} must be positive")
+        _require(self.precision in ("auto", "fp32", "bf16", "fp16"),
+                 f"train.precision={self.precision!r}: use auto, fp32, bf16 or fp16")
+
 
 @dataclass
 class LogConfig:
@@ -200,6 +373,11 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "lmforge"
     wandb_mode: str = "auto"  # auto | online | offline
+
+    # (that the wandb package is installed is checked when a run starts: lmforge/train/machine.py)
+    def check(self, cfg: Config) -> None:
+        _require(self.wandb_mode in ("auto", "online", "offline"),
+                 f"log.wandb_mode={self.wandb_mode!r}: use auto, online or offline")
 
 
 @dataclass
@@ -223,34 +401,129 @@ class DistributedConfig:
     # a large model or a slow disk. (Data preparation waits on a file lock, not a collective.)
     timeout_s: float = 1800.0
 
+    def check(self, cfg: Config) -> None:
+        _require(self.strategy in ("ddp", "fsdp", "deepspeed"),
+                 f"distributed.strategy={self.strategy!r}: use ddp, fsdp or deepspeed")
+        _require(self.zero_stage in (0, 1, 2, 3), f"distributed.zero_stage={self.zero_stage}: use 0, 1, 2 or 3")
+        _require(math.isfinite(self.timeout_s) and self.timeout_s > 0,
+                 f"distributed.timeout_s={self.timeout_s} must be a positive number of seconds (default 1800)")
+        deepspeed = self.strategy == "deepspeed"
+        _require(not deepspeed or not self.offload_param or self.zero_stage == 3,
+                 "distributed.offload_param=true needs distributed.zero_stage=3 (only stage 3 partitions parameters)")
+        _require(not deepspeed or not self.offload_optimizer or self.zero_stage >= 1,
+                 "distributed.offload_optimizer=true needs distributed.zero_stage=1, 2 or 3")
+
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    clm: CLMConfig = field(default_factory=CLMConfig)
+    electra: ElectraConfig = field(default_factory=ElectraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The sections plug-in objectives added (register_section), by name; `cfg.<name>` reads one
+    # like a built-in section (__getattr__), and the YAML, the overrides and the checks treat them
+    # alike: they take this field's place in the key list and in config.yaml.
+    plugin_sections: dict[str, Any] = field(default_factory=lambda: {n: c() for n, c in _PLUGIN_SECTIONS.items()},
+                                            repr=False)
     out_dir: str = "runs/"
+
+    def __getattr__(self, name: str) -> Any:  # only called for a name that is no attribute
+        sections = self.__dict__.get("plugin_sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"'Config' object has no attribute {name!r}")
+
+
+_PLUGIN_SECTIONS: dict[str, type] = {}  # name -> dataclass, filled by register_section
+_SUPPORTED_TYPES = (bool, int, float, str)
+
+
+def register_section(name: str, cls: type) -> type:
+    """Add the config section `name` for a plug-in objective: `cls` is a dataclass whose fields all
+    have defaults and are bool, int, float, str or Optional of one, with, if it likes, a
+    `check(self, cfg)` method that raises LmforgeError (one line) for a bad value. The section then
+    works like a built-in one: `cfg.<name>.<key>`, YAML, `name.key=value` overrides with type
+    checks and "did you mean", --list-keys, --print-config, config.yaml. Registering a name again
+    replaces the earlier class (a notebook cell run twice). Returns `cls`."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise TypeError(f"register_section({name!r}, ...) needs a dataclass, got {cls!r}")
+    builtin = {f.name for f in dataclasses.fields(Config)}
+    if not name.isidentifier() or name.startswith("_") or name in builtin:
+        raise ValueError(f"config section name {name!r} must be an identifier (not _private) and not one of "
+                         f"{', '.join(builtin)}")
+    for key, t in typing.get_type_hints(cls).items():
+        if key in {f.name for f in dataclasses.fields(cls)} and _base_type(t) not in _SUPPORTED_TYPES:
+            raise TypeError(f"{cls.__name__}.{key}: a config key is bool, int, float, str or Optional of one, "
+                            f"not {t!r}")
+    try:
+        cls()
+    except TypeError as e:
+        raise TypeError(f"{cls.__name__}: every field of a config section needs a default ({e})") from None
+    _PLUGIN_SECTIONS[name] = cls
+    return cls
+
+
+def _base_type(t: Any) -> Any:
+    """Optional[int] -> int; int -> int."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _require(ok: bool, message: str) -> None:
+    """The one-line LmforgeError `message` unless `ok` (the checks beside each section's fields)."""
+    if not ok:
+        raise LmforgeError(message)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building a Config from dicts and overrides, with type checks and "did you mean".
 
+# Keys that moved to their objective's section: given by a user, a one-line error naming the new
+# key; in a run directory's own config.yaml (written before the move), taken there (migrate_run_data).
+MOVED = {
+    **{f"task.{k}": f"mlm.{k}" for k in ("mask_prob", "mask_token_frac", "random_token_frac", "whole_word_mask",
+                                         "nsp")},
+    **{f"task.{k}": f"clm.{k}" for k in ("sample_prompts", "sample_tokens")},
+    **{f"task.{k}": f"electra.{k}" for k in ("generator_frac", "rtd_weight", "share_embeddings")},
+    **{f"task.{k}": f"distill.{k}" for k in ("teacher", "student_layers", "temperature")},
+    "loss.rating_weight": "classify.rating_weight",
+    **{f"loss.{k}": f"distill.{k}" for k in ("soft_weight", "hard_weight", "cosine_weight")},
+}
+REMOVED_SECTIONS = ("loss",)  # every key of theirs moved
+
+
+def _fields(cls: type) -> list[tuple[str, Any]]:
+    """(name, annotated type) of each key and section of a config dataclass, in order; for Config
+    the registered plug-in sections stand where the field holding them is."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        if cls is Config and f.name == "plugin_sections":
+            out += _PLUGIN_SECTIONS.items()
+        else:
+            out.append((f.name, hints[f.name]))
+    return out
+
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted key a config accepts, e.g. ['model.arch', ..., 'out_dir']."""
+    """Every dotted key a config accepts, e.g. ['model.arch', ..., 'out_dir'] (with the keys of
+    registered plug-in sections)."""
     keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
+    for name, t in _fields(cls):
         if dataclasses.is_dataclass(t):
-            keys += all_keys(t, prefix + f.name + ".")
+            keys += all_keys(t, prefix + name + ".")
         else:
-            keys.append(prefix + f.name)
+            keys.append(prefix + name)
     return keys
 
 
@@ -258,11 +531,26 @@ def _key_type(key: str) -> Any:
     """The annotated type of a dotted key: 'train.max_steps' -> int, 'data.cache_dir' -> Optional[str]."""
     t: Any = Config
     for part in key.split("."):
-        t = typing.get_type_hints(t)[part]
+        t = dict(_fields(t))[part]
     return t
 
 
-def _unknown_key_error(key: str) -> LmforgeError:
+def _moved_error(key: str) -> LmforgeError:
+    new = MOVED[key]
+    section, leaf = new.split(".")
+    return LmforgeError(f"config key '{key}' moved to '{new}'; write {new}=... (in a YAML file, `{leaf}:` under "
+                        f"`{section}:`)")
+
+
+def _unknown_key_error(key: str, value: Any = None) -> LmforgeError:
+    if key in MOVED:
+        return _moved_error(key)
+    if key in REMOVED_SECTIONS:  # `loss=5`, or a YAML `loss:` section (`value`)
+        given = [f"{key}.{k}" for k in value if f"{key}.{k}" in MOVED] if isinstance(value, dict) else []
+        if given:
+            return _moved_error(given[0])
+        moves = ", ".join(f"{old} to {new}" for old, new in MOVED.items() if old.startswith(key + "."))
+        return LmforgeError(f"config section '{key}' is gone; its keys moved: {moves}")
     inside = [k for k in all_keys() if k.startswith(key + ".")]
     if inside:  # `model=5`: a section given a value
         return LmforgeError(f"'{key}' is a config section, not a key; set one of its keys, e.g. {inside[0]}=... "
@@ -320,13 +608,12 @@ def _update(obj: Any, data: dict, prefix: str = "") -> None:
                                f"{type(data).__name__} {data!r:.60}; see configs/ for examples")
         raise LmforgeError(f"config section '{prefix.rstrip('.')}' must be a mapping of its keys (e.g. "
                            f"{prefix}{all_keys(type(obj))[0]}), got {data!r:.60}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    fields = dict(_fields(type(obj)))
     for k, v in data.items():
         key = prefix + str(k)
-        if k not in names:
-            raise _unknown_key_error(key)
-        t = hints[k]
+        if k not in fields:
+            raise _unknown_key_error(key, v)
+        t = fields[k]
         if dataclasses.is_dataclass(t):
             _update(getattr(obj, k), v if v is not None else {}, key + ".")
         else:
@@ -353,184 +640,143 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def precision_refusal(precision: str, strategy: str, world: int) -> Optional[str]:
-    """Why `precision` (fp32 | bf16 | fp16) cannot train under `strategy` with `world`
-    processes, or None. The one rule: config validation refuses what a user asks for with it,
-    and `resolve_precision` never picks what it refuses."""
-    if precision == "fp16" and strategy == "fsdp" and world > 1:
-        # FSDP2 keeps sharded fp32 gradients that torch's GradScaler cannot unscale across ranks
-        return "train.precision=fp16 with distributed.strategy=fsdp is not supported; use bf16 (or fp32)"
-    return None
-
-
 def validate(cfg: Config) -> Config:
-    """Reject configs that cannot train, with a message that says what to change."""
-    m, t, o, d, k = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.task
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and the deepspeed launcher
-    full_step = t.batch_size * d.seq_len * t.grad_accum_steps * world  # tokens per step, all processes
-    rows_step = d.long_seq_len // math.gcd(d.seq_len, d.long_seq_len) if d.long_seq_len else 1  # see long_seq_len
-    from_teacher = k.name in DISTILLATION_TASKS
-    checks = [
-        (m.hidden_size >= 1, f"model.hidden_size={m.hidden_size} must be positive"),
-        (m.num_heads >= 1, f"model.num_heads={m.num_heads} must be at least 1"),
-        (m.num_heads < 1 or m.hidden_size % m.num_heads == 0,  # (every check is evaluated; no division by 0)
-         f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size}; pick a divisor"),
-        (m.vocab_size is None or m.vocab_size >= 1,
-         f"model.vocab_size={m.vocab_size} must be positive, or null to take the tokenizer's"),
-        (m.type_vocab_size >= 1, f"model.type_vocab_size={m.type_vocab_size} must be at least 1"),
-        (m.layer_norm_eps > 0 and m.init_std >= 0,
-         f"model.layer_norm_eps={m.layer_norm_eps} must be positive and model.init_std={m.init_std} not negative"),
-        (m.num_layers >= 1, f"model.num_layers={m.num_layers} must be at least 1"),
-        (m.reinit_layers >= 0, f"model.reinit_layers={m.reinit_layers} must be 0 or more"),
-        (m.intermediate_size >= 1, f"model.intermediate_size={m.intermediate_size} must be positive"),
-        (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)"),
-        (d.seq_len >= 4, f"data.seq_len={d.seq_len} is too short; use at least 4"),
-        (d.train_tokenizer_vocab is None or d.train_tokenizer_vocab >= 1,
-         f"data.train_tokenizer_vocab={d.train_tokenizer_vocab} must be positive (e.g. 8000), or null to use "
-         f"data.tokenizer"),
-        (math.isfinite(cfg.loss.rating_weight) and cfg.loss.rating_weight >= 0,
-         f"loss.rating_weight={cfg.loss.rating_weight} must be a finite number >= 0 (0 turns the rating head off)"),
-        # (distillation: the model's shape is the teacher's, checked against it when it is read)
-        (from_teacher or d.seq_len <= m.max_position_embeddings,
-         f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
-         f"lower data.seq_len or raise model.max_position_embeddings"),
-        (d.long_seq_len is None or (d.seq_len < d.long_seq_len
-                                    and (from_teacher or d.long_seq_len <= m.max_position_embeddings)),
-         f"data.long_seq_len={d.long_seq_len} must be longer than data.seq_len={d.seq_len} and at most "
-         f"model.max_position_embeddings={m.max_position_embeddings} (the position table is sized for the longest)"),
-        (d.long_seq_len is None or k.name in PRETRAINING_TASKS,
-         f"data.long_seq_len is a pretraining schedule (task.name=mlm, clm or electra), not for task.name={k.name}"),
-        (not d.long_seq_len or (t.batch_size * d.seq_len) % d.long_seq_len == 0,
-         f"train.batch_size={t.batch_size} x data.seq_len={d.seq_len} is not a multiple of data.long_seq_len="
-         f"{d.long_seq_len}, so the long steps cannot keep the tokens per step; use a train.batch_size that is a "
-         f"multiple of {rows_step}"),
-        (0.0 < d.short_seq_frac < 1.0, f"data.short_seq_frac={d.short_seq_frac} must be in (0, 1)"),
-        (t.batch_ramp_start_tokens is None or t.batch_ramp_start_tokens >= 1,
-         f"train.batch_ramp_start_tokens={t.batch_ramp_start_tokens} must be positive, or null for no ramp"),
-        (t.batch_ramp_start_tokens is None or t.grad_accum_steps >= 2,
-         "train.batch_ramp_start_tokens needs train.grad_accum_steps >= 2: the ramp grows the number of "
-         "micro-batches per step (a smaller train.batch_size with more accumulation, or train.tokens_per_step)"),
-        (t.batch_ramp_start_tokens is None or t.batch_ramp_start_tokens < full_step,
-         f"train.batch_ramp_start_tokens={t.batch_ramp_start_tokens} must be below the full step of {full_step} "
-         f"tokens (train.batch_size x data.seq_len x grad_accum_steps x {world} process(es))"),
-        (t.batch_ramp_tokens >= 1, f"train.batch_ramp_tokens={t.batch_ramp_tokens} must be positive"),
-        (d.train_examples is None or d.train_examples >= 1,
-         f"data.train_examples={d.train_examples} must be positive (at least one example of each label is kept), "
-         f"or null for all"),
-        (0.0 < d.val_frac < 1.0, f"data.val_frac={d.val_frac} must be in (0, 1)"),
-        (t.max_steps >= 1, f"train.max_steps={t.max_steps} must be at least 1"),
-        (t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be at least 1"),
-        (t.batch_size >= 1, f"train.batch_size={t.batch_size} must be at least 1"),
-        (t.eval_batch_size is None or t.eval_batch_size >= 1,
-         f"train.eval_batch_size={t.eval_batch_size} must be at least 1, or null for 4 x train.batch_size"),
-        (t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be at least 1"),
-        (t.num_threads is None or t.num_threads >= 1,
-         f"train.num_threads={t.num_threads} must be at least 1, or null for torch's default"),
-        (t.samples_every is None or t.samples_every >= 1,
-         f"train.samples_every={t.samples_every} must be at least 1, or null to sample at each evaluation"),
-        (k.sample_tokens >= 1, f"task.sample_tokens={k.sample_tokens} must be at least 1"),
-        (t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be at least 1"),
-        (t.eval_every >= 1 and t.checkpoint_every >= 1 and t.log_every >= 1,
-         "train.eval_every, train.checkpoint_every and train.log_every must be at least 1"),
-        (t.max_time_s is None or t.max_time_s > 0, f"train.max_time_s={t.max_time_s} must be positive"),
-        (t.precision in ("auto", "fp32", "bf16", "fp16"),
-         f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16"),
-        (o.lr > 0, f"optim.lr={o.lr} must be positive"),
-        (not cfg.log.wandb or importlib.util.find_spec("wandb") is not None,
-         "log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)"),
-        (cfg.log.wandb_mode in ("auto", "online", "offline"),
-         f"log.wandb_mode={cfg.log.wandb_mode!r}: use auto, online or offline"),
-        (cfg.distributed.strategy in ("ddp", "fsdp", "deepspeed"),
-         f"distributed.strategy={cfg.distributed.strategy!r}: use ddp, fsdp or deepspeed"),
-        (cfg.distributed.zero_stage in (0, 1, 2, 3),
-         f"distributed.zero_stage={cfg.distributed.zero_stage}: use 0, 1, 2 or 3"),
-        (math.isfinite(cfg.distributed.timeout_s) and cfg.distributed.timeout_s > 0,
-         f"distributed.timeout_s={cfg.distributed.timeout_s} must be a positive number of seconds (default 1800)"),
-        (cfg.distributed.strategy != "deepspeed" or not cfg.distributed.offload_param or cfg.distributed.zero_stage == 3,
-         "distributed.offload_param=true needs distributed.zero_stage=3 (only stage 3 partitions parameters)"),
-        (cfg.distributed.strategy != "deepspeed" or not cfg.distributed.offload_optimizer
-         or cfg.distributed.zero_stage >= 1, "distributed.offload_optimizer=true needs distributed.zero_stage=1, 2 or 3"),
-        (precision_refusal(t.precision, cfg.distributed.strategy, world) is None,
-         precision_refusal(t.precision, cfg.distributed.strategy, world)),
-        (o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must not be negative"),
-        (0.0 <= o.beta1 < 1.0, f"optim.beta1={o.beta1} must be in [0, 1), e.g. 0.9"),
-        (0.0 <= o.beta2 < 1.0, f"optim.beta2={o.beta2} must be in [0, 1), e.g. 0.999"),
-        (o.eps > 0, f"optim.eps={o.eps} must be positive, e.g. 1e-6"),
-        (0.0 <= o.min_lr_frac <= 1.0, f"optim.min_lr_frac={o.min_lr_frac} must be in [0, 1]"),
-        (0.0 <= o.warmup_frac <= 1.0, f"optim.warmup_frac={o.warmup_frac} must be in [0, 1]"),
-        (o.schedule in ("linear", "cosine", "constant"),
-         f"optim.schedule={o.schedule!r}: use linear, cosine or constant"),
-        (o.decay in ("linear", "2d"), f"optim.decay={o.decay!r}: use linear or 2d"),
-        (m.arch in ("bert", "gpt"), f"model.arch={m.arch!r} is not known; known: bert, gpt"),
-        (k.name not in ("mlm", "electra", "distill-mlm") or m.arch == "bert",
-         f"task.name={k.name} needs model.arch=bert, not {m.arch!r}"),
-        (0.0 < k.generator_frac <= 1.0, f"task.generator_frac={k.generator_frac} must be in (0, 1] (the paper: 0.25)"),
-        (math.isfinite(k.rtd_weight) and k.rtd_weight >= 0, f"task.rtd_weight={k.rtd_weight} must be a finite number >= 0"),
-        (k.name != "clm" or m.arch == "gpt", f"task.name=clm needs model.arch=gpt, not {m.arch!r}"),
-        (not k.nsp or k.name == "mlm", f"task.nsp=true trains with task.name=mlm, not {k.name!r}"),
-        (not k.nsp or d.seq_len >= 8, f"task.nsp=true needs data.seq_len of at least 8, not {d.seq_len}"),
-        (t.tokens_per_step is None
-         or (t.tokens_per_step > 0 and t.tokens_per_step % max(1, t.batch_size * d.seq_len) == 0),
-         f"train.tokens_per_step={t.tokens_per_step} must be a positive multiple of train.batch_size x data.seq_len "
-         f"= {t.batch_size * d.seq_len}"),
-        (o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null"),
-        (k.name in PRETRAINING_TASKS + FINE_TUNING_TASKS,
-         f"task.name={k.name!r} is not a known task; known: {', '.join(PRETRAINING_TASKS + FINE_TUNING_TASKS)}"),
-        (k.name != "distill" or k.teacher is not None,
-         "task.name=distill needs task.teacher=RUN_DIR, a fine-tuned classifier run to learn from"),
-        (k.teacher is None or k.name in DISTILLATION_TASKS,
-         f"task.teacher is read by task.name=distill (lmforge finetune) or distill-mlm (lmforge pretrain), not by "
-         f"task.name={k.name}; set task.name or drop task.teacher"),
-        (k.name != "distill-mlm" or k.teacher is not None,
-         "task.name=distill-mlm needs task.teacher=PATH, an lmforge MLM run or a transformers BertForMaskedLM "
-         "directory to learn from"),
-        (k.student_layers is None or k.student_layers >= 1,
-         f"task.student_layers={k.student_layers} must be at least 1, or null for half the teacher's"),
-        (k.temperature > 0 and math.isfinite(k.temperature), f"task.temperature={k.temperature} must be positive"),
-        (all(math.isfinite(w) and w >= 0 for w in (cfg.loss.soft_weight, cfg.loss.hard_weight, cfg.loss.cosine_weight)),
-         "loss.soft_weight, loss.hard_weight and loss.cosine_weight must be finite numbers >= 0"),
-        (0.0 < k.mask_prob < 1.0, f"task.mask_prob={k.mask_prob} must be in (0, 1)"),
-        (0.0 <= k.mask_token_frac and 0.0 <= k.random_token_frac
-         and k.mask_token_frac + k.random_token_frac <= 1.0,
-         "task.mask_token_frac + task.random_token_frac must be in [0, 1]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LmforgeError(message)
+    """Reject configs that cannot train, with a message that says what to change: each section's
+    `check`, beside its fields above (a plug-in section's too), in the order of the sections. What
+    an objective needs of the other sections (task.name=clm needs model.arch=gpt) is its own
+    `check_config` (lmforge/tasks/); what depends on the machine (an installed package, the
+    launcher's number of processes) is checked when a run starts (lmforge/train/machine.py
+    check_environment). Returns cfg."""
+    for name, t in _fields(Config):
+        check = getattr(getattr(cfg, name), "check", None) if dataclasses.is_dataclass(t) else None
+        if check is not None:
+            check(cfg)
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file <- overrides, validated. Raises LmforgeError on any bad input."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LmforgeError(f"config file not found: {path}")
+def _read_yaml(path: Path) -> Any:
+    """The YAML file at `path`, or a one-line LmforgeError saying what is wrong with it and where."""
+    if not path.is_file():
+        raise LmforgeError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                           f"{e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
+        if mark is None:
+            raise LmforgeError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        started = f" ({context} started at line {e.context_mark.line + 1})" if context and e.context_mark else ""
+        raise LmforgeError(f"config file {path} is not valid YAML at line {mark.line + 1}, column "
+                           f"{mark.column + 1}: {e.problem}{started}; fix the syntax there") from None
+    except ValueError as e:  # a YAML date that is no date, e.g. `seed: 2024-13-45`
+        raise LmforgeError(f"config file {path} is not valid YAML: {e}") from None
+
+
+def migrate_run_data(data: Any) -> Any:
+    """A run directory's config.yaml mapping in today's layout: the keys that moved (MOVED) taken to
+    their new sections, so a run written before the move still resumes and loads. (A user's own
+    file is not migrated: a moved key there is a one-line error naming the new key.)"""
+    if not isinstance(data, dict):
+        return data  # reported by _update
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in MOVED.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            value = data[section].pop(key)
+            if data.get(new_section) is None:
+                data[new_section] = {}
+            if isinstance(data[new_section], dict):
+                data[new_section].setdefault(new_key, value)
+    for section in REMOVED_SECTIONS:
+        if section in data and not data[section]:
+            del data[section]
+    return data
+
+
+def _plugin_spec(data: Any, overrides: list[tuple[str, str, Any]]) -> Optional[str]:
+    """task.plugin as given: the last override that sets it, else the YAML file's."""
+    for text, key, value in reversed(overrides):
+        if key == "task.plugin":
+            return None if value is None else text.split("=", 1)[1].strip()
+    task = data.get("task") if isinstance(data, dict) else None
+    if isinstance(task, dict) and task.get("plugin") is not None:
+        return str(task["plugin"])
+    return None
+
+
+_IMPORTED_PLUGINS: dict[str, types.ModuleType] = {}
+
+
+def import_plugin(spec: Optional[str]) -> Optional[str]:
+    """Import the plug-in task.plugin=`spec` (once per process): a module name found on sys.path
+    (`my_objectives`) or a .py file (`path/to/toy.py`), whose import registers an objective and
+    perhaps a config section. Returns what config.yaml records: the module name, or the file's
+    absolute path (a resume from another directory finds it); None for no plug-in. One that
+    cannot be imported is a one-line LmforgeError; an error inside its code keeps its traceback."""
+    if spec is None:
+        return None
+    if not (spec.endswith(".py") or "/" in spec or os.sep in spec):
+        if spec not in _IMPORTED_PLUGINS:
+            try:
+                _IMPORTED_PLUGINS[spec] = importlib.import_module(spec)
+            except ImportError as e:
+                raise LmforgeError(f"task.plugin={spec} cannot be imported ({e}); give a module on the Python path "
+                                   f"or a path to a .py file") from None
+        return spec
+    path = Path(spec).expanduser().resolve()
+    if str(path) not in _IMPORTED_PLUGINS:
+        if not path.is_file() or path.suffix != ".py":
+            why = "is not a .py file" if path.is_file() else "does not exist"
+            raise LmforgeError(f"task.plugin={spec} cannot be imported: {path} {why}")
+        # a module of its own, in sys.modules (dataclasses and typing look a class's module up there)
+        name = f"lmforge_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise LmforgeError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                               f"{e.start}); save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark, context = getattr(e, "problem_mark", None), getattr(e, "context", None)
-            if mark is None:
-                raise LmforgeError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-            started = f" ({context} started at line {e.context_mark.line + 1})" if context and e.context_mark else ""
-            raise LmforgeError(f"config file {path} is not valid YAML at line {mark.line + 1}, column "
-                               f"{mark.column + 1}: {e.problem}{started}; fix the syntax there") from None
-        except ValueError as e:  # a YAML date that is no date, e.g. `seed: 2024-13-45`
-            raise LmforgeError(f"config file {path} is not valid YAML: {e}") from None
-        _update(cfg, data)
-    for text in overrides or []:
-        key, value = parse_override(text)
+            module_spec.loader.exec_module(module)
+        except ImportError as e:
+            del sys.modules[name]
+            raise LmforgeError(f"task.plugin={spec} cannot be imported: {e}") from None
+        except BaseException:
+            del sys.modules[name]
+            raise
+        _IMPORTED_PLUGINS[str(path)] = module
+    return str(path)
+
+
+def import_plugin_of(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Optional[str]:
+    """Import the task.plugin that the overrides or the YAML file at `path` name (as load_config
+    does first): for `--list-keys`, which lists the keys before any config is built."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return import_plugin(_plugin_spec(data, [(t, *parse_override(t)) for t in overrides or []]))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, *,
+                migrate_run: bool = False) -> Config:
+    """Defaults <- YAML file <- overrides, validated. Raises LmforgeError on any bad input.
+    task.plugin (from the overrides, else the file) is imported first, so that the objective and
+    the config section it registers are known to the rest. `migrate_run`: `path` is a run
+    directory's own config.yaml, perhaps written by an older lmforge (keys that have moved since
+    are taken to their place: migrate_run_data); the overrides are still the user's own."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    if migrate_run:
+        data = migrate_run_data(data)
+    parsed = [(text, *parse_override(text)) for text in overrides or []]
+    plugin = import_plugin(_plugin_spec(data, parsed))
+    cfg = Config()
+    _update(cfg, data)
+    for text, key, value in parsed:
         if key not in all_keys():
             raise _unknown_key_error(key)
         if _key_type(key) in (str, Optional[str]) and value is not None and not isinstance(value, str):
             # A name or path is kept as typed: YAML alone reads 1.10 as 1.1 and 2024-01-01 as a date.
             value = text.split("=", 1)[1].strip()
         _update(cfg, _nest(key, value))
-    derive_keys(cfg, _flat_keys(data if path is not None else {}), {parse_override(t)[0] for t in overrides or []})
+    cfg.task.plugin = plugin  # as config.yaml records it (a file: its absolute path)
+    derive_keys(cfg, _flat_keys(data), {key for _, key, _ in parsed})
     return validate(cfg)
 
 
@@ -542,7 +788,7 @@ def _flat_keys(data: Any, prefix: str = "") -> set[str]:
 
 
 def derive_keys(cfg: Config, in_file: set[str], overridden: set[str]) -> None:
-    """Set the keys that follow from others — model.next_sentence_head from task.nsp,
+    """Set the keys that follow from others — model.next_sentence_head from mlm.nsp,
     train.grad_accum_steps from train.tokens_per_step — and refuse a value the user gave for one
     that disagrees (a key a user sets either acts or is refused, never silently overwritten). A
     value from the file is not the user's own when an override changed what it follows from (a
@@ -550,11 +796,11 @@ def derive_keys(cfg: Config, in_file: set[str], overridden: set[str]) -> None:
     def given(key: str, sources: tuple[str, ...]) -> bool:
         return key in overridden or (key in in_file and not overridden & set(sources))
 
-    if given("model.next_sentence_head", ("task.nsp",)) and cfg.model.next_sentence_head != cfg.task.nsp:
+    if given("model.next_sentence_head", ("mlm.nsp",)) and cfg.model.next_sentence_head != cfg.mlm.nsp:
         raise LmforgeError(f"model.next_sentence_head={str(cfg.model.next_sentence_head).lower()} but "
-                           f"task.nsp={str(cfg.task.nsp).lower()}: the model carries the NSP head exactly when the "
-                           f"task trains it; set task.nsp and drop model.next_sentence_head")
-    cfg.model.next_sentence_head = cfg.task.nsp
+                           f"mlm.nsp={str(cfg.mlm.nsp).lower()}: the model carries the NSP head exactly when the "
+                           f"task trains it; set mlm.nsp and drop model.next_sentence_head")
+    cfg.model.next_sentence_head = cfg.mlm.nsp
     t = cfg.train
     if t.tokens_per_step is not None:  # a zero batch_size x seq_len is reported by validate()
         derived = max(1, t.tokens_per_step // max(1, t.batch_size * cfg.data.seq_len))
@@ -568,7 +814,16 @@ def derive_keys(cfg: Config, in_file: set[str], overridden: set[str]) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as nested plain dicts, as config.yaml holds it: the sections in order, a plug-in's
+    where `plugin_sections` stands."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name == "plugin_sections":
+            out.update({name: dataclasses.asdict(section) for name, section in cfg.plugin_sections.items()})
+        else:
+            value = getattr(cfg, f.name)
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def dump_yaml(cfg: Config) -> str:

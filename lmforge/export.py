@@ -21,8 +21,8 @@ from lmforge.data.shards import check_out_dir
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.models.hf import (electra_to_hf_state_dict, gpt2_to_hf_state_dict, hf_config_from_model,
                                hf_gpt2_config_from_model, to_hf_state_dict)
-from lmforge.models.loading import load_model
-from lmforge.train.checkpoint import clean_state_dict
+from lmforge.tasks.loading import load_model
+from lmforge.runs.checkpoint import clean_state_dict
 
 
 def write_hf_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> None:
@@ -49,7 +49,7 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
     out = Path(out)
     check_out_dir(out, force)
     if (Path(model_path) / "dataset.json").is_file():  # a fine-tuning run: export its encoder
-        from lmforge.finetune import load_classifier
+        from lmforge.tasks.classify import load_classifier
 
         cfg, tokenizer, classifier = load_classifier(model_path)
         model_cfg, architecture = cfg.model, "BertModel"
@@ -66,7 +66,7 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
             tensors = gpt2_to_hf_state_dict(clean_state_dict(loaded.model), model_cfg.vocab_size)
         else:
             architecture = "BertForMaskedLM"
-            # BertForMaskedLM has no pooler and no next-sentence head: a task.nsp run exports its MLM model
+            # BertForMaskedLM has no pooler and no next-sentence head: a mlm.nsp run exports its MLM model
             tensors = to_hf_state_dict({k: v for k, v in clean_state_dict(loaded.model).items()
                                         if not k.startswith(("pooler.", "nsp_head."))})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ class Shape:
 
 def count_params(arch: str, num_layers: int, hidden: int, vocab: int, positions: int = 512) -> int:
     """Every parameter of the lmforge model of this shape (built on the meta device: no memory)."""
-    from lmforge.models.loading import build_model
+    from lmforge.models.registry import build_model
 
     cfg = ModelConfig(arch=arch, vocab_size=vocab, hidden_size=hidden, num_layers=num_layers,
                       num_heads=max(1, hidden // 64), intermediate_size=4 * hidden, max_position_embeddings=positions)
@@ -117,7 +117,7 @@ def measure_throughput(seconds: float = 2.0, device: str | None = None, precisio
     `precision` are train.device / train.precision (default: the config's defaults, auto / auto),
     resolved, autocast and optimized the way the training loop does."""
     from lmforge.config import OptimConfig, TrainConfig
-    from lmforge.models.loading import build_model
+    from lmforge.models.registry import build_model
     from lmforge.train.loop import autocast_for, resolve_device
     from lmforge.train.machine import resolve_precision
     from lmforge.train.optim import make_optimizer

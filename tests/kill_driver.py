@@ -21,8 +21,8 @@ import signal
 import sys
 import time
 
-import lmforge.pretrain
-import lmforge.train.checkpoint as checkpoint
+import lmforge.jobs
+import lmforge.runs.checkpoint as checkpoint
 from lmforge.cli import main
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.clm import CausalLMTask
@@ -85,8 +85,8 @@ def install() -> None:
     wrap(checkpoint, "_fsync_dir", "renamed", "before")  # new folder in place, `latest` not yet moved
     wrap(checkpoint, "write_text_atomic", "latest", "after")  # `latest` moved, old ones not yet pruned
     wrap(shutil, "rmtree", "rmtree", "after")  # pruning (and temp-folder clean-up)
-    wrap(lmforge.pretrain, "write_summary", "summary", "before")  # training over, reports not written
-    wrap(lmforge.pretrain, "write_report", "report", "before")
+    wrap(lmforge.jobs, "write_summary", "summary", "before")  # training over, reports not written
+    wrap(lmforge.jobs, "write_report", "report", "before")
 
     save = checkpoint._save_checkpoint
 

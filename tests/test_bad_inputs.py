@@ -27,8 +27,8 @@ from lmforge.cli import main
 from lmforge.data.corpora import open_corpus
 from lmforge.data.shards import PreparedData, prepare
 from lmforge.data.tokenizers import BERT_SPECIAL, TextTokenizer, train_bpe
-from lmforge.finetune import finetune
-from lmforge.pretrain import pretrain
+from lmforge.jobs import finetune
+from lmforge.jobs import pretrain
 
 TWO_STEPS = ("train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1")
 
@@ -243,6 +243,13 @@ CASES = [
          "data.seq_len=600 exceeds model.max_position_embeddings=512; lower data.seq_len or raise "
          "model.max_position_embeddings"),
     Case("mlm-with-gpt", ["pretrain", *TINY, "model.arch=gpt"], "task.name=mlm needs model.arch=bert"),
+    Case("moved-key", ["pretrain", *TINY, "task.nsp=true"], "config key 'task.nsp' moved to 'mlm.nsp'"),
+    Case("moved-key-in-yaml", ["finetune", "--config", "{tmp}/c.yaml", *FT],
+         "config key 'loss.rating_weight' moved to 'classify.rating_weight'",
+         files_at({"c.yaml": "loss:\n  rating_weight: 0.1\n"})),
+    Case("plugin-missing", ["pretrain", *TINY, "task.plugin={tmp}/nope.py"], "nope.py does not exist"),
+    Case("plugin-not-importable", ["pretrain", *TINY, "task.plugin=no_such_lmforge_plugin"],
+         "task.plugin=no_such_lmforge_plugin cannot be imported (No module named 'no_such_lmforge_plugin')"),
     Case("pretrain-a-classifier", ["pretrain", "task.name=classify", *TINY], "use `lmforge finetune`"),
     # -- pretrain: files
     Case("config-missing", ["pretrain", "--config", "{tmp}/nope.yaml"], "config file not found"),
@@ -281,7 +288,7 @@ CASES = [
          "is a fine-tuning run; continue it with `lmforge finetune --resume`"),
     # -- finetune
     Case("finetune-misspelt-key", ["finetune", *FT, "optim.lr_=1e-4"], "did you mean 'optim.lr'"),
-    Case("finetune-other-task", ["finetune", *FT, "task.name=mlm"], "`lmforge finetune` trains task.name=classify"),
+    Case("finetune-other-task", ["finetune", *FT, "task.name=mlm"], "`lmforge finetune` runs task.name=classify, distill, not 'mlm'"),
     Case("finetune-tsv-without-text", ["finetune", *FT, "data.dataset={tmp}/r.tsv"], "has no column 'text'",
          files_at({"r.tsv": "review\tlabel\nfine\t1\n"})),
     Case("finetune-empty-dataset", ["finetune", *FT, "data.dataset={tmp}/r.tsv"], "has no rows",

@@ -46,11 +46,12 @@ def _member(job: str, index: int, tmp: str) -> None:
     tmp_path = Path(tmp)
     if job == "pretrain":
         import lmforge.data.shards as shards
-        import lmforge.pretrain as pretrain_module
+        import lmforge.data.prepared as prepared_module
+        import lmforge.jobs as pretrain_module
         from lmforge.config import load_config
 
         _count_calls(shards, "prepare", tmp_path / "prepare.count")
-        _count_calls(pretrain_module, "train_wordpiece", tmp_path / "tokenizer.count")
+        _count_calls(prepared_module, "train_wordpiece", tmp_path / "tokenizer.count")
         cfg = load_config(None, [
             f"data.corpus={tmp_path / 'corpus'}", "data.train_tokenizer_vocab=200", "data.seq_len=32",
             "data.val_frac=0.2", f"out_dir={tmp_path / f'runs{index}'}", "model.hidden_size=32", "model.num_layers=1",

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from lmforge.cli import main
-from lmforge.pretrain import pretrain
+from lmforge.jobs import pretrain
 
 
 def run_cli(*args, cwd=None):

@@ -13,7 +13,8 @@ from lmforge.errors import LmforgeError
 from lmforge.data.corpora import open_corpus
 from lmforge.data.shards import PreparedData, prepare
 from lmforge.data.tokenizers import load_tokenizer, train_bpe
-from lmforge.pretrain import build_model, fill_vocab_size, pretrain, resume
+from lmforge.jobs import build_model, pretrain, resume
+from lmforge.data.prepared import fill_vocab_size
 from lmforge.tasks.base import Batch
 from lmforge.tasks.clm import CausalLMTask
 from lmforge.train.log import read_metrics
@@ -37,8 +38,8 @@ def gpt_config(prepared, out_dir, *overrides):
         "optim.decay=2d", "optim.weight_decay=0.1", "optim.beta2=0.95", "optim.schedule=cosine",
         "optim.max_grad_norm=1.0", "optim.lr=3e-3", "optim.warmup_frac=0.1",
         "train.batch_size=8", "train.max_steps=12", "train.eval_every=6", "train.eval_batches=2",
-        "train.log_every=1", "train.checkpoint_every=6", "train.progress=false", "task.sample_tokens=8",
-        "task.sample_prompts=the cat|a dog", *overrides])
+        "train.log_every=1", "train.checkpoint_every=6", "train.progress=false", "clm.sample_tokens=8",
+        "clm.sample_prompts=the cat|a dog", *overrides])
 
 
 def test_gpt2_tokenizer_from_the_registry_package():

@@ -80,7 +80,7 @@ def test_cross_entropy_selected_is_the_mean_over_selected_positions_only():
 
 
 def test_whole_word_masking_never_splits_a_word_and_keeps_the_rate():
-    """task.whole_word_mask: every '##' piece of a word is selected with its word or not at all;
+    """mlm.whole_word_mask: every '##' piece of a word is selected with its word or not at all;
     over many rows the selected share of maskable tokens stays at mask_prob; rows cut for a
     data-parallel rank get the masks they get in the whole batch."""
     from lmforge.data.mlm import random_mask

@@ -13,14 +13,16 @@ import torch
 
 from conftest import tiny_config
 from lmforge.data.mlm import random_mask
-from lmforge.pretrain import build_model, build_task, fill_vocab_size
+from lmforge.jobs import build_model
+from lmforge.tasks import registry
+from lmforge.data.prepared import fill_vocab_size
 
 
 def _task(tiny_prepared, tmp_path, arch, batch_size, shard=(0, 1)):
     extra = ["task.name=clm", "model.arch=gpt"] if arch == "gpt" else []
     cfg = fill_vocab_size(tiny_config(tiny_prepared, tmp_path, *extra, f"train.batch_size={batch_size}"),
                           tiny_prepared.tokenizer)
-    task = build_task(cfg, tiny_prepared, build_model(cfg))
+    task = registry.objective(cfg.task.name)(cfg, tiny_prepared, build_model(cfg))
     task.shard = shard
     return task
 

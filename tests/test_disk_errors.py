@@ -16,7 +16,7 @@ import pytest
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import lmforge.train.checkpoint as checkpoint
+import lmforge.runs.checkpoint as checkpoint
 from conftest import tiny_config
 from lmforge.cli import main
 from lmforge.config import dump_yaml

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from conftest import interrupt_during_step
+from lmforge.api import make_config
 from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
-from lmforge.finetune import finetune, load_classifier, resume_finetune
+from lmforge.jobs import finetune, resume_finetune
+from lmforge.tasks.classify import load_classifier
 from lmforge.models.classifier import BertClassifier
 from lmforge.data.mlm import random_mask
 from lmforge.export import export_hf
 from lmforge.models.bert import BertForMaskedLM
-from lmforge.models.loading import load_model
-from lmforge.pretrain import pretrain, resume
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.base import Batch
 from lmforge.tasks.distill import (DistillClassifyTask, DistillMLMTask, mlm_student_from_teacher,
                                    student_from_teacher, student_layers)
@@ -49,12 +51,12 @@ def test_the_student_copies_every_other_layer_ending_at_the_top():
 def test_distillation_end_to_end_with_resume(tiny_prepared, tiny_reviews, tmp_path, monkeypatch):  # noqa: F811
     teacher_dir, teacher = finetune(_cfg(tiny_prepared, tmp_path / "t", tiny_reviews, "train.max_steps=30"))
     student = lambda out, *o: _cfg(tiny_prepared, out, tiny_reviews, "task.name=distill",  # noqa: E731
-                                   f"task.teacher={teacher_dir}", "train.max_steps=12", "train.eval_every=6",
+                                   f"distill.teacher={teacher_dir}", "train.max_steps=12", "train.eval_every=6",
                                    "train.checkpoint_every=6", "train.log_every=1", "model.dropout=0.1", *o)
     full_dir, summary = finetune(student(tmp_path / "full"))
     assert full_dir.name.startswith("distill.")
     cfg, _, model = load_classifier(full_dir)  # a plain classifier: `lmforge classify` and export use it
-    assert cfg.model.num_layers == 1 and len(model.bert.layers) == 1 and cfg.task.student_layers == 1
+    assert cfg.model.num_layers == 1 and len(model.bert.layers) == 1 and cfg.distill.student_layers == 1
     assert json.loads((full_dir / "split.json").read_text()) == json.loads((teacher_dir / "split.json").read_text())
     train = [r for r in read_metrics(full_dir) if r["split"] == "train"]
     assert {"soft", "cosine", "teacher_agreement", "ce"} <= set(train[0]) and 0 <= summary["test_accuracy"] <= 1
@@ -62,13 +64,13 @@ def test_distillation_end_to_end_with_resume(tiny_prepared, tiny_reviews, tmp_pa
     cut_dir, cut = finetune(student(tmp_path / "cut"))
     assert cut["stopped_by"] == "signal"
     monkeypatch.undo()
-    resume_finetune(cut_dir)  # the teacher is read again from task.teacher
+    resume_finetune(cut_dir)  # the teacher is read again from distill.teacher
     losses = lambda d: [r["loss"] for r in read_metrics(d) if r["split"] == "train"]  # noqa: E731
     assert losses(cut_dir) == losses(full_dir)
-    with pytest.raises(LmforgeError, match="needs task.teacher"):
-        load_config(None, ["task.name=distill"])
+    with pytest.raises(LmforgeError, match="needs distill.teacher"):  # the objective's check (check_config)
+        make_config(None, ["task.name=distill"])
     with pytest.raises(LmforgeError, match="exceeds the teacher's 2 layers"):
-        finetune(student(tmp_path / "x", "task.student_layers=3"))
+        finetune(student(tmp_path / "x", "distill.student_layers=3"))
     with pytest.raises(LmforgeError, match="drop model.init_from"):
         finetune(student(tmp_path / "y", "model.init_from=minilm"))
 
@@ -90,7 +92,7 @@ def test_the_mlm_student_copies_every_other_layer_and_a_full_copy_has_zero_disti
     # a student with all the teacher's layers: KL and cosine terms are zero, the rest is the teacher's MLM loss
     whole = mlm_student_from_teacher(teacher, dataclasses.replace(cfg, next_sentence_head=False))
     task = DistillMLMTask.__new__(DistillMLMTask)  # the loss alone: no data needed
-    task.cfg = load_config(None, ["task.name=distill-mlm", "task.teacher=x"])
+    task.cfg = load_config(None, ["task.name=distill-mlm", "distill.teacher=x"])
     task.teacher = teacher.eval()
     ids = torch.randint(5, cfg.vocab_size, (4, 16))
     masked, selected = random_mask(ids, mask_id=4, special_mask=torch.zeros(cfg.vocab_size, dtype=torch.bool),
@@ -113,14 +115,14 @@ def test_the_mlm_student_copies_every_other_layer_and_a_full_copy_has_zero_disti
     student = mlm_student_from_teacher(teacher, dataclasses.replace(cfg, num_layers=1, next_sentence_head=False))
     with torch.no_grad():
         student.bert.layers[0].ffn_out.weight.mul_(5.0)  # rows whose states differ more or less from the teacher's
-    task.cfg.loss.soft_weight = task.cfg.loss.hard_weight = 0.0  # the cosine term alone
+    task.cfg.distill.soft_weight = task.cfg.distill.hard_weight = 0.0  # the cosine term alone
     parts = [task.loss(student.eval(), b).terms["tokens"] for b in halves]
     whole_sum = task.loss(student, whole_batch).terms["tokens"]
     assert whole_sum > 0.001
     torch.testing.assert_close(parts[0] + parts[1], whole_sum, rtol=1e-6, atol=1e-7)
-    task.cfg.loss.soft_weight, task.cfg.loss.hard_weight = 5.0, 2.0
+    task.cfg.distill.soft_weight, task.cfg.distill.hard_weight = 5.0, 2.0
     # and the student's gradient is zero in the soft and cosine terms alone at a full copy
-    task.cfg.loss.hard_weight = 0.0
+    task.cfg.distill.hard_weight = 0.0
     whole.zero_grad()
     out = task.loss(whole, batch)
     (out.loss_sum + out.terms["tokens"]).backward()
@@ -131,7 +133,7 @@ def test_general_distillation_end_to_end_with_resume_and_a_transformers_teacher(
                                                                                monkeypatch):
     teacher_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "t", "train.max_steps=20"))
     student = lambda out, teacher, *o: tiny_config(  # noqa: E731
-        tiny_prepared, out, "task.name=distill-mlm", f"task.teacher={teacher}", "model.dropout=0.1", *o)
+        tiny_prepared, out, "task.name=distill-mlm", f"distill.teacher={teacher}", "model.dropout=0.1", *o)
     full_dir, summary = pretrain(student(tmp_path / "full", teacher_dir))
     assert full_dir.name.startswith("distill-mlm.")
     loaded = load_model(full_dir)  # a plain BERT MLM run: fill-mask, export and fine-tuning take it
@@ -141,7 +143,7 @@ def test_general_distillation_end_to_end_with_resume_and_a_transformers_teacher(
     assert {"soft", "cosine", "teacher_agreement", "mlm_loss"} <= set(train[0])
     assert train[0]["teacher_agreement"] > 0.5  # the student starts as the teacher minus a layer
     losses = lambda d: [r["loss"] for r in read_metrics(d) if r["split"] == "train"]  # noqa: E731
-    # resume: bit-exact, the teacher read again from task.teacher
+    # resume: bit-exact, the teacher read again from distill.teacher
     interrupt_during_step(monkeypatch, DistillMLMTask, 8)
     cut_dir, cut = pretrain(student(tmp_path / "cut", teacher_dir))
     assert cut["stopped_by"] == "signal"
@@ -166,23 +168,23 @@ def test_general_distillation_refuses_teachers_without_soft_targets(tiny_prepare
     electra_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "e", "task.name=electra", "train.max_steps=6"))
     mlm_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "m", "train.max_steps=6"))
     student = lambda teacher, *o: tiny_config(tiny_prepared, tmp_path / "s", "task.name=distill-mlm",  # noqa: E731
-                                              f"task.teacher={teacher}", *o)
+                                              f"distill.teacher={teacher}", *o)
     with pytest.raises(LmforgeError, match="not a BERT masked LM"):
         pretrain(student(gpt_dir))
     with pytest.raises(LmforgeError, match="no trained masked-LM head"):
         pretrain(student(electra_dir))
     with pytest.raises(LmforgeError, match="exceeds the teacher's 2 layers"):
-        pretrain(student(mlm_dir, "task.student_layers=3"))
-    with pytest.raises(LmforgeError, match="is not the tokenizer of task.teacher"):
+        pretrain(student(mlm_dir, "distill.student_layers=3"))
+    with pytest.raises(LmforgeError, match="is not the tokenizer of distill.teacher"):
         pretrain(student(mlm_dir, "data.tokenizer=gpt2"))
-    with pytest.raises(LmforgeError, match="needs task.teacher"):
-        load_config(None, ["task.name=distill-mlm"])
-    with pytest.raises(LmforgeError, match="task.teacher is read by task.name=distill"):
-        load_config(None, [f"task.teacher={mlm_dir}"])  # a teacher without a distillation task is not ignored
-    with pytest.raises(LmforgeError, match="data.long_seq_len=128 exceeds the 64 positions of task.teacher"):
+    with pytest.raises(LmforgeError, match="needs distill.teacher"):
+        make_config(None, ["task.name=distill-mlm"])
+    with pytest.raises(LmforgeError, match="distill.teacher is read by task.name=distill"):
+        load_config(None, [f"distill.teacher={mlm_dir}"])  # a teacher without a distillation task is not ignored
+    with pytest.raises(LmforgeError, match="data.long_seq_len=128 exceeds the 64 positions of distill.teacher"):
         pretrain(student(mlm_dir, "data.long_seq_len=128"))  # validation left the positions to the teacher
     with pytest.raises(LmforgeError, match="general distillation of a masked LM is task.name=distill-mlm"):
-        pretrain(tiny_config(tiny_prepared, tmp_path / "x", "task.name=distill", f"task.teacher={mlm_dir}"))
+        pretrain(tiny_config(tiny_prepared, tmp_path / "x", "task.name=distill", f"distill.teacher={mlm_dir}"))
     assert not (tmp_path / "s").exists()  # nothing refused left a run directory
 
 
@@ -190,7 +192,7 @@ def test_a_transformers_sequence_classifier_teaches_with_its_labels_in_our_order
                                                                                   tmp_path):
     transformers = pytest.importorskip("transformers")
     from lmforge.models.hf import hf_config_from_model
-    from lmforge.models.loading import load_hf_classifier
+    from lmforge.runs.readers import load_hf_classifier
 
     torch.manual_seed(0)
     mcfg = ModelConfig(vocab_size=tiny_prepared.tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=2,
@@ -213,15 +215,15 @@ def test_a_transformers_sequence_classifier_teaches_with_its_labels_in_our_order
     torch.testing.assert_close(ours, theirs.flip(-1), rtol=1e-4, atol=1e-5)  # their POSITIVE is our column 1
     # distillation from it: the student is a BertClassifier from its top layer, classifier and embeddings
     run_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "s", tiny_reviews, "task.name=distill",
-                                     f"task.teacher={hf_dir}", "train.max_steps=4", "train.eval_every=4",
+                                     f"distill.teacher={hf_dir}", "train.max_steps=4", "train.eval_every=4",
                                      "train.checkpoint_every=4", "model.dropout=0.1"))
     cfg, _, student = load_classifier(run_dir)
     assert cfg.model.num_layers == 1 and cfg.model.dropout == 0.1 and student.rating is not None
     assert 0 <= summary["test_accuracy"] <= 1
     with pytest.raises(LmforgeError, match="not a BertForSequenceClassification"):
         finetune(_cfg(tiny_prepared, tmp_path / "x", tiny_reviews, "task.name=distill",
-                      f"task.teacher={export_hf(run_dir, tmp_path / 'encoder')}"))
+                      f"distill.teacher={export_hf(run_dir, tmp_path / 'encoder')}"))
     with pytest.raises(LmforgeError, match="teaches with `lmforge finetune task.name=distill`"):
-        pretrain(tiny_config(tiny_prepared, tmp_path / "y", "task.name=distill-mlm", f"task.teacher={hf_dir}"))
+        pretrain(tiny_config(tiny_prepared, tmp_path / "y", "task.name=distill-mlm", f"distill.teacher={hf_dir}"))
     with pytest.raises(LmforgeError, match="neither an lmforge fine-tuning run"):
-        finetune(_cfg(tiny_prepared, tmp_path / "x", tiny_reviews, "task.name=distill", f"task.teacher={tmp_path}"))
+        finetune(_cfg(tiny_prepared, tmp_path / "x", tiny_reviews, "task.name=distill", f"distill.teacher={tmp_path}"))

@@ -52,10 +52,10 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_pat
                                                           schedules):
     extra = ["task.name=clm", "model.arch=gpt"] if arch == "gpt" else []
     if arch == "distill-mlm":  # a 2-layer teacher, trained a little, teaches a 1-layer student
-        from lmforge.pretrain import pretrain
+        from lmforge.jobs import pretrain
 
         teacher, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "teacher", "train.max_steps=6"))
-        extra = ["task.name=distill-mlm", f"task.teacher={teacher}"]
+        extra = ["task.name=distill-mlm", f"distill.teacher={teacher}"]
     cfg = tiny_config(tiny_prepared, tmp_path, *extra, *schedules, "model.dropout=0", "train.precision=fp32",
                       "train.num_threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3",
                       "train.grad_accum_steps=2")
@@ -221,13 +221,14 @@ def _rank_with_a_slow_preparation(rank: int, tmp: str, port: int) -> None:
     import time
 
     import lmforge.data.shards as shards
-    import lmforge.pretrain as pretrain_module
+    import lmforge.jobs as pretrain_module
+    import lmforge.tasks.corpus as corpus_module
     from lmforge.config import load_config
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     tmp_path = Path(tmp)
-    prepare, prepared_data = shards.prepare, pretrain_module.prepared_data
+    prepare, prepared_data = shards.prepare, corpus_module.prepared_data
 
     def slow_prepare(*args, **kwargs):
         with open(tmp_path / "prepared_by", "a") as f:
@@ -239,7 +240,7 @@ def _rank_with_a_slow_preparation(rank: int, tmp: str, port: int) -> None:
         time.sleep(3 * rank)
         return prepared_data(*args, **kwargs)
 
-    shards.prepare, pretrain_module.prepared_data = slow_prepare, late_prepared_data
+    shards.prepare, corpus_module.prepared_data = slow_prepare, late_prepared_data
     cfg = load_config(None, [
         f"data.corpus={tmp_path / 'corpus'}", "data.train_tokenizer_vocab=200", f"data.cache_dir={tmp_path / 'cache'}",
         "data.seq_len=32", "data.val_frac=0.2", f"out_dir={tmp_path / 'runs'}", "model.hidden_size=32",
@@ -279,8 +280,8 @@ def test_distributed_timeout_s_is_the_process_groups_timeout(monkeypatch, tmp_pa
     import torch.distributed as dist
 
     from lmforge.config import load_config
-    from lmforge.finetune import finetune
-    from lmforge.pretrain import pretrain
+    from lmforge.jobs import finetune
+    from lmforge.jobs import pretrain
 
     class Joined(Exception):
         pass

@@ -15,12 +15,12 @@ from lmforge.export import export_hf
 from lmforge.models.bert import BertModel
 from lmforge.models.electra import Electra, generator_config, row_uniforms
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy, reference_sample
-from lmforge.models.loading import load_model
-from lmforge.pretrain import pretrain, resume
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.electra import ElectraTask, electra_loss
 from lmforge.train.log import read_metrics
 
-ELECTRA = ("task.name=electra", "task.mask_token_frac=1.0", "task.random_token_frac=0.0")
+ELECTRA = ("task.name=electra", "mlm.mask_token_frac=1.0", "mlm.random_token_frac=0.0")
 
 
 def _model(**overrides):
@@ -28,7 +28,7 @@ def _model(**overrides):
                              "model.num_heads=4", "model.intermediate_size=128", "model.dropout=0",
                              *[f"{k}={v}" for k, v in overrides.items()]])
     torch.manual_seed(0)
-    return cfg, Electra(cfg.model, cfg.task.generator_frac, cfg.task.share_embeddings)
+    return cfg, Electra(cfg.model, cfg.electra.generator_frac, cfg.electra.share_embeddings)
 
 
 def _batch(vocab=500, rows=4, seq=24, seed=0):
@@ -49,7 +49,7 @@ def test_generator_is_a_quarter_of_the_width_and_shares_the_embeddings():
     assert not any(n.startswith("generator.") and "embeddings" in n for n in names)  # one embedding table
     assert model.generator.project.in_features == 64 and model.generator.head_dense.out_features == 64
     # the discriminator's encoder has exactly a BERT encoder's tensors
-    _, unshared = _model(**{"task.share_embeddings": "false"})  # the generator's own embedding layer
+    _, unshared = _model(**{"electra.share_embeddings": "false"})  # the generator's own embedding layer
     assert unshared.gen_embeddings is unshared.generator_embeddings is not unshared.bert.embeddings
     assert unshared(**{k: v for k, v in _batch().items()})["discriminator_logits"].shape == (4, 24)
     bert = BertModel(cfg.model).state_dict()

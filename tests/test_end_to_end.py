@@ -29,7 +29,7 @@ def test_default_config_runs_end_to_end_on_sotu_and_predicts(tmp_path, capsys):
 
 def test_gpt_config_runs_end_to_end_on_sotu_and_generates(tmp_path, capsys):
     run_dir, summary, out = _run(tmp_path, capsys, "train.max_steps=3", "train.eval_every=3", "train.eval_batches=1",
-                                 "task.sample_tokens=5", config=GPT_CONFIG)
+                                 "clm.sample_tokens=5", config=GPT_CONFIG)
     assert "held-out causal-LM loss" in out and summary["steps"] == 3 and "val_perplexity" in summary
     assert main(["generate", str(run_dir), "The Union", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The Union")

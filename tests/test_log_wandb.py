@@ -9,7 +9,7 @@ import pytest
 from conftest import interrupt_during_step, tiny_config
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.pretrain import pretrain, resume
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.log import wandb_mode
 

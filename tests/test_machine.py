@@ -5,7 +5,7 @@ import json
 import torch
 
 from conftest import interrupt_during_step, tiny_config
-from lmforge.pretrain import pretrain, resume
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train import loop, machine
 from lmforge.train.log import read_metrics

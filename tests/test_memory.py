@@ -37,7 +37,7 @@ def test_rss_grows_less_than_5_percent_over_2000_steps_after_warm_up(tiny_prepar
 
 
 def test_every_train_record_carries_the_resident_memory(tiny_prepared, tmp_path):
-    from lmforge.pretrain import pretrain
+    from lmforge.jobs import pretrain
 
     run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path, "train.max_steps=3"))
     records = [r for r in read_metrics(run_dir) if r["split"] == "train"]

@@ -103,7 +103,7 @@ def test_transformers_gpt2_loads_with_identical_logits_and_exports_back(tmp_path
 
     from lmforge.data.tokenizers import load_tokenizer
     from lmforge.export import export_hf
-    from lmforge.models.loading import load_model
+    from lmforge.tasks.loading import load_model
 
     cfg = transformers.GPT2Config(vocab_size=50257, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)

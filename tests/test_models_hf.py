@@ -11,8 +11,8 @@ from lmforge.data.tokenizers import minilm_model_dir
 from lmforge.errors import LmforgeError
 from lmforge.export import export_hf
 from lmforge.models.hf import from_hf_state_dict, to_hf_state_dict
-from lmforge.models.loading import load_model
-from lmforge.pretrain import pretrain
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import pretrain
 
 
 def _padded_batch(vocab, lengths=(12, 7, 3), seed=0, low=999):
@@ -63,8 +63,8 @@ def test_random_hf_bert_for_masked_lm_loads_with_identical_logits(tmp_path):
 
 @pytest.mark.parametrize("nsp", [False, True])
 def test_exported_run_loads_in_transformers_with_the_same_logits_and_fill_mask_works(tiny_prepared, tmp_path, nsp):
-    # a task.nsp run exports its MLM model (BertForMaskedLM has no pooler or next-sentence head)
-    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=4", f"task.nsp={nsp}"))
+    # a mlm.nsp run exports its MLM model (BertForMaskedLM has no pooler or next-sentence head)
+    run_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "runs", "train.max_steps=4", f"mlm.nsp={nsp}"))
     out = export_hf(run_dir, tmp_path / "export")
     ref = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
     ours = load_model(run_dir).model

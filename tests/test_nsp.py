@@ -97,10 +97,10 @@ def test_the_nsp_path_equals_the_full_computation():
 
 
 def test_nsp_task_trains_logs_nsp_accuracy_and_resumes_exactly(tiny_prepared, tmp_path):
-    from lmforge.pretrain import pretrain, resume
+    from lmforge.jobs import pretrain, resume
     from lmforge.train.log import read_metrics
 
-    args = ("task.nsp=true", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "model.dropout=0.1",
+    args = ("mlm.nsp=true", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=3", "model.dropout=0.1",
             "optim.schedule=constant", "optim.warmup_frac=0")  # a schedule that does not depend on max_steps
     run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path / "full", *args))
     assert 0 <= summary["val_nsp_accuracy"] <= 1

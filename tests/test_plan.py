@@ -9,7 +9,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.models.loading import build_model
+from lmforge.models.registry import build_model
 from lmforge.plan import EXP_D, EXP_N, chinchilla_loss, closest_shape, compute_optimal, count_params, plan
 
 
@@ -167,7 +167,7 @@ def test_plot_schedule_draws_the_loops_learning_rates_and_never_overwrites(tmp_p
 
 def test_report_compares_runs_in_a_png_and_a_self_contained_html_page(tiny_prepared, tmp_path, capsys):
     from conftest import tiny_config
-    from lmforge.pretrain import pretrain
+    from lmforge.jobs import pretrain
 
     a, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "a", "train.max_steps=4", "train.eval_every=2"))
     b, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "b", "train.max_steps=4", "train.eval_every=2",

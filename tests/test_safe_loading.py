@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lmforge.train.checkpoint as checkpoint
+import lmforge.runs.checkpoint as checkpoint
 from conftest import PicklePayload, tiny_config
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.export import export_hf
-from lmforge.models.loading import load_model
-from lmforge.pretrain import pretrain
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import pretrain
 
 
 @pytest.fixture(scope="module")

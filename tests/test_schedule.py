@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import interrupt_during_step, tiny_config
+from lmforge.api import make_config
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.pretrain import pretrain, resume
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.clm import CausalLMTask
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.log import read_metrics
+from lmforge.train.machine import check_environment
 from lmforge.train.optim import lr_at
 from lmforge.train.schedule import BatchSchedule, StepShape
 
@@ -71,8 +73,10 @@ def test_batch_ramp_grows_whole_micro_batches_linearly_in_tokens_and_the_lr_foll
     (["train.batch_ramp_start_tokens=0", "train.grad_accum_steps=2"], "must be positive"),
 ])
 def test_schedule_settings_that_cannot_work_are_refused_with_what_to_change(overrides, message):
+    # every check a run makes before it starts: the config's, the objective's (classify refuses the
+    # sequence-length schedule) and the one that depends on the number of processes (the ramp's start)
     with pytest.raises(LmforgeError, match=message):
-        load_config(None, overrides)
+        check_environment(make_config(None, overrides), 1)
 
 
 def test_mlm_trains_short_then_long_and_learns_the_long_positions_only_after_the_switch(tiny_prepared, tmp_path):
@@ -108,7 +112,7 @@ def test_resume_across_the_sequence_length_switch_is_bit_exact(tiny_prepared, tm
 
 
 def test_nsp_pairs_follow_the_sequence_length_schedule(tiny_prepared, tmp_path):
-    run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path, *SEQ_SCHEDULE, "task.nsp=true",
+    run_dir, summary = pretrain(tiny_config(tiny_prepared, tmp_path, *SEQ_SCHEDULE, "mlm.nsp=true",
                                             "train.max_steps=4"))
     assert [r["seq_len"] for r in _train(run_dir)] == [16, 16, 32, 32]
     assert "val_nsp_accuracy" in summary

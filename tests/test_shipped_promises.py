@@ -1,6 +1,6 @@
 """Promises that held only on paths the CPU tests never reached (issue 17): fp16 loss scaling
 under an engine that scales the loss itself (DeepSpeed), one precision rule for `auto` and for
-validation, and keys that are either acted on or refused, never silently overwritten."""
+the refusal when a run starts, and keys that are either acted on or refused, never silently overwritten."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from conftest import interrupt_during_step, tiny_config
 from lmforge.config import load_config
 from lmforge.distributed.engine import Engine
 from lmforge.errors import LmforgeError
-from lmforge.pretrain import pretrain, resume
+from lmforge.jobs import pretrain, resume
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train import loop
-from lmforge.train.machine import resolve_precision
+from lmforge.train.machine import check_environment, resolve_precision
 
 
 # -- fp16: the scaler the engine really uses ----------------------------------------------------
@@ -51,9 +51,8 @@ class SelfScalingEngine(Engine):
 
 
 def test_fp16_resume_uses_the_engines_own_loss_scaler_and_restores_its_state(tiny_prepared, tmp_path, monkeypatch):
-    def make_engine(model, cfg, par, device, precision):
-        from lmforge.train.optim import make_optimizer
-        return SelfScalingEngine(model, make_optimizer(model, cfg.optim, device))
+    def make_engine(model, cfg, par, device, precision, make_optimizer):
+        return SelfScalingEngine(model, make_optimizer(model))
 
     monkeypatch.setattr(loop, "make_engine", make_engine)
 
@@ -113,15 +112,18 @@ def test_a_plain_engine_in_fp16_uses_torchs_grad_scaler_and_takes_a_deepspeed_sc
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 @pytest.mark.parametrize("bf16", [True, False])
-def test_auto_precision_never_picks_what_validation_refuses(monkeypatch, strategy, bf16):
+def test_auto_precision_never_picks_what_a_run_start_refuses(monkeypatch, strategy, bf16):
+    # the refusal depends on the launcher's processes: a run-start check (check_environment), not
+    # config validation, which holds on any machine
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    monkeypatch.setenv("WORLD_SIZE", "2")
     chosen = resolve_precision(torch.device("cuda"), "auto", strategy, 2)
     assert chosen == ("bf16" if bf16 else "fp32" if strategy == "fsdp" else "fp16")
-    load_config(None, [f"distributed.strategy={strategy}", f"train.precision={chosen}"])  # validation accepts it
+    check_environment(load_config(None, [f"distributed.strategy={strategy}", f"train.precision={chosen}"]), 2)
+    fsdp_fp16 = load_config(None, ["distributed.strategy=fsdp", "train.precision=fp16"])  # fine in one process
+    check_environment(fsdp_fp16, 1)
     if strategy == "fsdp":
         with pytest.raises(LmforgeError, match="fp16 with distributed.strategy=fsdp"):
-            load_config(None, ["distributed.strategy=fsdp", "train.precision=fp16"])
+            check_environment(fsdp_fp16, 2)
 
 
 # -- keys act or are refused ----------------------------------------------------------------------
@@ -144,19 +146,20 @@ def test_grad_accum_steps_that_disagree_with_tokens_per_step_are_refused_not_ove
         load_config(saved)
 
 
-def test_a_next_sentence_head_that_disagrees_with_task_nsp_is_refused():
-    with pytest.raises(LmforgeError, match="model.next_sentence_head=true but task.nsp=false"):
+def test_a_next_sentence_head_that_disagrees_with_mlm_nsp_is_refused():
+    with pytest.raises(LmforgeError, match="model.next_sentence_head=true but mlm.nsp=false"):
         load_config(None, ["model.next_sentence_head=true"])
-    with pytest.raises(LmforgeError, match="model.next_sentence_head=false but task.nsp=true"):
-        load_config(None, ["task.nsp=true", "model.next_sentence_head=false"])
-    assert load_config(None, ["task.nsp=true"]).model.next_sentence_head is True
-    assert load_config(None, ["task.nsp=true", "model.next_sentence_head=true"]).model.next_sentence_head is True
+    with pytest.raises(LmforgeError, match="model.next_sentence_head=false but mlm.nsp=true"):
+        load_config(None, ["mlm.nsp=true", "model.next_sentence_head=false"])
+    assert load_config(None, ["mlm.nsp=true"]).model.next_sentence_head is True
+    assert load_config(None, ["mlm.nsp=true", "model.next_sentence_head=true"]).model.next_sentence_head is True
 
 
 def test_eval_batch_size_acts_for_masked_and_causal_lm_without_changing_the_result(tiny_prepared, tmp_path):
     """train.eval_batch_size was read by classification alone: now every task's evaluation reads
     its validation set that many rows at a time, and the set and its masks do not depend on it."""
-    from lmforge.pretrain import build_model, fill_vocab_size
+    from lmforge.jobs import build_model
+    from lmforge.data.prepared import fill_vocab_size
 
     results = {}
     for size in ("null", "3", "16"):

@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from conftest import PicklePayload, interrupt_during_step, tiny_config
 from lmforge.errors import LmforgeError
-from lmforge.models.loading import load_model
-from lmforge.pretrain import build_model, fill_vocab_size, pretrain, resume
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import build_model, pretrain, resume
+from lmforge.data.prepared import fill_vocab_size
 from lmforge.tasks.base import Batch
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.train.loop import accumulate_gradients
-from lmforge.train import checkpoint
+from lmforge.runs import checkpoint
 from lmforge.train.log import read_metrics
 
 
@@ -141,7 +142,7 @@ def test_training_learns_the_tiny_corpus_beyond_unigram(tiny_prepared, tmp_path)
 
 
 def test_checkpoint_names_are_free_of_compile_and_ddp_prefixes(tiny_prepared, tmp_path):
-    from lmforge.train.checkpoint import clean_state_dict, unwrap
+    from lmforge.runs.checkpoint import clean_state_dict, unwrap
 
     cfg = fill_vocab_size(tiny_config(tiny_prepared, tmp_path), tiny_prepared.tokenizer)
     model = build_model(cfg)

@@ -10,7 +10,7 @@ kernels, which keep memory per distinct matrix shape, stop growing after the fir
 selected, replace 80% by
 [MASK], 10% by a random non-special token and leave 10% unchanged, so that the model cannot
 learn that only [MASK] positions matter. The loss is computed on the selected positions only.
-With task.whole_word_mask, whole words (all their WordPiece pieces) are selected instead
+With mlm.whole_word_mask, whole words (all their WordPiece pieces) are selected instead
 (`whole_words`), at the same overall rate.
 """
 

@@ -94,7 +94,7 @@ def make_pair(docs: Documents, rng: np.random.Generator, max_len: int) -> tuple[
 
 
 class PairBatches:
-    """NSP examples for `task.nsp`: the rows of a global batch, as tensors."""
+    """NSP examples for `mlm.nsp`: the rows of a global batch, as tensors."""
 
     def __init__(self, docs: Documents, max_len: int, seed: int, cls_id: int, sep_id: int, pad_id: int):
         self.docs, self.max_len, self.seed = docs, max_len, seed

@@ -12,7 +12,7 @@ the strategy of `distributed.strategy` to the model and builds its optimizer:
              CPU memory, with torch's AdamW (zero.py)
 
 The model files never know about any of this. What the rest of lmforge does with it
-(train/loop.py, pretrain.py):
+(train/loop.py, jobs.py):
 - each rank trains on its rows of every global batch (tasks/base.py `Task.shard`), so a global
   batch is train.batch_size x grad_accum_steps x world size, and the data and masks are those one
   process with the whole batch would use (a function of seed, step and example index);
@@ -22,9 +22,14 @@ The model files never know about any of this. What the rest of lmforge does with
 - rank 0 alone creates the run directory and logs; every checkpoint is consolidated into the
   single-process format (whole tensors, plain parameter names, optimizer state keyed by parameter
   index), so any run loads on a laptop and resumes under any strategy and world size.
+
+May import: lmforge.runs (state-dict helpers), models, config, errors. Never lmforge.train: the
+optimizer is passed in by the loop.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -37,20 +42,21 @@ STRATEGIES = ("ddp", "fsdp", "deepspeed")
 __all__ = ["Engine", "Parallel", "STRATEGIES", "current", "make_engine", "setup"]
 
 
-def make_engine(model: torch.nn.Module, cfg, par: Parallel, device: torch.device, precision: str) -> Engine:
-    """The model wrapped by `cfg.distributed.strategy`, with its AdamW (train/optim.py). A single
+def make_engine(model: torch.nn.Module, cfg, par: Parallel, device: torch.device, precision: str,
+                make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> Engine:
+    """The model wrapped by `cfg.distributed.strategy`, with the optimizer `make_optimizer(model)`
+    makes over its (possibly sharded) parameters: the loop passes it in (train/optim.py), so that
+    parallelism is applied from outside and imports nothing of the training loop. A single
     process always gets the plain Engine, whatever the strategy."""
-    from lmforge.train.optim import make_optimizer
-
     strategy = cfg.distributed.strategy
     if par.world == 1:
-        return Engine(model, make_optimizer(model, cfg.optim, device))
+        return Engine(model, make_optimizer(model))
     if strategy == "ddp":
-        return DDPEngine(model, make_optimizer(model, cfg.optim, device), par, device)
+        return DDPEngine(model, make_optimizer(model), par, device)
     if strategy == "fsdp":
         from lmforge.distributed.fsdp import FSDPEngine
-        return FSDPEngine(model, cfg, par, device, precision)
+        return FSDPEngine(model, cfg, par, device, precision, make_optimizer)
     if strategy == "deepspeed":
         from lmforge.distributed.zero import DeepSpeedEngine
-        return DeepSpeedEngine(model, cfg, par, device, precision)
+        return DeepSpeedEngine(model, cfg, par, device, precision, make_optimizer)
     raise LmforgeError(f"distributed.strategy={strategy!r} is not available; use one of {', '.join(STRATEGIES)}")

@@ -9,7 +9,7 @@ every rank, so the state is simply read off rank 0). fsdp.py and zero.py impleme
 sharded parameters and optimizer states, where producing the whole state is a collective that
 every rank joins.
 
-The single-process optimizer format (train/checkpoint.py) keys AdamW's tensors by the parameter's
+The single-process optimizer format (runs/checkpoint.py) keys AdamW's tensors by the parameter's
 index in the optimizer (decayed group first, in module order). Sharded engines convert to and from
 parameter names (`param_names`), so a checkpoint does not depend on the strategy or world size.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.distributed.parallel import Parallel
-from lmforge.train.checkpoint import clean_state_dict, optimizer_tensors, restore_optimizer
+from lmforge.runs.checkpoint import clean_state_dict, optimizer_tensors, restore_optimizer
 
 
 def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -17,6 +17,8 @@ files as a single process and resumes under any strategy or world size.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -26,8 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lmforge.distributed.engine import Engine, by_index, by_name, param_names
 from lmforge.distributed.parallel import Parallel
-from lmforge.train.checkpoint import WRAPPER_PREFIXES, indexed_state_dict, optimizer_tensors
-from lmforge.train.optim import make_optimizer
+from lmforge.runs.checkpoint import WRAPPER_PREFIXES, indexed_state_dict, optimizer_tensors
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -39,7 +40,8 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 class FSDPEngine(Engine):
     evaluate_on_all_ranks = True  # a forward gathers each block's shards from every rank
 
-    def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str):
+    def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str,
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" and device.type == "cuda" else MixedPrecisionPolicy())
         # the model arrives on the CPU (train/loop.py): each rank keeps its shards, on its device
@@ -48,7 +50,7 @@ class FSDPEngine(Engine):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # in place: names and module tree unchanged
         # the optimizer is made over the sharded parameters (DTensors): each rank steps its shards
-        super().__init__(model, make_optimizer(model, cfg.optim, device), par)
+        super().__init__(model, make_optimizer(model), par)
         self.options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def micro_batch(self, last: bool):

@@ -13,6 +13,7 @@ rank first takes the cache's file lock, with the others waiting on the lock (dat
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -90,5 +91,12 @@ def setup(device: torch.device, timeout_s: float = 1800.0) -> tuple[Parallel, to
 
 
 def _leave_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Every rank leaves together: a gloo group torn down while a peer still talks to it can
+    abort the process at exit (seen here under load: a finished FSDP2 rank got SIGABRT). A rank
+    whose peer is gone (it failed; torchrun stops the job) waits at most a minute."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(Exception):
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    dist.destroy_process_group()

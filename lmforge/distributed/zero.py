@@ -38,6 +38,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -46,8 +47,7 @@ import yaml
 from lmforge.distributed.engine import Engine, param_names
 from lmforge.distributed.parallel import Parallel
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import clean_state_dict, indexed_state_dict, optimizer_tensors
-from lmforge.train.optim import make_optimizer
+from lmforge.runs.checkpoint import clean_state_dict, indexed_state_dict, optimizer_tensors
 
 
 def deepspeed_config(cfg, world: int, precision: str, device: torch.device) -> dict:
@@ -106,7 +106,8 @@ def _merge(ours: dict, theirs: dict, where: str, prefix: str = "") -> dict:
 
 class DeepSpeedEngine(Engine):
 
-    def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str):
+    def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str,
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         try:
@@ -116,7 +117,7 @@ class DeepSpeedEngine(Engine):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # lmforge reports; DeepSpeed's INFO is noise here
         # DeepSpeed still calls torch's older collective names; the warning says nothing to a user
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        optimizer = make_optimizer(model, cfg.optim, device)
+        optimizer = make_optimizer(model)
         self.names = param_names(model, optimizer)  # index -> name, before DeepSpeed flattens the groups
         self.group_params = [len(g["params"]) for g in optimizer.param_groups]
         self.stage = cfg.distributed.zero_stage

@@ -1,6 +1,6 @@
 """report.png for a run: loss against tokens with the unigram baseline, learning rate, grad norm,
 and for MLM what the model predicts (entropy, share of its most common prediction) and, with
-task.nsp, next-sentence accuracy.
+mlm.nsp, next-sentence accuracy.
 
 Reads only the run's metrics.jsonl, so it can be redrawn at any time, for a finished run or one
 still training.
@@ -15,16 +15,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmforge.config import migrate_run_data  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.files import atomic_path, write_text_atomic  # noqa: E402
 from lmforge.train.log import read_metrics  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     """Write `fig` to `path` through a temporary file: a reader never sees half a picture."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -75,7 +78,7 @@ def write_report(run_dir: Path) -> Path:
         ax_ent.legend(lines, [line.get_label() for line in lines], fontsize=8)
         ax_ent.grid(alpha=0.3)
 
-    if nsp:  # task.nsp: next-sentence accuracy, train and validation, against chance
+    if nsp:  # mlm.nsp: next-sentence accuracy, train and validation, against chance
         ax_nsp = axes[-1]
         with_nsp = [r for r in train if r.get("nsp_accuracy") is not None]
         ax_nsp.plot([r["tokens"] for r in with_nsp], [r["nsp_accuracy"] for r in with_nsp], lw=0.7, alpha=0.6,
@@ -157,7 +160,8 @@ def _read_run(run_dir: Path) -> tuple[list[dict], dict, dict]:
         name = "summary.json"
         summary = json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else {}
         name = "config.yaml"
-        config = yaml.safe_load((run_dir / name).read_text()) or {}
+        # a run from before a key moved shows it where today's runs have it (mlm.nsp, not task.nsp)
+        config = migrate_run_data(yaml.safe_load((run_dir / name).read_text()) or {})
         if not isinstance(config, dict) or not isinstance(summary, dict):
             raise ValueError("not a mapping")
     except (ValueError, yaml.YAMLError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -175,7 +179,7 @@ def compare_runs(run_dirs: list[Path], out_prefix: Path) -> tuple[Path, Path]:
     import html
     import json
 
-    from lmforge.train.run_dir import flatten
+    from lmforge.runs.run_dir import flatten
 
     runs = []
     for d in run_dirs:
@@ -240,7 +244,5 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f
 <p>Run directories: {", ".join(html.escape(str(run["dir"])) for run in runs)}</p></body></html>
 """
     page_path = out_prefix.with_suffix(".html")
-    tmp_page = page_path.with_name(f".{page_path.name}.tmp")
-    tmp_page.write_text(page)
-    tmp_page.replace(page_path)
+    write_text_atomic(page_path, page)
     return png, page_path

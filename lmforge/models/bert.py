@@ -187,7 +187,7 @@ class BertForMaskedLM(nn.Module):
         self.cfg = cfg
         self.bert = BertModel(cfg)
         self.mlm_head = MaskedLMHead(cfg)
-        if cfg.next_sentence_head:  # task.nsp: [CLS] -> pooler (dense, tanh) -> is B A's continuation?
+        if cfg.next_sentence_head:  # mlm.nsp: [CLS] -> pooler (dense, tanh) -> is B A's continuation?
             self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
             self.nsp_head = nn.Linear(cfg.hidden_size, 2)
         self.apply(lambda module: init_bert_weights(module, cfg.init_std))
@@ -206,7 +206,7 @@ class BertForMaskedLM(nn.Module):
         positions whose most likely token is the target, computed by the fused, chunked
         projection + loss of lmforge/ops (the logits never exist in memory at once).
 
-        With `next_sentence` (a model with the NSP head, task.nsp) the [CLS] position is computed
+        With `next_sentence` (a model with the NSP head, mlm.nsp) the [CLS] position is computed
         too, and the result gains the next-sentence logits (batch, 2) as its last element:
         (mlm logits, nsp logits) or (loss_sum, correct, nsp logits).
 

@@ -8,7 +8,7 @@ every token, not only the 15% that are masked.
     loss = generator MLM loss + rtd_weight (50) x discriminator binary cross-entropy
 
 Generator and discriminator share the embedding layer (token, position, token type and its
-LayerNorm), as the paper does (task.share_embeddings=false gives the generator its own); the generator projects it down to its own width and its MLM head
+LayerNorm), as the paper does (electra.share_embeddings=false gives the generator its own); the generator projects it down to its own width and its MLM head
 projects back up to the embedding width, where the decoder is the tied token embedding. A
 generator a quarter of the discriminator's width (`generator_frac`) is the paper's sweet spot:
 too strong a generator makes the discriminator's task too hard.
@@ -79,7 +79,7 @@ class Electra(nn.Module):
         self.rtd_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.rtd_out = nn.Linear(cfg.hidden_size, 1)
         self.generator = Generator(generator_config(cfg, generator_frac), cfg.hidden_size)
-        # task.share_embeddings=false: the generator reads and decodes with an embedding layer of its own
+        # electra.share_embeddings=false: the generator reads and decodes with an embedding layer of its own
         self.generator_embeddings = None if share_embeddings else Embeddings(cfg)
         self.apply(lambda module: init_bert_weights(module, cfg.init_std))
 

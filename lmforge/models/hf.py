@@ -54,8 +54,46 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(regex + "$")
 
 
-_TO_HF = [(_pattern(ours), theirs) for ours, theirs in _BERT_NAMES]
-_FROM_HF = [(_pattern(theirs), ours) for ours, theirs in _BERT_NAMES]
+class NameMap:
+    """One model family's tensor names, lmforge <-> transformers, from (lmforge, transformers)
+    templates; the one rename loop each way that every family uses."""
+
+    def __init__(self, names: list[tuple[str, str]], ignored: re.Pattern, family: str, prefixes: tuple[str, ...]):
+        self.to_hf_table = [(_pattern(ours), theirs) for ours, theirs in names]
+        self.from_hf_table = [(_pattern(theirs), ours) for ours, theirs in names]
+        self.ignored, self.family = ignored, family
+        self.prefixes = prefixes  # transformers' top-level prefixes; an encoder-only file lacks the first
+
+    def to_hf(self, state: dict[str, torch.Tensor], transform=lambda hf_name, tensor: tensor
+              ) -> dict[str, torch.Tensor]:
+        """lmforge tensors -> transformers names (`transform(hf_name, tensor)` e.g. transposes)."""
+        out = {}
+        for name, tensor in state.items():
+            hf_name = _rename(name, self.to_hf_table)
+            if hf_name is None:
+                raise KeyError(f"no transformers name for lmforge tensor {name}")
+            out[hf_name] = transform(hf_name, tensor).contiguous()
+        return out
+
+    def from_hf(self, state: dict[str, torch.Tensor], transform=lambda full, tensor: tensor
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """transformers tensors (with or without the family's top-level prefix) -> lmforge names.
+        Returns (tensors, names that were ignored: buffers, tied or unused heads)."""
+        out, ignored = {}, []
+        for name, tensor in state.items():
+            full = name if name.startswith(self.prefixes) else self.prefixes[0] + name
+            ours = _rename(full, self.from_hf_table)
+            if ours is None:
+                if not self.ignored.search(full):
+                    raise LmforgeError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; is it a "
+                                       f"{self.family}?")
+                ignored.append(name)
+                continue
+            out[ours] = transform(full, tensor)
+        return out, ignored
+
+
+BERT_NAMES = NameMap(_BERT_NAMES, _IGNORED, "BERT", ("bert.", "cls."))
 
 
 def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> Optional[str]:
@@ -68,13 +106,7 @@ def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> Optional[str]:
 
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """lmforge BertForMaskedLM tensors -> transformers BertForMaskedLM names (decoder stays tied)."""
-    out = {}
-    for name, tensor in state.items():
-        hf_name = _rename(name, _TO_HF)
-        if hf_name is None:
-            raise KeyError(f"no transformers name for lmforge tensor {name}")
-        out[hf_name] = tensor.contiguous()
-    return out
+    return BERT_NAMES.to_hf(state)
 
 
 def electra_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,17 +125,7 @@ def electra_to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers BERT tensors (with or without the "bert." prefix) -> lmforge names.
     Returns (tensors, names that were ignored)."""
-    out, ignored = {}, []
-    for name, tensor in state.items():
-        full = name if name.startswith(("bert.", "cls.")) else "bert." + name
-        ours = _rename(full, _FROM_HF)
-        if ours is None:
-            if not _IGNORED.search(full):
-                raise LmforgeError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; is it a BERT?")
-            ignored.append(name)
-            continue
-        out[ours] = tensor
-    return out, ignored
+    return BERT_NAMES.from_hf(state)
 
 
 def model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConfig:
@@ -214,41 +236,31 @@ _GPT2_NAMES = [
     ("blocks.{i}.mlp.down.{p}", "transformer.h.{i}.mlp.c_proj.{p}"),
     ("final_norm.{p}", "transformer.ln_f.{p}"),
 ]
-_GPT2_TO_HF = [(_pattern(ours), theirs) for ours, theirs in _GPT2_NAMES]
-_GPT2_FROM_HF = [(_pattern(theirs), ours) for ours, theirs in _GPT2_NAMES]
 _GPT2_CONV1D = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _GPT2_IGNORED = re.compile(r"(lm_head\.weight|attn\.bias|attn\.masked_bias)$")
+GPT2_NAMES = NameMap(_GPT2_NAMES, _GPT2_IGNORED, "GPT-2", ("transformer.", "lm_head."))
+
+
+def _conv1d(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D weights are the transpose of nn.Linear's (both ways)."""
+    return tensor.t() if _GPT2_CONV1D.search(hf_name) else tensor
 
 
 def gpt2_to_hf_state_dict(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
     out = {"transformer.wte.weight": state["token.weight"][:vocab_size].contiguous()}
-    for name, tensor in state.items():
-        if name == "token.weight":
-            continue
-        hf_name = _rename(name, _GPT2_TO_HF)
-        if hf_name is None:
-            raise KeyError(f"no transformers name for lmforge tensor {name}")
-        out[hf_name] = (tensor.t() if _GPT2_CONV1D.search(hf_name) else tensor).contiguous()
+    out.update(GPT2_NAMES.to_hf({k: v for k, v in state.items() if k != "token.weight"}, _conv1d))
     return out
 
 
 def gpt2_from_hf_state_dict(state: dict[str, torch.Tensor], padded_vocab: int
                             ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    out, ignored = {}, []
-    for name, tensor in state.items():
-        full = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-        if full == "transformer.wte.weight":
-            padded = torch.zeros(padded_vocab, tensor.size(1), dtype=tensor.dtype)
-            padded[: tensor.size(0)] = tensor
-            out["token.weight"] = padded
-            continue
-        ours = _rename(full, _GPT2_FROM_HF)
-        if ours is None:
-            if not _GPT2_IGNORED.search(full):
-                raise LmforgeError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; is it a GPT-2?")
-            ignored.append(name)
-            continue
-        out[ours] = tensor.t() if _GPT2_CONV1D.search(full) else tensor
+    embedding = {"wte.weight", "transformer.wte.weight"}
+    out, ignored = GPT2_NAMES.from_hf({k: v for k, v in state.items() if k not in embedding}, _conv1d)
+    for name in embedding & set(state):  # the token embedding, padded to lmforge's row count
+        tensor = state[name]
+        padded = torch.zeros(padded_vocab, tensor.size(1), dtype=tensor.dtype)
+        padded[: tensor.size(0)] = tensor
+        out["token.weight"] = padded
     return out, ignored
 
 

@@ -1,4 +1,6 @@
-"""What a task is to the training loop: a model, batches, a loss, metrics. Nothing more.
+"""What an objective is: to the training loop a model, batches, a loss, metrics; to the rest of
+lmforge (the registry, lmforge/tasks/registry.py) also how a run of it starts, resumes, builds its
+model, is loaded back and is summed up. One objective, one file, one `Task` subclass.
 
 The loop (lmforge/train/loop.py) calls, per optimizer step:
     batches = [task.train_batch(step, micro) for micro in range(micro_batches)]
@@ -26,75 +28,56 @@ reads too (for the number of micro-batches).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
+from lmforge import distributed
 from lmforge.config import Config
+from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkpoint_weights, load_run_tokenizer,
+                                  run_weights)
+from lmforge.train.interface import Batch, EvalResult, LossOutput, Table, TrainableTask
 from lmforge.train.schedule import BatchSchedule, StepShape
 
-
-@dataclass
-class Batch:
-    tensors: dict[str, torch.Tensor]  # moved to the device by the loop
-    num_targets: int  # loss terms in this batch (masked tokens, examples)
-    num_tokens: int  # input tokens, for throughput
-    # further counts that loss parts or metrics are means over, e.g. {"examples": 8} (NSP)
-    counts: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class LossOutput:
-    loss_sum: torch.Tensor  # scalar: sum of the per-target losses
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"correct": n}, summed over targets
-    # count name (a key of Batch.counts) -> a loss part summed over that count: added to the
-    # loss as its sum over the step / the step's total count (a mean over the global batch)
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    # metric name -> the count its sum in `sums` is over, where that is not the targets
-    per: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Table:
-    """Decoded examples (inputs, targets, predictions) as columns and rows of text: markdown for
-    samples.md and TensorBoard, a table for loggers that have tables (W&B)."""
-    columns: list[str]
-    rows: list[list[str]]
-
-    def markdown(self) -> str:
-        def cell(text: str) -> str:
-            return str(text).replace("|", "\\|").replace("\n", " ")
-        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n"
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]  # logged under split "validation"
-    table_markdown: str = ""  # decoded examples for samples.md / TensorBoard
-    table: Table | None = None  # the same examples as a table, for loggers that have tables
+__all__ = ["Batch", "EvalResult", "LossOutput", "Table", "Task", "TrainableTask"]
 
 
 class Task(ABC):
     """A model, its batches, its loss and its metrics: all the loop needs.
 
-    Data parallelism: `shard` is (rank, world size), set by the loop. `train_batch` then returns
-    this rank's rows of the step's global batch (world x train.batch_size rows), which are the
-    same rows, with the same random masks, that one process with the whole batch would make,
-    so results do not depend on the number of processes."""
+    Data parallelism: `shard` is (rank, world size) of the process the task was built in (the
+    process group is joined before any task is built). `train_batch` then returns this rank's rows
+    of the step's global batch (world x train.batch_size rows), which are the same rows, with the
+    same random masks, that one process with the whole batch would make, so results do not depend
+    on the number of processes. (A test may set `shard` to play one rank of several.)"""
 
     name: str
     cfg: Config
     model: nn.Module
-    shard: tuple[int, int] = (0, 1)
-    schedule: BatchSchedule | None = None  # set by the loop; made from self.cfg when a test calls directly
+    _shard: tuple[int, int] | None = None
+    _schedule: BatchSchedule | None = None
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        if self._shard is None:
+            par = distributed.current()
+            self._shard = (par.rank, par.world)
+        return self._shard
+
+    @shard.setter
+    def shard(self, value: tuple[int, int]) -> None:
+        self._shard, self._schedule = tuple(value), None
+
+    @property
+    def schedule(self) -> BatchSchedule:
+        """The step's shape under the sequence-length schedule and the batch-size ramp."""
+        if self._schedule is None:
+            self._schedule = BatchSchedule(self.cfg, self.shard[1])
+        return self._schedule
 
     def step_shape(self, step: int) -> StepShape:
-        if self.schedule is None:
-            self.schedule = BatchSchedule(self.cfg, self.shard[1])
         return self.schedule.at(step)
 
     def global_rows(self, per_rank: int) -> tuple[int, tuple[int, int]]:
@@ -142,3 +125,66 @@ class Task(ABC):
         """Once, after training: final reports (e.g. the test split). Entries go to summary.json."""
         return {}
 
+    # -- the objective as a plug-in: what the registry, the jobs and the loaders call ------------
+    verb: ClassVar[str] = "pretrain"  # the command that trains it: pretrain | finetune
+    wrong_verb_hint: ClassVar[str] = ""  # said when the other command is asked to train it
+    run_record: ClassVar[str] = "data.json"  # the run file holding the tokenizer's sha256, if any
+    loads_as: ClassVar[str] = "language-model"  # what `load_run` gives: language-model | classifier
+    rows_are: ClassVar[str] = "sequences"  # what a row of a batch is, in the start-of-run line
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse (LmforgeError) settings this objective cannot train with, before anything is
+        read or built. Called for a new run and for a resume."""
+
+    @classmethod
+    def create(cls, cfg: Config) -> "Task":
+        """A new run's task: read its data, build and initialise its model (seeded by
+        train.seed), fill the config keys that follow from them (e.g. model.vocab_size). Nothing
+        is written: the run directory is made after this returns (a task that cannot start leaves
+        none)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how a run of it starts (create)")
+
+    @classmethod
+    def reopen(cls, cfg: Config, run_dir: Path) -> "Task":
+        """The task of a run being resumed from `run_dir` (its weights are loaded by the loop).
+        Default: `create(cfg)`, right for data that is re-made identically from the config."""
+        return cls.create(cfg)
+
+    @classmethod
+    def build_model(cls, cfg: Config) -> nn.Module:
+        """A freshly initialised model of the run's shape (for reports on sharded runs and for
+        loading a run back)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to build its model (build_model)")
+
+    def fresh_model(self) -> nn.Module:
+        """A new model like `self.model` (rank 0 loads a sharded run's final weights into it)."""
+        return type(self).build_model(self.cfg)
+
+    def write_run_files(self, run_dir: Path) -> None:
+        """Rank 0, once, into the new run directory: what loading the run back needs beside
+        config.yaml and the checkpoints (e.g. tokenizer.json and data.json)."""
+
+    def describe(self) -> str:
+        """The line printed when a run starts, after its run directory."""
+        return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
+
+    @classmethod
+    def load_run(cls, run_dir: Path, cfg: Config, *, mlm_head_required: bool = True) -> LoadedModel:
+        """A finished (or checkpointed) run of this objective, for predict, generate, classify,
+        export and model.init_from: its model with the newest checkpoint's weights, in eval mode,
+        and its tokenizer (checked against the sha256 recorded in `run_record`)."""
+        weights = run_weights(run_dir)  # first: a run without a checkpoint may not have its shape filled in yet
+        model = cls.build_model(cfg)
+        load_checkpoint_weights(model, weights, run_dir)
+        tokenizer = None
+        if (run_dir / "tokenizer.json").is_file():
+            tokenizer = load_run_tokenizer(run_dir, cls.run_record)
+            check_tokenizer_fits(tokenizer, cfg.model, run_dir / "tokenizer.json")
+        return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
+
+    @classmethod
+    def headline(cls, summary: dict) -> str:
+        """What `lmforge pretrain|finetune` prints when the run ends, from summary.json."""
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+        return shown

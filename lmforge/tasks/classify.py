@@ -10,7 +10,7 @@ movie-review snippets (~28 tokens, max ~90) this does several times less work th
 example to 128. A batch with no padding at all goes
 to the model without an attention mask (the same result, less work).
 
-The loss per example is cross-entropy on the polarity plus `loss.rating_weight` x |rating error|
+The loss per example is cross-entropy on the polarity plus `classify.rating_weight` x |rating error|
 (when the data has ratings); the loop averages it over the examples of a step. Validation gives
 accuracy, F1 (positive class), rating MAE; `finish` evaluates the test split once at the end
 and writes errors.md (the most confidently wrong test examples) and confusion.png.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,18 +30,118 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.config import Config
+from lmforge.config import Config, DataConfig, load_config
 from lmforge.data.padding import mask_if_padded, pad_rows
-from lmforge.data.sentiment import LABELS, LabeledData
-from lmforge.data.tokenizers import TextTokenizer
+from lmforge.data.prepared import fill_vocab_size
+from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split, stratified_subset
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
+from lmforge.errors import LmforgeError
+from lmforge.models.bert import init_bert_weights
+from lmforge.models.classifier import BertClassifier
 from lmforge.rng import derive_seed
+from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkpoint_weights, load_run_tokenizer,
+                                  run_weights)
+from lmforge.tasks import registry
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
+from lmforge.tasks.loading import load_model
+from lmforge.tasks.registry import register
 
 CHUNK_BATCHES = 50  # batches per length-sorted chunk
 
 
+@register
 class ClassifyTask(Task):
     name = "classify"
+    verb = "finetune"
+    wrong_verb_hint = "use `lmforge finetune` for classify"
+    run_record = "dataset.json"
+    loads_as = "classifier"
+    rows_are = "examples"
+
+    # -- a run of it ------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.long_seq_len is not None:  # examples are padded to data.seq_len; no windows to lengthen
+            raise LmforgeError(f"data.long_seq_len is a pretraining schedule (task.name=mlm, clm or electra), not "
+                               f"for task.name={cls.name}")
+
+    @classmethod
+    def create(cls, cfg: Config) -> "ClassifyTask":
+        data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)  # every rank; the cache's file lock fetches once
+        split = split_examples(cfg, data)
+        torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
+        tokenizer, encoder = init_source(cfg)
+        model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
+        if encoder is not None:
+            missing, unexpected = model.load_state_dict(encoder, strict=False)
+            lacking = [k for k in missing if k.startswith("bert.")]
+            if unexpected or lacking:
+                raise LmforgeError(f"model.init_from={cfg.model.init_from} is not a whole BERT encoder for this "
+                                   f"classifier ({', '.join((unexpected + lacking)[:4])} do not fit); start from "
+                                   f"a BERT run, minilm or a transformers BERT directory")
+        reinit_top_layers(model, cfg)
+        return cls(cfg, data, split, tokenizer, model)
+
+    @classmethod
+    def reopen(cls, cfg: Config, run_dir: Path, **extra) -> "ClassifyTask":
+        data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)
+        recorded = json.loads((run_dir / "dataset.json").read_text())
+        if recorded["identity"] != data.identity:
+            raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
+        split = json.loads((run_dir / "split.json").read_text())
+        tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
+        return cls(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range), **extra)
+
+    def fresh_model(self) -> nn.Module:
+        return BertClassifier(self.cfg.model, len(LABELS), self.data.rating_range)
+
+    def write_run_files(self, run_dir: Path) -> None:
+        """The run's tokenizer, dataset identity and split."""
+        cfg, data, split, tokenizer = self.cfg, self.data, self.split, self.tokenizer
+        tokenizer.save(run_dir / "tokenizer.json")
+        (run_dir / "dataset.json").write_text(json.dumps({
+            "dataset": data.name, "identity": data.identity, "examples": len(data.examples), "labels": list(LABELS),
+            "rating_range": data.rating_range, "split_seed": cfg.data.split_seed,
+            "tokenizer_sha256": tokenizer.sha256, "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
+        (run_dir / "split.json").write_text(json.dumps(split) + "\n")
+        if self.truncated:
+            print(f"warning: {self.truncated} examples are longer than data.seq_len={cfg.data.seq_len} and were "
+                  f"truncated", file=sys.stderr)
+
+    def initialised_from(self) -> str:
+        return self.cfg.model.init_from or "random"
+
+    def describe(self) -> str:
+        s = self.split
+        return (f"{self.data.name}: {len(s['train']):,} train / {len(s['validation']):,} validation / "
+                f"{len(s['test']):,} test examples; {sum(p.numel() for p in self.model.parameters()):,} parameters "
+                f"(init: {self.initialised_from()})")
+
+    @classmethod
+    def load_run(cls, run_dir: Path, cfg: Config, *, mlm_head_required: bool = True) -> LoadedModel:
+        """The classifier with the run's newest weights, in eval mode, and its tokenizer."""
+        try:
+            info = json.loads((run_dir / "dataset.json").read_text())
+            rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
+            num_labels = len(info["labels"])
+        except FileNotFoundError:
+            raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json); give a "
+                               f"run made by `lmforge finetune`") from None
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not what `finetune` writes
+            raise LmforgeError(f"{run_dir / 'dataset.json'} is damaged ({type(e).__name__}: {e}); it is written by "
+                               f"`lmforge finetune` when the run starts") from None
+        weights = run_weights(run_dir)  # first: a run without a checkpoint may not have its shape filled in yet
+        model = BertClassifier(cfg.model, num_labels, rating_range)
+        load_checkpoint_weights(model, weights, run_dir)
+        tokenizer = load_run_tokenizer(run_dir, "dataset.json")
+        check_tokenizer_fits(tokenizer, cfg.model, run_dir / "tokenizer.json")
+        return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
+
+    @classmethod
+    def headline(cls, summary: dict) -> str:
+        rating = f", rating MAE {summary['test_rating_mae']:.3f}" if "test_rating_mae" in summary else ""
+        return (f"test accuracy {summary['test_accuracy']:.4f}, F1 {summary['test_f1']:.4f}{rating} "
+                f"(validation accuracy {summary['val_accuracy']:.4f})")
 
     def __init__(self, cfg: Config, data: LabeledData, split: dict[str, list[int]], tokenizer: TextTokenizer,
                  model: nn.Module):
@@ -137,7 +238,7 @@ class ClassifyTask(Task):
         mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
         logits, rating = model(t["input_ids"], attention_mask=mask)
         ce = F.cross_entropy(logits.float(), t["labels"], reduction="sum")
-        return self.finish_loss(batch, rating, ce, {"correct": (logits.argmax(-1) == t["labels"]).sum(),
+        return self.finish_loss(batch, rating, ce, {"accuracy": (logits.argmax(-1) == t["labels"]).sum(),
                                                     "ce": ce.detach()})
 
     def finish_loss(self, batch: Batch, rating, loss: torch.Tensor, sums: dict) -> LossOutput:
@@ -145,7 +246,7 @@ class ClassifyTask(Task):
         (see train_batch) gets gradients and counts of zero."""
         if rating is not None and self.has_rating:
             l1 = (rating.float() - batch.tensors["ratings"]).abs().sum()
-            loss = loss + self.cfg.loss.rating_weight * l1
+            loss = loss + self.cfg.classify.rating_weight * l1
             sums["rating_abs_error"] = l1.detach()
         if batch.num_targets == 0:
             loss, sums = loss * 0.0, {k: v * 0 for k, v in sums.items()}
@@ -233,6 +334,78 @@ class ClassifyTask(Task):
         if "rating_mae" in m:
             out["test_rating_mae"] = m["rating_mae"]
         return out
+
+
+BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
+
+
+def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, nn.Module]:
+    """(config, tokenizer, classifier with the latest weights, in eval mode) of a fine-tuning run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "dataset.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json); give a run "
+                           f"made by `lmforge finetune`")
+    cfg = load_config(run_dir / "config.yaml", migrate_run=True)
+    loaded = registry.objective(cfg.task.name).load_run(run_dir, cfg)
+    return cfg, loaded.tokenizer, loaded.model
+
+
+def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Tensor]]]:
+    """Tokenizer and encoder tensors (`bert.*`) to start from; fills cfg.model's shape from the source."""
+    spec = cfg.model.init_from
+    if spec is None:
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
+        fill_vocab_size(cfg, tokenizer)
+        return tokenizer, None
+    path = BUNDLED_MODELS[spec](cfg.data.cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
+    loaded = load_model(path, mlm_head_required=False)
+    if loaded.config.arch != "bert":
+        raise LmforgeError(f"model.init_from={spec} is a {loaded.config.arch} model; a classifier is fine-tuned "
+                           f"from a BERT encoder (an MLM or ELECTRA run, minilm, or a transformers BERT)")
+    if cfg.data.tokenizer != DataConfig().tokenizer:  # set on purpose: it must be the source's own
+        given = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
+        if given.tok.get_vocab(with_added_tokens=True) != loaded.tokenizer.tok.get_vocab(with_added_tokens=True):
+            raise LmforgeError(f"data.tokenizer={cfg.data.tokenizer} ({given.vocab_size} tokens) does not match the "
+                               f"tokenizer of model.init_from={spec} ({loaded.tokenizer.vocab_size} tokens); drop "
+                               f"data.tokenizer: a model is fine-tuned with the tokenizer it was trained with")
+    src = loaded.config
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "layer_norm_eps"):
+        setattr(cfg.model, key, getattr(src, key))
+    if cfg.data.seq_len > src.max_position_embeddings:
+        raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
+                           f"of {spec}; set data.seq_len={src.max_position_embeddings} or lower")
+    encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith("bert.")}
+    return loaded.tokenizer, encoder
+
+
+def reinit_top_layers(model: BertClassifier, cfg: Config) -> None:
+    """model.reinit_layers=k (Zhang et al. 2021): the top k encoder layers start afresh from BERT's
+    init instead of the pretrained weights, which fit the pretraining objective and transfer the
+    least; drawn from the seeded generator state like the heads."""
+    k = cfg.model.reinit_layers
+    if not k:
+        return
+    if cfg.model.init_from is None:
+        raise LmforgeError("model.reinit_layers re-initialises layers of the model.init_from weights; without "
+                           "model.init_from every layer is random already (set model.reinit_layers=0)")
+    if k > cfg.model.num_layers:
+        raise LmforgeError(f"model.reinit_layers={k} exceeds the {cfg.model.num_layers} layers of "
+                           f"{cfg.model.init_from}; use at most {cfg.model.num_layers}")
+    for layer in model.bert.layers[-k:]:
+        layer.apply(lambda module: init_bert_weights(module, cfg.model.init_std))
+
+
+def split_examples(cfg: Config, data: LabeledData) -> dict[str, list[int]]:
+    labels = [e.label for e in data.examples]
+    split = stratified_split(labels, cfg.data.split_seed)
+    if cfg.data.train_examples is not None:  # few-sample fine-tuning: a stratified part of the train split
+        split["train"] = stratified_subset(split["train"], labels, cfg.data.train_examples, cfg.data.split_seed)
+    for name, idx in split.items():
+        if not idx:
+            raise LmforgeError(f"dataset {data.name} is too small: its {name} split is empty")
+    return split
+
 
 
 def _plot_confusion(matrix: np.ndarray, path: Path, title: Optional[str] = None) -> None:

@@ -16,10 +16,10 @@ import torch.nn as nn
 
 from lmforge.config import Config
 from lmforge.data.shards import PreparedData
-from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
-from lmforge.errors import LmforgeError
 from lmforge.eval.generate import generate
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
+from lmforge.tasks.corpus import CorpusTask
+from lmforge.tasks.registry import register
 from lmforge.tasks.mlm import unigram_log_probs
 
 
@@ -28,30 +28,19 @@ def clm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     tensors: "input_ids" and "targets", both (batch, seq) int64. The model fuses its vocabulary
     projection with the loss (lmforge/ops/linear_cross_entropy.py): no logits are kept."""
     loss_sum, correct = model(tensors["input_ids"], targets=tensors["targets"])
-    return LossOutput(loss_sum, {"correct": correct})
+    return LossOutput(loss_sum, {"accuracy": correct})
 
 
-class CausalLMTask(Task):
+@register
+class CausalLMTask(CorpusTask):
     name = "clm"
+    window_extra = 1  # inputs w[:-1], targets w[1:]
+
+    arch, loss_name = "gpt", "causal-LM"
 
     def __init__(self, cfg: Config, data: PreparedData, model: nn.Module):
-        self.cfg, self.data, self.model = cfg, data, model
-        self.tokenizer = data.tokenizer
-        length = cfg.data.seq_len + 1
-        self.train_windows = Windows(data.shards("train"), length)
-        self.val_windows = Windows(data.shards("validation"), length)
-        for split, w in (("train", self.train_windows), ("validation", self.val_windows)):
-            if len(w) == 0:
-                raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len + 1 = {length} "
-                                   f"tokens; use a bigger corpus or a shorter data.seq_len")
-        self.sampler = WindowSampler(self.train_windows, cfg.train.seed)
-        self.samplers = {cfg.data.seq_len: self.sampler}  # the sequence-length schedule's long steps: their own
-        long = cfg.data.long_seq_len
-        if long is not None:
-            self.samplers[long] = WindowSampler(Windows(data.shards("train"), long + 1), cfg.train.seed)
-            if len(self.samplers[long].windows) == 0:
-                raise LmforgeError(f"the train split of {data.folder} has fewer than data.long_seq_len + 1 = "
-                                   f"{long + 1} tokens; use a bigger corpus or a shorter data.long_seq_len")
+        super().__init__(cfg, data, model)
+        self.setup_windows()
         self.unigram_logp = unigram_log_probs(data.unigram_counts())
         self._eval_windows = None
 
@@ -64,12 +53,6 @@ class CausalLMTask(Task):
         shape = self.step_shape(step)
         total, rows = self.global_rows(shape.rows)
         return self._batch(self.samplers[shape.seq_len].next(total, rows))
-
-    def data_state(self) -> dict:
-        return sampler_states(self.samplers, self.cfg.data.seq_len)
-
-    def load_data_state(self, state: dict) -> None:
-        load_sampler_states(self.samplers, self.cfg.data.seq_len, state)
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         return clm_loss(model, batch.tensors)
@@ -104,9 +87,9 @@ class CausalLMTask(Task):
         """A few continuations of the configured prompts (top-k 40, temperature 0.8, seed 0)."""
         table = Table(["prompt", "continuation"], [])
         base = getattr(model, "_orig_mod", model)  # generation runs the plain model (variable shapes)
-        for prompt in [p for p in self.cfg.task.sample_prompts.split("|") if p.strip()]:
+        for prompt in [p for p in self.cfg.clm.sample_prompts.split("|") if p.strip()]:
             ids = self.tokenizer.encode(prompt)
-            new = generate(base, ids, max_new_tokens=self.cfg.task.sample_tokens, temperature=0.8, top_k=40,
+            new = generate(base, ids, max_new_tokens=self.cfg.clm.sample_tokens, temperature=0.8, top_k=40,
                            seed=0, eot_id=self.tokenizer.eot_id)[0]
             table.rows.append([prompt, self.tokenizer.decode(new).replace("\n", " ")])
         return table

@@ -12,13 +12,21 @@ original tokens separately (most tokens are originals: overall accuracy alone fl
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.config import Config
+from lmforge.models.bert import BertForMaskedLM
+from lmforge.models.electra import Electra
 from lmforge.rng import derive_seed
+from lmforge.runs.readers import LoadedModel
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
 from lmforge.tasks.mlm import MaskedLMTask
+from lmforge.tasks.registry import register
 
 
 def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight: float) -> LossOutput:
@@ -35,14 +43,34 @@ def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight:
     replaced = out["replaced"][real]
     rtd_sum = F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum")
     rtd_correct = ((disc > 0).float() == replaced).sum()
-    return LossOutput(mlm_sum, {"correct": correct, "mlm_loss": mlm_sum.detach(), "rtd_loss": rtd_sum.detach(),
+    return LossOutput(mlm_sum, {"accuracy": correct, "mlm_loss": mlm_sum.detach(), "rtd_loss": rtd_sum.detach(),
                                 "rtd_accuracy": rtd_correct},
                       terms={"real_tokens": rtd_weight * rtd_sum},
                       per={"rtd_loss": "real_tokens", "rtd_accuracy": "real_tokens"})
 
 
+@register
 class ElectraTask(MaskedLMTask):
     name = "electra"
+
+    @classmethod
+    def build_model(cls, cfg: Config) -> nn.Module:
+        return Electra(cfg.model, cfg.electra.generator_frac, cfg.electra.share_embeddings)
+
+    @classmethod
+    def load_run(cls, run_dir: Path, cfg: Config, *, mlm_head_required: bool = True) -> LoadedModel:
+        """The discriminator, as a BERT encoder with a fresh (untrained) masked-LM head, for
+        fine-tuning; the whole generator + discriminator pair is `LoadedModel.electra` (export)."""
+        whole = super().load_run(run_dir, cfg, mlm_head_required=mlm_head_required)
+        encoder = BertForMaskedLM(cfg.model)
+        encoder.load_state_dict({k: v for k, v in whole.model.state_dict().items() if k.startswith("bert.")},
+                                strict=False)
+        note = (f"{run_dir} is an ELECTRA run: its discriminator has no masked-LM head (a fresh one was "
+                f"initialised); fine-tune it, or export it (ElectraForPreTraining)")
+        if mlm_head_required:
+            print(f"warning: {note}", file=sys.stderr)
+        return LoadedModel(encoder.eval(), cfg.model, whole.tokenizer, "lmforge", [note], electra=whole.model,
+                           fresh_mlm_head=True)
 
     def train_batch(self, step: int, micro: int) -> Batch:
         batch = super().train_batch(step, micro)
@@ -64,7 +92,7 @@ class ElectraTask(MaskedLMTask):
         return batches
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        return electra_loss(model, batch.tensors, self.cfg.task.rtd_weight)
+        return electra_loss(model, batch.tensors, self.cfg.electra.rtd_weight)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> EvalResult:

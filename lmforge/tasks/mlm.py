@@ -7,7 +7,7 @@ epoch; masking is drawn when a batch is made, each row with a generator seeded b
 row of the step's global batch), so the same step always sees the same masks — in a resumed run
 too, and however the step is cut into micro-batches and processes.
 
-With task.nsp the examples are sentence pairs instead (lmforge/data/nsp.py): [CLS] A [SEP] B
+With mlm.nsp the examples are sentence pairs instead (lmforge/data/nsp.py): [CLS] A [SEP] B
 [SEP], B the true continuation of A half the time, masked the same way; next-sentence prediction
 is trained beside MLM and evaluated on a fixed set of validation pairs (nsp_accuracy).
 
@@ -27,10 +27,10 @@ from lmforge.config import Config
 from lmforge.data.mlm import cross_entropy_selected, random_mask
 from lmforge.data.nsp import Documents, PairBatches
 from lmforge.data.shards import PreparedData
-from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
-from lmforge.errors import LmforgeError
 from lmforge.rng import generator_for
-from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
+from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
+from lmforge.tasks.corpus import CorpusTask
+from lmforge.tasks.registry import register
 
 
 def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
@@ -46,7 +46,7 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     all (batch, seq). The vocabulary projection runs on the selected positions only, fused with
     the loss (lmforge/ops/linear_cross_entropy.py).
 
-    With next-sentence pairs (task.nsp: also "token_type_ids", "next_sentence_label" and, when
+    With next-sentence pairs (mlm.nsp: also "token_type_ids", "next_sentence_label" and, when
     padded, "attention_mask") the NSP cross-entropy is added, as the paper adds the two means:
     the NSP sum is a loss term over "examples" (Batch.counts), which the loop divides by the
     step's example count: the mean over the step's examples. Metrics: the MLM and NSP losses
@@ -55,55 +55,46 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     targets = tensors["input_ids"][selected]
     if "next_sentence_label" not in tensors:
         loss_sum, correct = model(tensors["masked_ids"], selected=selected, targets=targets)
-        return LossOutput(loss_sum, {"correct": correct})
+        return LossOutput(loss_sum, {"accuracy": correct})
     labels = tensors["next_sentence_label"]
     loss_sum, correct, nsp = model(tensors["masked_ids"], token_type_ids=tensors["token_type_ids"],
                                    attention_mask=tensors.get("attention_mask"), selected=selected, targets=targets,
                                    next_sentence=True)
     nsp_sum = F.cross_entropy(nsp.float(), labels, reduction="sum")
     nsp_correct = (nsp.argmax(-1) == labels).sum()
-    return LossOutput(loss_sum, {"correct": correct, "mlm_loss": loss_sum.detach(), "nsp_loss": nsp_sum.detach(),
+    return LossOutput(loss_sum, {"accuracy": correct, "mlm_loss": loss_sum.detach(), "nsp_loss": nsp_sum.detach(),
                                  "nsp_accuracy": nsp_correct},
                       terms={"examples": nsp_sum}, per={"nsp_loss": "examples", "nsp_accuracy": "examples"})
 
 
-class MaskedLMTask(Task):
+@register
+class MaskedLMTask(CorpusTask):
     name = "mlm"
+    window_extra = -2  # [CLS] window [SEP]
+
+    arch, loss_name = "bert", "MLM"  # electra and distill-mlm too: each trains a BERT encoder
 
     def __init__(self, cfg: Config, data: PreparedData, model: nn.Module):
-        self.cfg, self.data, self.model = cfg, data, model
+        super().__init__(cfg, data, model)
         tok = data.tokenizer
-        tok.require_bert("task.name=mlm")
-        self.tokenizer = tok
+        tok.require_bert(f"task.name={self.name}")
         self.special_mask = torch.as_tensor(tok.special_mask)
         if len(self.special_mask) < cfg.model.vocab_size:  # vocabulary padded beyond the tokenizer
             pad = torch.ones(cfg.model.vocab_size - len(self.special_mask), dtype=torch.bool)
             self.special_mask = torch.cat([self.special_mask, pad])
-        window = cfg.data.seq_len - 2
-        self.train_windows = Windows(data.shards("train"), window)
-        self.val_windows = Windows(data.shards("validation"), window)
-        self.sampler = WindowSampler(self.train_windows, cfg.train.seed)
-        for split, w in (("train", self.train_windows), ("validation", self.val_windows)):
-            if len(w) == 0:
-                raise LmforgeError(f"the {split} split of {data.folder} has fewer than data.seq_len={cfg.data.seq_len} "
-                                   f"tokens; use a bigger corpus or a shorter data.seq_len")
         # the sequence-length schedule's long steps read their own windows, in their own order
-        self.samplers = {cfg.data.seq_len: self.sampler}
+        # (NSP pairs are cut from whole documents at any length instead)
+        self.setup_windows(long_windows=not cfg.mlm.nsp)
         long = cfg.data.long_seq_len
-        if long is not None and not cfg.task.nsp:
-            self.samplers[long] = WindowSampler(Windows(data.shards("train"), long - 2), cfg.train.seed)
-            if len(self.samplers[long].windows) == 0:
-                raise LmforgeError(f"the train split of {data.folder} has fewer than data.long_seq_len={long} tokens; "
-                                   f"use a bigger corpus or a shorter data.long_seq_len")
         self.unigram_logp = unigram_log_probs(data.unigram_counts())
         self.word_continuation = None  # ids of WordPiece continuation pieces ('##ing'), for whole-word masking
-        if cfg.task.whole_word_mask:
+        if cfg.mlm.whole_word_mask:
             self.word_continuation = torch.zeros(len(self.special_mask), dtype=torch.bool)
             self.word_continuation[:tok.vocab_size] = torch.tensor(
                 [tok.id_to_token(i).startswith("##") for i in range(tok.vocab_size)])
-        self.pairs: dict[str, PairBatches] = {}  # task.nsp: pair makers for train and validation
+        self.pairs: dict[str, PairBatches] = {}  # mlm.nsp: pair makers for train and validation
         self.long_pairs = None  # and for the long steps of the sequence-length schedule
-        if cfg.task.nsp:
+        if cfg.mlm.nsp:
             ends = [i for text in (".", "?", "!") for i in tok.encode(text)[:1]]
             for split in ("train", "validation"):
                 docs = Documents(data.shards(split), tok.sep_id, ends)
@@ -132,7 +123,7 @@ class MaskedLMTask(Task):
               pairs: dict[str, torch.Tensor] | None = None) -> Batch:
         """Mask `input_ids`, row r with generators[r]; with NSP `pairs` (PairBatches.rows) their
         segment ids, labels and, when a row is padded, the attention mask come along."""
-        k = self.cfg.task
+        k = self.cfg.mlm
         masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
                                        mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
                                        random_token_frac=k.random_token_frac, generator=generators,
@@ -158,12 +149,6 @@ class MaskedLMTask(Task):
             return self._mask(pairs["input_ids"], masks, pairs=pairs)
         input_ids = self._frame(self.samplers[shape.seq_len].next(total, (lo, hi)))
         return self._mask(input_ids, masks)
-
-    def data_state(self) -> dict:
-        return sampler_states(self.samplers, self.cfg.data.seq_len)
-
-    def load_data_state(self, state: dict) -> None:
-        load_sampler_states(self.samplers, self.cfg.data.seq_len, state)
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import write_text_atomic
+from lmforge.files import write_text_atomic
 
 
 class MetricsLogger:
@@ -181,10 +181,7 @@ def write_csv(run_dir: Path) -> None:
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in columns} for r in rows)
-        path = Path(run_dir) / f"metrics-{split}.csv"
-        tmp = path.with_name(f".{path.name}.tmp")  # readers see the old or the new file, never half
-        tmp.write_text(out.getvalue())
-        os.replace(tmp, path)
+        write_text_atomic(Path(run_dir) / f"metrics-{split}.csv", out.getvalue())  # never half a file
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -3,7 +3,13 @@
 It knows about steps, gradient accumulation, the optimizer and schedule, clipping, precision,
 evaluation cadence, logging, checkpoints and stopping (max_steps, a wall-clock budget, SIGINT /
 SIGTERM). It knows nothing about what the model is or what the batches hold: that is the
-task's business (lmforge/tasks/base.py).
+task's business (lmforge/train/interface.py says what the loop calls).
+
+`train` makes a `Trainer` and runs it. The Trainer's constructor sets up the run (restoring a
+checkpoint when resuming, then the engine and logger); `Trainer.train` reads as the loop itself:
+the step-0 checkpoint, then per step `should_stop`, `train_step`, `maybe_log`, `maybe_evaluate`,
+`maybe_checkpoint`, then the final evaluation and checkpoint. What changes from step to step lives
+in one `RunState`.
 
 Exact resume: every random draw is a function of (seed, step, ...) — masks by the task, dropout by
 re-seeding torch at the start of each step — and the checkpoint holds weights, optimizer moments
@@ -19,7 +25,7 @@ import math
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -29,13 +35,14 @@ from tqdm.auto import tqdm
 from lmforge.config import Config, to_dict
 from lmforge.distributed import Engine, Parallel, current, make_engine
 from lmforge.errors import LmforgeError
+from lmforge.files import write_text_atomic
 from lmforge.rng import derive_seed
-from lmforge.tasks.base import Task
-from lmforge.train.checkpoint import load_newest_good, save_checkpoint, write_text_atomic
+from lmforge.train.interface import TrainableTask as Task
+from lmforge.runs.checkpoint import load_newest_good, save_checkpoint
 from lmforge.train.log import MetricsLogger, NullLogger
 from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
-from lmforge.train.optim import lr_at
-from lmforge.train.schedule import BatchSchedule
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.schedule import StepShape
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -152,221 +159,333 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool = False) -> TrainResult:
-    """Train `task.model` per `cfg.train` / `cfg.optim`, writing into `run_dir`. With `resume`,
-    continue from the run's latest checkpoint."""
-    t_cfg = cfg.train
-    par = current()
-    # FSDP2 shards a model that is still on the CPU and moves only each rank's shards to its GPU,
-    # so a model too big for one GPU still starts; every other strategy starts from the device
-    sharded_start = par.world > 1 and cfg.distributed.strategy == "fsdp"
-    model = task.model if sharded_start else task.model.to(device)
-    model.train()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
-    say = tqdm.write if par.main else (lambda text: None)  # one voice: every rank would say the same
-    global_batch = t_cfg.batch_size * t_cfg.grad_accum_steps * par.world
-    scaler = scale_state = None  # fp16: the loop's loss scaler, made by the engine (see below)
-    ckpt_root = run_dir / "checkpoints"
+@dataclass
+class RunState:
+    """What the loop advances step by step; on resume the checkpoint's counters come back into it."""
+    step: int = 0
+    tokens_seen: int = 0
+    time_before: float = 0.0  # wall-clock seconds of the processes before a resume
+    last_eval: dict = field(default_factory=dict)
+    # The final evaluation and checkpoint are skipped only where the last step already had them
+    last_eval_step: int = -1
+    last_ckpt_step: int = -1
+    nonfinite_steps: int = 0  # skipped updates in all (state.json keeps it)
+    nonfinite_in_a_row: int = 0
+    data_wait: float = 0.0  # seconds since the last log line spent making batches
+    step_time: float = 0.0  # seconds since the last log line spent in steps
+    last_log_time: float = 0.0
+    last_log_tokens: int = 0
+    signalled: bool = False  # with several ranks: any rank's flag, agreed in the last step's all-reduce
+    timed_out: bool = False
+    stopped_by: str = "max_steps"  # max_steps | max_time_s | signal
 
-    step, tokens_seen, time_before = 0, 0, 0.0
-    precision = resolve_precision(device, t_cfg.precision, cfg.distributed.strategy, par.world)
-    if resume:
-        found = load_newest_good(ckpt_root)
+
+@dataclass
+class StepOutput:
+    """What one optimizer step hands to its log line."""
+    lr: float
+    shape: StepShape
+    num_tokens: int  # over every rank
+    loss_mean: torch.Tensor  # () float32: the global batch's mean loss
+    means: dict[str, torch.Tensor]  # each metric's global mean, () float32
+    grad_norm: torch.Tensor  # () float32
+
+
+class Trainer:
+    """One run of the loop: the setup (model, engine, logger), the RunState, and the units of a step.
+    `Trainer(...).train()` is what `train` does."""
+
+    def __init__(self, cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool = False):
+        """Set up everything a step needs; with `resume`, restore the run's latest checkpoint into it."""
+        self.cfg, self.task, self.run_dir, self.device, self.resume = cfg, task, run_dir, device, resume
+        self.t_cfg = t_cfg = cfg.train
+        self.par = par = current()
+        self.state = RunState()
+        # FSDP2 shards a model that is still on the CPU and moves only each rank's shards to its GPU,
+        # so a model too big for one GPU still starts; every other strategy starts from the device
+        sharded_start = par.world > 1 and cfg.distributed.strategy == "fsdp"
+        self.model = task.model if sharded_start else task.model.to(device)
+        self.model.train()
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
+            torch.backends.cudnn.allow_tf32 = True
+        self.say = tqdm.write if par.main else (lambda text: None)  # one voice: every rank would say the same
+        self.global_batch = t_cfg.batch_size * t_cfg.grad_accum_steps * par.world
+        self.ckpt_root = run_dir / "checkpoints"
+
+        self.precision = resolve_precision(device, t_cfg.precision, cfg.distributed.strategy, par.world)
+        restored = self.read_checkpoint() if resume else None
+        self.precision = par.broadcast(self.precision)  # rank 0's choice (auto times bf16 on the CPU) holds everywhere
+        if tuple(task.shard) != (par.rank, par.world):
+            raise ValueError(f"the task was built for rank/world {task.shard}, but this process is {par.rank} of "
+                             f"{par.world}: build it after joining the process group (distributed.setup)")
+        # the step's shape: sequence length, rows, micro-batches (the seq-len schedule, the batch ramp)
+        self.schedule = task.schedule
+        if self.schedule.varies:
+            self.say(f"lmforge: {self.schedule.describe()}")
+        self.engine, self.scaler = self.build_engine(restored)
+        del restored
+        engine = self.engine
+        self.forward_model = torch.compile(engine.forward_model) if t_cfg.compile else engine.forward_model
+        # With whole parameters on every rank, rank 0 evaluates alone on the plain model (a DDP
+        # forward would wait for the other ranks); sharded parameters need every rank's forward
+        self.eval_model = self.forward_model if par.world == 1 else engine.model
+        self.evaluates = par.main or engine.evaluate_on_all_ranks
+        self.logger = self.make_logger()
+        self.warn_if_emulated()
+        self.amp = autocast_for(self.precision, device)
+        self.say(f"lmforge: training on {device.type} in {self.precision}"
+                 + {"bf16": " (bf16 autocast)", "fp16": " (fp16 autocast, loss scaling)"}.get(self.precision, ""))
+        self.max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+        self.stop = _StopFlag(quiet=not par.main)
+        self.started = 0.0  # set by train(): the clock counts training, not setup
+
+    def read_checkpoint(self) -> tuple[dict, dict, dict]:
+        """Restore what must be in place before the engine wraps the model: weights, data position, counters.
+        Returns (weights, optimizer tensors, state.json) for the engine to load."""
+        t_cfg, run_dir, s = self.t_cfg, self.run_dir, self.state
+        found = load_newest_good(self.ckpt_root)
         if found is None:
             raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from (it stopped before its first "
                                f"checkpoint was written, or every checkpoint is damaged); start the run again")
-        path, weights, opt_tensors, state = found
-        check_global_batch(run_dir, state.get("global_batch"), cfg, par.world)
-        model.load_state_dict(weights)  # every rank, before any wrapping (DeepSpeed copies it at start)
-        task.load_data_state(state["data"])
-        step, tokens_seen, time_before = state["step"], state["tokens_seen"], state["wall_time_s"]
+        path, weights, opt_tensors, saved = found
+        check_global_batch(run_dir, saved.get("global_batch"), self.cfg, self.par.world)
+        self.model.load_state_dict(weights)  # every rank, before any wrapping (DeepSpeed copies it at start)
+        self.task.load_data_state(saved["data"])
+        s.step, s.tokens_seen, s.time_before = saved["step"], saved["tokens_seen"], saved["wall_time_s"]
+        s.last_eval = saved.get("last_eval", {})
+        # The final checkpoint is always written after the final evaluation (see train)
+        s.last_eval_step = s.step if s.step >= t_cfg.max_steps else -1
+        s.last_ckpt_step = s.step  # the resumed state is already on disk
+        s.nonfinite_steps = saved.get("nonfinite_steps", 0)
         if t_cfg.precision == "auto":  # keep the precision the run started with, so resume stays exact
-            precision = state.get("precision", precision)
-        scale_state = state.get("loss_scaler")  # restored by the engine that really scales the loss
-        if step >= t_cfg.max_steps and (run_dir / "summary.json").is_file():
-            raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={t_cfg.max_steps}); "
+            self.precision = saved.get("precision", self.precision)
+        if s.step >= t_cfg.max_steps and (run_dir / "summary.json").is_file():
+            raise LmforgeError(f"{run_dir} already finished at step {s.step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
-        if step >= t_cfg.max_steps:  # killed after its last checkpoint, before summary.json was written
-            say(f"lmforge: {run_dir} trained all {step} steps but stopped before its final reports; "
-                f"writing them")
+        if s.step >= t_cfg.max_steps:  # killed after its last checkpoint, before summary.json was written
+            self.say(f"lmforge: {run_dir} trained all {s.step} steps but stopped before its final reports; "
+                     f"writing them")
         else:
-            say(f"lmforge: resuming {run_dir} at step {step} ({path.name})")
+            self.say(f"lmforge: resuming {run_dir} at step {s.step} ({path.name})")
+        return weights, opt_tensors, saved
 
-    precision = par.broadcast(precision)  # rank 0's choice (auto times bf16 on the CPU) holds on every rank
-    task.shard = (par.rank, par.world)
-    # the step's shape: sequence length, rows, micro-batches (the seq-len schedule, the batch ramp)
-    schedule = task.schedule = BatchSchedule(cfg, par.world)
-    if schedule.varies:
-        say(f"lmforge: {schedule.describe()}")
-    # the strategy (ddp, fsdp, deepspeed; plain in one process) wraps the model and makes AdamW
-    engine = make_engine(model, cfg, par, device, precision)
-    # fp16: torch's GradScaler, or none where the engine scales the loss itself (DeepSpeed)
-    scaler = engine.make_grad_scaler(precision, device)
-    if resume:  # every rank loads the same whole state; sharded engines keep their part
-        engine.load_full_state(weights, opt_tensors, state["optimizer"])
-        engine.load_loss_scale_state(scaler, scale_state)
-        del weights, opt_tensors
-    forward_model = torch.compile(engine.forward_model) if t_cfg.compile else engine.forward_model
-    # With whole parameters on every rank, rank 0 evaluates alone on the plain model (a DDP
-    # forward would wait for the other ranks); sharded parameters need every rank's forward
-    eval_model = forward_model if par.world == 1 else engine.model
-    evaluates = par.main or engine.evaluate_on_all_ranks
-    logger = (MetricsLogger(run_dir, resume_step=step if resume else None,
-                            keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps,
-                            tensorboard=cfg.log.tensorboard, csv=cfg.log.csv,
-                            wandb=to_dict(cfg) if cfg.log.wandb else None)
-              if par.main else NullLogger())
-    if t_cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        say("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
-                   "slower than fp32; use train.precision=auto")
-    if precision == "fp16" and device.type == "cpu":
-        say("lmforge: warning: train.precision=fp16 on a CPU is emulated and slow; it is meant for "
-                   "older CUDA GPUs (use train.precision=auto)")
-    amp = autocast_for(precision, device)
-    say(f"lmforge: training on {device.type} in {precision}"
-               + {"bf16": " (bf16 autocast)", "fp16": " (fp16 autocast, loss scaling)"}.get(precision, ""))
-    max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+    def build_engine(self, restored: Optional[tuple[dict, dict, dict]]
+                     ) -> tuple[Engine, Optional[torch.amp.GradScaler]]:
+        """The strategy (ddp, fsdp, deepspeed; plain in one process) wraps the model and makes AdamW."""
+        cfg, device = self.cfg, self.device
+        engine = make_engine(self.model, cfg, self.par, device, self.precision,
+                             make_optimizer=lambda m: make_optimizer(m, cfg.optim, device))
+        # fp16: torch's GradScaler, or none where the engine scales the loss itself (DeepSpeed)
+        scaler = engine.make_grad_scaler(self.precision, device)
+        if restored is not None:  # every rank loads the same whole state; sharded engines keep their part
+            weights, opt_tensors, saved = restored
+            engine.load_full_state(weights, opt_tensors, saved["optimizer"])
+            # the loss scale is restored by the engine that really scales the loss
+            engine.load_loss_scale_state(scaler, saved.get("loss_scaler"))
+        return engine, scaler
 
-    started = time.time()
-    last_log_time, last_log_tokens = started, tokens_seen
-    last_eval: dict = state.get("last_eval", {}) if resume else {}
-    # The final checkpoint is always written after the final evaluation (see the end of the loop)
-    last_eval_step = step if resume and step >= t_cfg.max_steps else -1
-    last_ckpt_step = step if resume else -1  # the resumed state is already on disk
-    data_wait = step_time = 0.0  # seconds since the last log line
-    nonfinite_steps = state.get("nonfinite_steps", 0) if resume else 0  # skipped updates in all
-    nonfinite_in_a_row = 0
-    stopped_by = "max_steps"
+    def make_logger(self) -> MetricsLogger | NullLogger:
+        """One writer (rank 0); on resume it drops what an interrupted process logged after the checkpoint."""
+        if not self.par.main:
+            return NullLogger()
+        t_cfg, log_cfg, step = self.t_cfg, self.cfg.log, self.state.step
+        return MetricsLogger(self.run_dir, resume_step=step if self.resume else None,
+                             keep_eval_at_resume_step=step % t_cfg.eval_every == 0 or step >= t_cfg.max_steps,
+                             tensorboard=log_cfg.tensorboard, csv=log_cfg.csv,
+                             wandb=to_dict(self.cfg) if log_cfg.wandb else None)
 
-    def elapsed() -> float:
-        return time_before + time.time() - started
+    def warn_if_emulated(self) -> None:
+        """A precision the hardware only emulates is far slower than fp32: say so before training."""
+        if self.t_cfg.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            self.say("lmforge: warning: train.precision=bf16 on a CPU without native bf16 is emulated and far "
+                     "slower than fp32; use train.precision=auto")
+        if self.precision == "fp16" and self.device.type == "cpu":
+            self.say("lmforge: warning: train.precision=fp16 on a CPU is emulated and slow; it is meant for "
+                     "older CUDA GPUs (use train.precision=auto)")
 
-    def checkpoint() -> None:
-        nonlocal last_ckpt_step
-        last_ckpt_step = step
-        full_state = engine.full_state()  # every rank: gathering sharded state is a collective
-        if not par.main:  # one writer
+    def train(self) -> TrainResult:
+        """Step until max_steps, the time budget or a signal; then the final evaluation and checkpoint."""
+        s, t_cfg = self.state, self.t_cfg
+        self.started = time.time()
+        s.last_log_time, s.last_log_tokens = self.started, s.tokens_seen
+        self.checkpoint_or_trim_at_start()
+        self.bar = tqdm(total=t_cfg.max_steps, initial=s.step, desc=self.task.name, unit="step",
+                        disable=not (t_cfg.progress and self.par.main), dynamic_ncols=True)
+        with self.stop:
+            while s.step < t_cfg.max_steps:
+                if self.should_stop():
+                    break
+                out = self.train_step()
+                self.bar.update(1)
+                self.maybe_log(out)
+                self.maybe_evaluate()
+                self.maybe_checkpoint()
+        self.bar.close()
+        if s.last_eval_step != s.step:
+            self.evaluate()
+        if s.last_ckpt_step != s.step:
+            self.checkpoint()
+        self.logger.close()
+        return TrainResult(steps=s.step, tokens_seen=s.tokens_seen, wall_time_s=self.elapsed(),
+                           stopped_by=s.stopped_by, last_eval=s.last_eval)
+
+    def checkpoint_or_trim_at_start(self) -> None:
+        """A new run checkpoints step 0, so that one killed before its first periodic checkpoint can
+        still be resumed; a resumed run drops the samples.md sections written after its checkpoint."""
+        if self.resume:
+            if self.par.main:
+                trim_samples(self.run_dir / "samples.md", self.state.step)
+        else:
+            self.checkpoint()
+
+    def elapsed(self) -> float:
+        """The run's wall-clock seconds, over every process that trained it (for state.json and the summary)."""
+        return self.state.time_before + time.time() - self.started
+
+    def out_of_time(self) -> bool:
+        """train.max_time_s bounds this process's training time, not the run's."""
+        return self.t_cfg.max_time_s is not None and time.time() - self.started >= self.t_cfg.max_time_s
+
+    def should_stop(self) -> bool:
+        """Stop at a step boundary on the time budget or a signal, noting why (ranks agree via train_step)."""
+        s = self.state
+        if self.par.world == 1:
+            s.signalled, s.timed_out = self.stop.requested, self.out_of_time()
+        if s.timed_out:
+            s.stopped_by = "max_time_s"
+            return True
+        if s.signalled:
+            s.stopped_by = "signal"
+            return True
+        return False
+
+    def train_step(self) -> StepOutput:
+        """One optimizer step: its seeds and batches, the gradients over every rank, the update or its skip."""
+        s, t_cfg, par, engine = self.state, self.t_cfg, self.par, self.engine
+        lr = lr_at(*self.schedule.progress(s.step), self.cfg.optim)
+        engine.set_lr(lr)
+        # dropout: a function of the step (and of the rank: ranks' rows must not share masks)
+        torch.manual_seed(derive_seed(t_cfg.seed, "step", s.step, *(("rank", par.rank) if par.rank else ())))
+        step_start = time.perf_counter()
+        shape = self.schedule.at(s.step)
+        batches = [self.task.train_batch(s.step, micro) for micro in range(shape.micro_batches)]
+        s.data_wait += time.perf_counter() - step_start
+        loss_mean, means, _ = accumulate_gradients(self.task, self.forward_model, batches, self.device, self.amp,
+                                                   self.scaler, par, engine)
+        num_tokens = sum(b.num_tokens for b in batches)
+        if par.world > 1:
+            num_tokens, loss_mean, means = self.reduce_over_ranks(num_tokens, loss_mean, means)
+        grad_norm, updated = engine.step(self.max_norm, loss_mean, self.scaler)
+        if updated:
+            s.nonfinite_in_a_row = 0
+        else:
+            self.skip_nonfinite(loss_mean)
+        if self.scaler is not None:
+            self.scaler.update()
+        engine.zero_grad()
+        s.step += 1
+        s.tokens_seen += num_tokens
+        s.step_time += time.perf_counter() - step_start
+        return StepOutput(lr=lr, shape=shape, num_tokens=num_tokens, loss_mean=loss_mean, means=means,
+                          grad_norm=grad_norm)
+
+    def reduce_over_ranks(self, num_tokens: int, loss_mean: torch.Tensor, means: dict[str, torch.Tensor]
+                          ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+        """One all-reduce per step: the global batch's tokens, loss and metrics, and every rank's stop flags."""
+        s = self.state
+        counts = torch.tensor([num_tokens, self.stop.requested, self.out_of_time()], dtype=torch.float32,
+                              device=self.device)
+        packed = self.par.sum_(torch.cat([loss_mean.view(1), counts, *(v.view(1) for v in means.values())]))
+        num_tokens, s.signalled, s.timed_out = (int(x) for x in packed[1:4].tolist())
+        return num_tokens, packed[0], dict(zip(means, packed[4:]))
+
+    def skip_nonfinite(self, loss_mean: torch.Tensor) -> None:
+        """The engine skipped the update: warn, and stop with a clear error after too many non-finite losses."""
+        s, t_cfg = self.state, self.t_cfg
+        s.nonfinite_steps += 1
+        # fp16 gradient overflow with a finite loss is the loss scaler's business (it lowers
+        # its factor after the step, or DeepSpeed's does); only a non-finite loss counts towards stopping
+        overflow = self.precision == "fp16" and bool(torch.isfinite(loss_mean))
+        s.nonfinite_in_a_row = 0 if overflow else s.nonfinite_in_a_row + 1
+        scale = self.engine.loss_scale(self.scaler)
+        what = ("fp16 gradients overflowed" + (f" at loss scale {scale:g}" if scale is not None else "")
+                if overflow
+                else "loss or gradient is not finite")
+        self.say(f"lmforge: warning: step {s.step + 1}: {what}; update skipped")
+        if s.nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
+            raise LmforgeError(f"step {s.step + 1}: loss or gradient not finite for {s.nonfinite_in_a_row} steps in "
+                               f"a row (train.max_nonfinite_steps={t_cfg.max_nonfinite_steps}); lower optim.lr, "
+                               f"set optim.max_grad_norm, or check the data")
+
+    def maybe_log(self, out: StepOutput) -> None:
+        """Every log_every steps and at the last: one train record, and the progress bar's numbers."""
+        s, t_cfg, engine = self.state, self.t_cfg, self.engine
+        if not (s.step % t_cfg.log_every == 0 or s.step == t_cfg.max_steps):
             return
-        state = {"tokens_seen": tokens_seen, "wall_time_s": elapsed(), "data": task.data_state(),
-                 "last_eval": last_eval, "task": task.name, "precision": precision,
-                 "nonfinite_steps": nonfinite_steps, "global_batch": global_batch}
-        if (scale := engine.loss_scale_state(scaler)) is not None:
-            state["loss_scaler"] = scale
-        save_checkpoint(ckpt_root, step, full_state, state, keep=t_cfg.keep_checkpoints)
+        now = time.time()
+        tokens_per_s = (s.tokens_seen - s.last_log_tokens) / max(now - s.last_log_time, 1e-9)
+        s.last_log_time, s.last_log_tokens = now, s.tokens_seen
+        loss = out.loss_mean.item()
+        extra = {k: v.item() for k, v in out.means.items()}
+        # data_wait: share of step time spent making batches (the loop waits for them)
+        self.logger.log(s.step, "train", loss=loss, lr=out.lr, grad_norm=out.grad_norm.item(), tokens=s.tokens_seen,
+                        tokens_per_s=tokens_per_s, data_wait=s.data_wait / max(s.step_time, 1e-9),
+                        skipped_steps=s.nonfinite_steps, **memory_mb(self.device), **extra,
+                        **({"seq_len": out.shape.seq_len, "step_tokens": out.num_tokens}
+                           if self.schedule.varies else {}),
+                        **({"loss_scale": scale} if (scale := engine.loss_scale(self.scaler)) is not None else {}))
+        s.data_wait = s.step_time = 0.0
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
-    def evaluate() -> None:
-        nonlocal last_eval, last_eval_step
-        last_eval_step = step
-        if not evaluates:
+    def maybe_evaluate(self) -> None:
+        """Every eval_every steps and at max_steps, before that step's checkpoint, which then holds it."""
+        if self.state.step % self.t_cfg.eval_every == 0 or self.state.step == self.t_cfg.max_steps:
+            self.evaluate()
+
+    def maybe_checkpoint(self) -> None:
+        """Every checkpoint_every steps and at max_steps, so a killed run loses at most that many steps."""
+        if self.state.step % self.t_cfg.checkpoint_every == 0 or self.state.step == self.t_cfg.max_steps:
+            self.checkpoint()
+
+    def evaluate(self) -> None:
+        """Held-out metrics now: logged, printed, kept for the checkpoint and summary; samples.md at its cadence."""
+        s, t_cfg = self.state, self.t_cfg
+        s.last_eval_step = s.step
+        if not self.evaluates:
             return
-        with amp:
-            result = task.evaluate(eval_model, device)
-        last_eval, last_eval_step = result.metrics, step
-        if not par.main:
+        with self.amp:
+            result = self.task.evaluate(self.eval_model, self.device)
+        s.last_eval, s.last_eval_step = result.metrics, s.step
+        if not self.par.main:
             return
-        logger.log(step, "validation", tokens=tokens_seen, **result.metrics)
+        self.logger.log(s.step, "validation", tokens=s.tokens_seen, **result.metrics)
         samples_every = t_cfg.samples_every or t_cfg.eval_every
-        if result.table_markdown and (step % samples_every == 0 or step == t_cfg.max_steps):
-            with open(run_dir / "samples.md", "a") as f:
-                f.write(f"\n## step {step} ({tokens_seen:,} tokens)\n\n{result.table_markdown}")
-            logger.samples("validation/samples", result.table_markdown, result.table, step)
-        tqdm.write("step {:>6} | val " .format(step) + " | ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+        if result.table_markdown and (s.step % samples_every == 0 or s.step == t_cfg.max_steps):
+            with open(self.run_dir / "samples.md", "a") as f:
+                f.write(f"\n## step {s.step} ({s.tokens_seen:,} tokens)\n\n{result.table_markdown}")
+            self.logger.samples("validation/samples", result.table_markdown, result.table, s.step)
+        tqdm.write("step {:>6} | val ".format(s.step) + " | ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
 
-    if resume:
-        if par.main:
-            trim_samples(run_dir / "samples.md", step)
-    else:
-        checkpoint()  # step 0: a run killed before its first periodic checkpoint can still be resumed
-    bar = tqdm(total=t_cfg.max_steps, initial=step, desc=task.name, unit="step",
-               disable=not (t_cfg.progress and par.main), dynamic_ncols=True)
+    def checkpoint(self) -> None:
+        """Everything an exact resume needs: weights, optimizer, data position, counters, the loss scale."""
+        s, engine = self.state, self.engine
+        s.last_ckpt_step = s.step
+        full_state = engine.full_state()  # every rank: gathering sharded state is a collective
+        if not self.par.main:  # one writer
+            return
+        saved = {"tokens_seen": s.tokens_seen, "wall_time_s": self.elapsed(), "data": self.task.data_state(),
+                 "last_eval": s.last_eval, "task": self.task.name, "precision": self.precision,
+                 "nonfinite_steps": s.nonfinite_steps, "global_batch": self.global_batch}
+        if (scale := engine.loss_scale_state(self.scaler)) is not None:
+            saved["loss_scaler"] = scale
+        save_checkpoint(self.ckpt_root, s.step, full_state, saved, keep=self.t_cfg.keep_checkpoints)
 
-    def out_of_time() -> bool:
-        return t_cfg.max_time_s is not None and time.time() - started >= t_cfg.max_time_s
 
-    signalled = timed_out = False  # with several ranks: any rank's flag, agreed in the last step's all-reduce
-    with _StopFlag(quiet=not par.main) as stop:
-        while step < t_cfg.max_steps:
-            if par.world == 1:
-                signalled, timed_out = stop.requested, out_of_time()
-            if timed_out:
-                stopped_by = "max_time_s"
-                break
-            if signalled:
-                stopped_by = "signal"
-                break
-            lr = lr_at(*schedule.progress(step), cfg.optim)
-            engine.set_lr(lr)
-            # dropout: a function of the step (and of the rank: ranks' rows must not share masks)
-            torch.manual_seed(derive_seed(t_cfg.seed, "step", step, *(("rank", par.rank) if par.rank else ())))
-            step_start = time.perf_counter()
-            shape = schedule.at(step)
-            batches = [task.train_batch(step, micro) for micro in range(shape.micro_batches)]
-            data_wait += time.perf_counter() - step_start
-            loss_mean, means, _ = accumulate_gradients(task, forward_model, batches, device, amp, scaler, par,
-                                                       engine)
-            num_tokens = sum(b.num_tokens for b in batches)
-            if par.world > 1:  # one all-reduce: the loss and metrics of the global batch, and the stop flags
-                counts = torch.tensor([num_tokens, stop.requested, out_of_time()], dtype=torch.float32, device=device)
-                packed = par.sum_(torch.cat([loss_mean.view(1), counts, *(v.view(1) for v in means.values())]))
-                num_tokens, signalled, timed_out = (int(x) for x in packed[1:4].tolist())
-                loss_mean, means = packed[0], dict(zip(means, packed[4:]))
-            grad_norm, updated = engine.step(max_norm, loss_mean, scaler)
-            if updated:
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_steps += 1
-                # fp16 gradient overflow with a finite loss is the loss scaler's business (it lowers
-                # its factor below, or DeepSpeed's does); only a non-finite loss counts towards stopping
-                overflow = precision == "fp16" and bool(torch.isfinite(loss_mean))
-                nonfinite_in_a_row = 0 if overflow else nonfinite_in_a_row + 1
-                scale = engine.loss_scale(scaler)
-                what = ("fp16 gradients overflowed" + (f" at loss scale {scale:g}" if scale is not None else "")
-                        if overflow
-                        else "loss or gradient is not finite")
-                say(f"lmforge: warning: step {step + 1}: {what}; update skipped")
-                if nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
-                    raise LmforgeError(f"step {step + 1}: loss or gradient not finite for {nonfinite_in_a_row} steps in a "
-                                       f"row (train.max_nonfinite_steps={t_cfg.max_nonfinite_steps}); lower optim.lr, "
-                                       f"set optim.max_grad_norm, or check the data")
-            if scaler is not None:
-                scaler.update()
-            engine.zero_grad()
-            step += 1
-            tokens_seen += num_tokens
-            step_time += time.perf_counter() - step_start
-            bar.update(1)
-
-            if step % t_cfg.log_every == 0 or step == t_cfg.max_steps:
-                now = time.time()
-                tokens_per_s = (tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_tokens = now, tokens_seen
-                loss = loss_mean.item()
-                extra = {k: v.item() for k, v in means.items()}
-                if "correct" in extra:
-                    extra["accuracy"] = extra.pop("correct")
-                # data_wait: share of step time spent making batches (the loop waits for them)
-                logger.log(step, "train", loss=loss, lr=lr, grad_norm=grad_norm.item(), tokens=tokens_seen,
-                           tokens_per_s=tokens_per_s, data_wait=data_wait / max(step_time, 1e-9),
-                           skipped_steps=nonfinite_steps, **memory_mb(device), **extra,
-                           **({"seq_len": shape.seq_len, "step_tokens": num_tokens} if schedule.varies else {}),
-                           **({"loss_scale": scale} if (scale := engine.loss_scale(scaler)) is not None else {}))
-                data_wait = step_time = 0.0
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            # at max_steps: evaluate, then checkpoint, so that the last checkpoint holds the last evaluation
-            if step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
-                evaluate()
-            if step % t_cfg.checkpoint_every == 0 or step == t_cfg.max_steps:
-                checkpoint()
-    bar.close()
-    if last_eval_step != step:
-        evaluate()
-    if last_ckpt_step != step:
-        checkpoint()
-    logger.close()
-    return TrainResult(steps=step, tokens_seen=tokens_seen, wall_time_s=elapsed(), stopped_by=stopped_by,
-                       last_eval=last_eval)
+def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool = False) -> TrainResult:
+    """Train `task.model` per `cfg.train` / `cfg.optim`, writing into `run_dir`. With `resume`,
+    continue from the run's latest checkpoint. Returns what the run did (TrainResult)."""
+    return Trainer(cfg, task, run_dir, device, resume).train()
 
 
 def check_global_batch(run_dir: Path, trained: Optional[int], cfg: Config, world: int) -> None:

@@ -1,4 +1,5 @@
-"""Settings that suit the machine a run is on: CPU threads and native bf16.
+"""Settings that suit the machine a run is on: CPU threads and native bf16; and what a run
+cannot do on it (check_environment: a missing package, a precision the launcher's processes refuse).
 
 - Threads: torch's default (one per physical core) is right for training; `train.num_threads`
   overrides it, e.g. to leave a core free for the data pipeline or another job.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import resource
@@ -29,7 +31,33 @@ from typing import Optional
 
 import torch
 
-from lmforge.config import precision_refusal
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.train.schedule import check_batch_ramp
+from lmforge.files import write_text_atomic
+
+
+def precision_refusal(precision: str, strategy: str, world: int) -> Optional[str]:
+    """Why `precision` (fp32 | bf16 | fp16) cannot train under `strategy` with `world`
+    processes, or None. The one rule: a run refuses what a user asks for with it
+    (check_environment), and `resolve_precision` never picks what it refuses."""
+    if precision == "fp16" and strategy == "fsdp" and world > 1:
+        # FSDP2 keeps sharded fp32 gradients that torch's GradScaler cannot unscale across ranks
+        return "train.precision=fp16 with distributed.strategy=fsdp is not supported; use bf16 (or fp32)"
+    return None
+
+
+def check_environment(cfg: Config, world: int) -> None:
+    """Refuse, in one line, what `cfg` cannot run with here: under the launcher's `world`
+    processes (WORLD_SIZE) or without a package it needs. Called when a run starts or resumes,
+    once the process group is joined and before anything is read or written; the config's own
+    checks (lmforge/config.py validate) are those that hold on any machine."""
+    refusal = precision_refusal(cfg.train.precision, cfg.distributed.strategy, world)
+    if refusal is not None:
+        raise LmforgeError(refusal)
+    check_batch_ramp(cfg, world)
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise LmforgeError("log.wandb=true needs the wandb package: pip install wandb (or set log.wandb=false)")
 
 
 def set_threads(num_threads: Optional[int]) -> None:
@@ -93,9 +121,7 @@ def cpu_bf16_speedup() -> float:
         speedup = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
         if path is not None and isinstance(known, dict):
             with contextlib.suppress(OSError):  # a read-only cache is no error: the next run measures again
-                tmp = path.with_name(f".machine.json.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({**known, key: speedup}, indent=1) + "\n")
-                os.replace(tmp, path)
+                write_text_atomic(path, json.dumps({**known, key: speedup}, indent=1) + "\n")
         return speedup
 
 

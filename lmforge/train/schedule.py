@@ -29,6 +29,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.config import Config
+from lmforge.errors import LmforgeError
+
+
+def check_batch_ramp(cfg: Config, world: int) -> None:
+    """The batch-size ramp must start below the full step, which depends on the number of
+    processes (`world`): checked when a run starts (train/machine.py check_environment) and
+    before `lmforge plot-schedule` draws it (the rest of the ramp's settings are config checks)."""
+    t = cfg.train
+    full_step = t.batch_size * cfg.data.seq_len * t.grad_accum_steps * world  # tokens per step, all processes
+    if t.batch_ramp_start_tokens is not None and t.batch_ramp_start_tokens >= full_step:
+        raise LmforgeError(f"train.batch_ramp_start_tokens={t.batch_ramp_start_tokens} must be below the full step of "
+                           f"{full_step} tokens (train.batch_size x data.seq_len x grad_accum_steps x {world} "
+                           f"process(es))")
 
 
 @dataclass(frozen=True)

@@ -61,16 +61,16 @@ FINETUNE = COMMON + ["data.dataset={reviews}", "model.init_from=null"] + BERT
 # name -> verb, overrides, teacher (an objective whose run directory is {teacher}).
 OBJECTIVES: dict[str, dict] = {
     "mlm": {"verb": "pretrain", "overrides": PRETRAIN + BERT + ["task.name=mlm"]},
-    "mlm-nsp": {"verb": "pretrain", "overrides": PRETRAIN + BERT + ["task.name=mlm", "task.nsp=true"]},
+    "mlm-nsp": {"verb": "pretrain", "overrides": PRETRAIN + BERT + ["task.name=mlm", "mlm.nsp=true"]},
     "whole-word-mask": {"verb": "pretrain",
-                        "overrides": PRETRAIN + BERT + ["task.name=mlm", "task.whole_word_mask=true"]},
+                        "overrides": PRETRAIN + BERT + ["task.name=mlm", "mlm.whole_word_mask=true"]},
     "electra": {"verb": "pretrain", "overrides": PRETRAIN + BERT + ["task.name=electra"]},
     "clm": {"verb": "pretrain", "overrides": PRETRAIN + ["data.tokenizer=gpt2", "model.arch=gpt", "task.name=clm"]},
     "classify": {"verb": "finetune", "overrides": FINETUNE + ["task.name=classify", "optim.lr=1e-2"]},
     "distill": {"verb": "finetune", "teacher": "classify",
-                "overrides": FINETUNE + ["task.name=distill", "task.teacher={teacher}", "optim.lr=3e-3"]},
+                "overrides": FINETUNE + ["task.name=distill", "distill.teacher={teacher}", "optim.lr=3e-3"]},
     "distill-mlm": {"verb": "pretrain", "teacher": "mlm",
-                    "overrides": PRETRAIN + BERT + ["task.name=distill-mlm", "task.teacher={teacher}"]},
+                    "overrides": PRETRAIN + BERT + ["task.name=distill-mlm", "distill.teacher={teacher}"]},
 }
 
 # Some words are several bert-base-uncased WordPieces (humming ##bird, wheel ##bar ##row, ...), so

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
+from lmforge.files import write_text_atomic
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -76,16 +77,6 @@ def state_checksum(state: dict) -> str:
     whether computed before writing state.json or after reading it back, whatever its layout."""
     canonical = json.loads(json.dumps({k: v for k, v in state.items() if k != "state_sha256"}))
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -220,7 +211,7 @@ def load_model_weights(ckpt_root: Path, run_dir: Path) -> dict[str, torch.Tensor
 
 
 def indexed_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """The optimizer state_dict a checkpoint's tensors and meta describe (train/checkpoint.py)."""
+    """The optimizer state_dict a checkpoint's tensors and meta describe (this module)."""
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)

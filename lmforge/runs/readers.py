@@ -1,7 +1,9 @@
-"""Load a model from wherever the user points: an lmforge run directory or a Hugging Face directory.
+"""Reading models back: a run's checkpoint weights and tokenizer, and Hugging Face directories.
 
-Both give the same thing: a `BertForMaskedLM`, its `ModelConfig`, and the tokenizer that goes
-with it. Loading never executes code from the files (safetensors, JSON, weights-only torch.load).
+An lmforge run is loaded by its objective (lmforge/tasks/loading.py asks the registry which one,
+and the objective builds its model and calls the readers here); a transformers BERT or GPT-2
+directory is read here into the same `LoadedModel`. Loading never executes code from the files
+(safetensors, JSON, weights-only torch.load). This module knows no task names.
 """
 
 from __future__ import annotations
@@ -14,28 +16,15 @@ from typing import Optional
 
 import torch
 
-from lmforge.config import FINE_TUNING_TASKS, ModelConfig, TaskConfig, load_config
+from lmforge.config import ModelConfig
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.classifier import PooledBertClassifier
-from lmforge.models.electra import Electra
 from lmforge.models.gpt import GPT
 from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
                                model_config_from_hf, read_hf_dir)
-from lmforge.train.checkpoint import checkpoints_newest_first, load_model_weights
-
-
-def build_model(cfg: ModelConfig, task: Optional[TaskConfig] = None) -> torch.nn.Module:
-    """A freshly initialised pretraining model for `cfg.arch`: BertForMaskedLM or GPT, or for
-    task.name=electra the generator + discriminator pair."""
-    if task is not None and task.name == "electra":
-        return Electra(cfg, task.generator_frac, task.share_embeddings)
-    if cfg.arch == "bert":
-        return BertForMaskedLM(cfg)
-    if cfg.arch == "gpt":
-        return GPT(cfg)
-    raise LmforgeError(f"model.arch={cfg.arch!r} is not known; known: bert, gpt")
+from lmforge.runs.checkpoint import checkpoints_newest_first, load_model_weights
 
 
 def run_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -100,45 +89,23 @@ def load_hf_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], path
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # BertForMaskedLM or GPT
+    model: torch.nn.Module  # BertForMaskedLM or GPT (a fine-tuning run: its classifier)
     config: ModelConfig
     tokenizer: TextTokenizer
     source: str  # "lmforge" or "hf"
     notes: list[str] = field(default_factory=list)  # what a user should know (e.g. a fresh MLM head)
-    electra: Optional[Electra] = None  # an ELECTRA run's whole model; `model` is then its discriminator
+    electra: Optional[torch.nn.Module] = None  # an ELECTRA run's whole model; `model` is then its discriminator
     fresh_mlm_head: bool = False  # the MLM head was initialised here, not loaded (an encoder-only source)
 
 
-def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
-    """Model, config and tokenizer from an lmforge pretraining run directory (BERT or GPT) or a
-    transformers BERT or GPT-2 (GPT2LMHeadModel) directory.
+def load_hf_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
+    """Model, config and tokenizer from a transformers BERT or GPT-2 (GPT2LMHeadModel) directory.
 
     A transformers encoder without an MLM head (a `BertModel`, such as the bundled MiniLM) gets a
     freshly initialised head; with `mlm_head_required` that is said on stderr, since its fill-mask
     output is then noise until the head is trained.
     """
     path = Path(path)
-    if (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml")
-        if cfg.task.name in FINE_TUNING_TASKS:
-            raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
-                               f"for its encoder")
-        weights = run_weights(path)  # first: a run without a checkpoint may not have its shape filled in yet
-        model = build_model(cfg.model, cfg.task)
-        load_checkpoint_weights(model, weights, path)
-        tokenizer = load_run_tokenizer(path, "data.json")
-        check_tokenizer_fits(tokenizer, cfg.model, path / "tokenizer.json")
-        if isinstance(model, Electra):  # its discriminator: a BERT encoder (no MLM head of its own)
-            encoder = BertForMaskedLM(cfg.model)
-            encoder.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("bert.")},
-                                    strict=False)
-            note = (f"{path} is an ELECTRA run: its discriminator has no masked-LM head (a fresh one was "
-                    f"initialised); fine-tune it, or export it (ElectraForPreTraining)")
-            if mlm_head_required:
-                print(f"warning: {note}", file=sys.stderr)
-            return LoadedModel(encoder.eval(), cfg.model, tokenizer, "lmforge", [note], electra=model.eval(),
-                               fresh_mlm_head=True)
-        return LoadedModel(model.eval(), cfg.model, tokenizer, "lmforge")
     if is_hf_dir(path):
         hf_cfg, hf_state = read_hf_dir(path)
         if hf_cfg.get("model_type") == "gpt2":
@@ -169,8 +136,8 @@ def load_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedMod
         tokenizer = load_tokenizer(str(path))
         check_tokenizer_fits(tokenizer, cfg, path)
         return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes, fresh_mlm_head=bool(missing))
-    raise LmforgeError(f"{path} is neither an lmforge run directory (config.yaml) nor a Hugging Face model "
-                       f"directory (config.json + model.safetensors or pytorch_model.bin)")
+    raise LmforgeError(f"{path} is not a Hugging Face model directory (config.json + model.safetensors or "
+                       f"pytorch_model.bin)")
 
 
 

@@ -1,0 +1,42 @@
+"""Load a model back from wherever the user points: an lmforge run directory or a transformers one.
+
+An lmforge run is read by its own objective (`Task.load_run`, found in the registry by the run's
+task.name), so a new objective is loadable with no change here; a transformers BERT or GPT-2
+directory is read by lmforge/runs/readers.py. Both give a `LoadedModel`: the model in eval mode,
+its `ModelConfig` and its tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.config import Config, load_config
+from lmforge.errors import LmforgeError
+from lmforge.runs.readers import LoadedModel, is_hf_dir, load_hf_model
+from lmforge.tasks import registry
+
+
+def run_config(path: str | Path) -> Config | None:
+    """The config of the lmforge run at `path`, or None when `path` is not a run directory."""
+    path = Path(path)
+    return load_config(path / "config.yaml", migrate_run=True) if (path / "config.yaml").is_file() else None
+
+
+def load_model(path: str | Path, *, mlm_head_required: bool = True, classifier_ok: bool = False) -> LoadedModel:
+    """A language model (BERT masked LM, GPT), its config and tokenizer, from an lmforge run
+    directory (read by its objective) or a transformers BERT or GPT-2 directory. A fine-tuning
+    run's classifier is refused unless `classifier_ok` (export, the Python API's `load`).
+    `mlm_head_required`: say on stderr when a masked LM's head had to be initialised here (an
+    encoder-only source), since fill-mask is then noise."""
+    path = Path(path)
+    cfg = run_config(path)
+    if cfg is not None:
+        objective = registry.objective(cfg.task.name)
+        if objective.loads_as == "classifier" and not classifier_ok:
+            raise LmforgeError(f"{path} is a fine-tuning run: use `lmforge classify` with it, or `lmforge export` "
+                               f"for its encoder")
+        return objective.load_run(path, cfg, mlm_head_required=mlm_head_required)
+    if is_hf_dir(path):
+        return load_hf_model(path, mlm_head_required=mlm_head_required)
+    raise LmforgeError(f"{path} is neither an lmforge run directory (config.yaml) nor a Hugging Face model "
+                       f"directory (config.json + model.safetensors or pytorch_model.bin)")
