@@ -22,8 +22,6 @@ its optimizer state and its first two steps added.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +32,8 @@ from lmforge.models.bert import BertForMaskedLM
 from lmforge.tasks.mlm import mlm_loss
 
 VARIANTS = ("lmforge", "hf", "hf-selected")
+# --smoke's sizes (with 2 rounds), and those of the uncounted warm-up steps
+SMOKE = {"layers": 1, "hidden": 32, "heads": 2, "ffn": 64, "vocab": 2000, "seq": 16, "batch": 4}
 
 
 def make_batches(args, n: int) -> list[dict]:
@@ -75,22 +75,9 @@ def loss_of(name: str, model, b: dict) -> torch.Tensor:
 
 def main(argv=None) -> int:
     p = common.base_parser(__doc__)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=32)
-    common.add_training_options(p, VARIANTS, rounds=12)
-    args = p.parse_args(argv)
-    common.check_choices(p, args.variants, VARIANTS, "variant")
-    common.check_choices(p, args.precision, common.PRECISIONS, "precision")
-    if args.smoke:
-        args.layers, args.hidden, args.heads, args.ffn, args.vocab = 1, 32, 2, 64, 2000
-        args.seq, args.batch, args.rounds = 16, 4, 2
-    tiny = copy.copy(args)  # warm-up size
-    tiny.layers, tiny.hidden, tiny.heads, tiny.ffn, tiny.vocab, tiny.seq, tiny.batch = 1, 32, 2, 64, 2000, 16, 4
+    common.add_training_options(p, VARIANTS, rounds=12,
+                                layers=4, hidden=256, heads=4, ffn=1024, vocab=30522, seq=128, batch=32)
+    args, tiny = common.parse_training_args(p, argv, VARIANTS, smoke=SMOKE, warm_up=SMOKE)
     title = (f"BERT-MLM training: L{args.layers} H{args.hidden} A{args.heads} FFN{args.ffn}, vocab {args.vocab:,}, "
              f"seq {args.seq}, batch {args.batch}")
     return common.run_training_benchmark(args, "bert-mlm-train", title, tiny, make_batches, build, loss_of)

@@ -30,19 +30,16 @@ added (sampled every 2 ms). "padding" is the share of the round's input position
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, which adds the checkout
+import torch
 
-import common  # noqa: E402
-import torch  # noqa: E402
-
-from lmforge.config import load_config  # noqa: E402
-from lmforge.data.sentiment import LABELS, load_labeled, stratified_split  # noqa: E402
-from lmforge.data.tokenizers import minilm_model_dir  # noqa: E402
-from lmforge.models.classifier import BertClassifier  # noqa: E402
-from lmforge.tasks.classify import ClassifyTask, init_source  # noqa: E402
+import common
+from lmforge.config import load_config
+from lmforge.data.sentiment import LABELS, load_labeled, stratified_split
+from lmforge.data.tokenizers import minilm_model_dir
+from lmforge.models.classifier import BertClassifier
+from lmforge.tasks.classify import ClassifyTask, init_source
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("lmforge", "hf", "lmforge-random", "hf-grouped")
@@ -121,8 +118,6 @@ def main(argv=None) -> int:
     common.setup(args)
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()  # no load reports (the heads are new on purpose)
     cfg, tokenizer, encoder, task, data = lmforge_setup(args)
     k, b = args.batches_per_round, args.batch
     grouped = [task._examples_of_step(s) for s in range(k)]  # exactly what `lmforge finetune` trains on first
@@ -166,19 +161,12 @@ def main(argv=None) -> int:
     real_tokens = sum(len(task.ids[i]) for i in examples)
     results = []
     for v in variants:
-        seconds = common.median(v.seconds)
         positions = sum(len(x) * max(len(task.ids[i]) for i in x) for x in padded[v.name])
-        results.append({"variant": v.name, "examples_per_s": len(examples) / seconds, "round_s": seconds,
-                        "flops_per_round": v.flops_per_round,
-                        "gflops_per_round": v.flops_per_round / 1e9, "mfu": v.flops_per_round / seconds / peak,
-                        "peak_rss_mb": v.peak_rss_mb, "padding": 1 - real_tokens / positions,
-                        "final_loss": v.last_loss})
-    base = next((r["examples_per_s"] for r in results if r["variant"] == "lmforge"), None)
-    for r in results:
-        r["lmforge_speedup_over_this"] = base / r["examples_per_s"] if base else None
+        results.append({**common.examples_row(v, len(examples), "round", v.flops_per_round, peak),
+                        "padding": 1 - real_tokens / positions, "final_loss": v.last_loss})
+    common.add_lmforge_speedups(results)
     report = {"benchmark": "finetune-classify", "config": vars(args), "examples_per_round": len(examples),
-              "torch_threads": torch.get_num_threads(), "matmul_peak_gflops": peak / 1e9,
-              "transformers": transformers.__version__, "torch": torch.__version__, "results": results}
+              **common.environment(peak), "results": results}
     title = (f"Fine-tuning MiniLM-L{args.layers}-H384 on movie reviews: batch {b}, <= {args.max_len} tokens, "
              f"dropout {args.dropout}, fused AdamW, fp32, {torch.get_num_threads()} threads; {len(examples)} examples "
              f"x {args.rounds} rounds; matmul peak {peak / 1e9:.0f} GFLOP/s")

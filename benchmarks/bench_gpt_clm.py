@@ -18,8 +18,6 @@ reported; MFU and peak RSS as in bench_bert_mlm.py (see common.py).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import common
@@ -28,6 +26,8 @@ from lmforge.models.gpt import GPT
 from lmforge.tasks.clm import clm_loss
 
 VARIANTS = ("lmforge", "hf")
+SMOKE = {"layers": 1, "hidden": 32, "heads": 2, "vocab": 1000, "seq": 16, "batch": 2}  # --smoke's sizes (with 2 rounds)
+WARM_UP = {**SMOKE, "vocab": 500}  # the uncounted warm-up steps' sizes
 
 
 def make_batches(args, n: int) -> list[dict]:
@@ -62,20 +62,8 @@ def loss_of(name: str, model, b: dict) -> torch.Tensor:
 
 def main(argv=None) -> int:
     p = common.base_parser(__doc__)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
-    common.add_training_options(p, VARIANTS, rounds=8)
-    args = p.parse_args(argv)
-    common.check_choices(p, args.variants, VARIANTS, "variant")
-    common.check_choices(p, args.precision, common.PRECISIONS, "precision")
-    if args.smoke:
-        args.layers, args.hidden, args.heads, args.vocab, args.seq, args.batch, args.rounds = 1, 32, 2, 1000, 16, 2, 2
-    tiny = copy.copy(args)  # warm-up size
-    tiny.layers, tiny.hidden, tiny.heads, tiny.vocab, tiny.seq, tiny.batch = 1, 32, 2, 500, 16, 2
+    common.add_training_options(p, VARIANTS, rounds=8, layers=4, hidden=256, heads=4, vocab=50257, seq=256, batch=16)
+    args, tiny = common.parse_training_args(p, argv, VARIANTS, smoke=SMOKE, warm_up=WARM_UP)
     title = (f"GPT causal-LM training: L{args.layers} H{args.hidden} A{args.heads}, vocab {args.vocab:,}, "
              f"seq {args.seq}, batch {args.batch}")
     return common.run_training_benchmark(args, "gpt-clm-train", title, tiny, make_batches, build, loss_of)

@@ -27,24 +27,22 @@ memory the variant's loading and warm-up pass added (sampled every 2 ms).
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, which adds the checkout
+import torch
 
-import common  # noqa: E402
-import torch  # noqa: E402
-
-from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.data.sentiment import LABELS, load_labeled, stratified_split  # noqa: E402
-from lmforge.data.tokenizers import load_tokenizer, minilm_model_dir  # noqa: E402
-from lmforge.eval.classify import classify_texts  # noqa: E402
-from lmforge.eval.predict import fill_mask  # noqa: E402
-from lmforge.export import export_hf, write_hf_tokenizer  # noqa: E402
-from lmforge.models.classifier import BertClassifier  # noqa: E402
-from lmforge.models.hf import model_config_from_hf, read_hf_dir  # noqa: E402
-from lmforge.tasks.loading import load_model  # noqa: E402
+import common
+from lmforge.config import ModelConfig
+from lmforge.data.sentiment import LABELS, load_labeled, stratified_split
+from lmforge.data.tokenizers import load_tokenizer, minilm_model_dir
+from lmforge.eval.classify import classify_texts
+from lmforge.eval.predict import fill_mask
+from lmforge.export import export_hf, write_hf_tokenizer
+from lmforge.models.classifier import BertClassifier
+from lmforge.models.hf import model_config_from_hf
+from lmforge.runs.readers import read_hf_dir
+from lmforge.tasks.loading import load_model
 
 VARIANTS = ("lmforge-classify", "hf-classify", "lmforge-fill-mask", "hf-fill-mask")
 PAIRS = {"hf-classify": "lmforge-classify", "hf-fill-mask": "lmforge-fill-mask"}
@@ -114,8 +112,6 @@ def main(argv=None) -> int:
     common.setup(args)
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()  # no load reports (the heads are new on purpose)
     texts = movie_review_texts(args.examples)
     masked_texts = [mask_middle_word(t) for t in texts]
     tmp = tempfile.TemporaryDirectory(prefix="lmforge-bench-")
@@ -147,19 +143,10 @@ def main(argv=None) -> int:
     common.interleave(variants, args.rounds, lambda v, r: v.run())
     tmp.cleanup()
 
-    results = []
-    for v in variants:
-        seconds = common.median(v.seconds)
-        results.append({"variant": v.name, "examples_per_s": len(texts) / seconds, "pass_s": seconds,
-                        "flops_per_pass": v.flops_per_pass, "gflops_per_pass": v.flops_per_pass / 1e9,
-                        "mfu": v.flops_per_pass / seconds / peak, "peak_rss_mb": v.peak_rss_mb})
-    speed = {r["variant"]: r["examples_per_s"] for r in results}
-    for r in results:
-        ours = PAIRS.get(r["variant"], r["variant"])
-        r["lmforge_speedup_over_this"] = speed[ours] / r["examples_per_s"] if ours in speed else None
-    report = {"benchmark": "inference", "config": vars(args), "texts": len(texts),
-              "torch_threads": torch.get_num_threads(), "matmul_peak_gflops": peak / 1e9,
-              "transformers": transformers.__version__, "torch": torch.__version__, "results": results}
+    results = [common.examples_row(v, len(texts), "pass", v.flops_per_pass, peak) for v in variants]
+    common.add_lmforge_speedups(results, counterpart=lambda variant: PAIRS.get(variant, variant))
+    report = {"benchmark": "inference", "config": vars(args), "texts": len(texts), **common.environment(peak),
+              "results": results}
     title = (f"Inference on {len(texts)} movie-review texts, MiniLM-L6-H384, fp32, {torch.get_num_threads()} threads; "
              f"lmforge classify batch {args.lmforge_batch} (length-sorted), pipelines batch_size={args.hf_batch}; "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s")

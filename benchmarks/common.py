@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -145,12 +146,22 @@ def setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    try:  # no config chatter from transformers in the printed tables
+    try:  # no config chatter or load reports (new heads are new on purpose) from transformers in the tables
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def environment(peak_flops: float) -> dict:
+    """What a report was measured with: torch's thread count, the measured matmul peak (GFLOP/s)
+    and the torch and transformers versions."""
+    import transformers
+
+    return {"torch_threads": torch.get_num_threads(), "matmul_peak_gflops": peak_flops / 1e9,
+            "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def print_report(report: dict, title: str, columns: list[tuple[str, str, str]], as_json: bool,
@@ -169,6 +180,28 @@ def print_report(report: dict, title: str, columns: list[tuple[str, str, str]], 
         print(note)
 
 
+# -- examples/s benchmarks (bench_finetune.py, bench_inference.py) ------------------------------
+# A variant there has .name, .seconds (one per timed round) and .peak_rss_mb.
+
+def examples_row(variant, examples: int, per: str, flops: int, peak_flops: float) -> dict:
+    """The result row of `variant`, which processed `examples` examples per `per` ("round" or
+    "pass") and ran `flops` counted FLOPs each: examples_per_s over the median `{per}_s`,
+    `flops_per_{per}` (and `gflops_per_{per}`), MFU against `peak_flops` and peak_rss_mb."""
+    seconds = median(variant.seconds)
+    return {"variant": variant.name, "examples_per_s": examples / seconds, f"{per}_s": seconds,
+            f"flops_per_{per}": flops, f"gflops_per_{per}": flops / 1e9, "mfu": flops / seconds / peak_flops,
+            "peak_rss_mb": variant.peak_rss_mb}
+
+
+def add_lmforge_speedups(results: list[dict], counterpart: Callable[[str], str] = lambda variant: "lmforge") -> None:
+    """Set each row's "lmforge_speedup_over_this": the examples/s of its lmforge counterpart (the
+    row named counterpart(variant)) over its own; None when that variant was not run."""
+    speed = {r["variant"]: r["examples_per_s"] for r in results}
+    for r in results:
+        ours = counterpart(r["variant"])
+        r["lmforge_speedup_over_this"] = speed[ours] / r["examples_per_s"] if ours in speed else None
+
+
 # -- training benchmarks (bench_bert_mlm.py, bench_gpt_clm.py) ----------------------------------
 # A script gives: make_batches(args, n) -> list of batch dicts, build(name, args) -> model, and
 # loss_of(name, model, batch) -> the mean loss its users would backpropagate; the rest is here.
@@ -176,11 +209,31 @@ def print_report(report: dict, title: str, columns: list[tuple[str, str, str]], 
 PRECISIONS = ("fp32", "bf16")
 
 
-def add_training_options(parser: argparse.ArgumentParser, variants: tuple[str, ...], rounds: int) -> None:
+def add_training_options(parser: argparse.ArgumentParser, variants: tuple[str, ...], rounds: int,
+                         **sizes: int) -> None:
+    """--NAME for each model and batch size of `sizes` (its default), then --dropout, --rounds
+    (`rounds` by default), --variants (of `variants`) and --precision."""
+    for name, default in sizes.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--rounds", type=int, default=rounds, help="timed steps per variant, interleaved (median reported)")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="timed steps per variant, interleaved (median reported)")
     parser.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (CPU bf16 autocast)")
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv, variants: tuple[str, ...], smoke: dict,
+                        warm_up: dict) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """(args, tiny): the parsed command line, its --variants and --precision checked, with the
+    sizes of `smoke` and 2 rounds under --smoke; and a copy of it at the sizes of `warm_up`."""
+    args = parser.parse_args(argv)
+    check_choices(parser, args.variants, variants, "variant")
+    check_choices(parser, args.precision, PRECISIONS, "precision")
+    if args.smoke:
+        vars(args).update(smoke, rounds=2)
+    tiny = copy.copy(args)
+    vars(tiny).update(warm_up)
+    return args, tiny
 
 
 class TrainVariant:

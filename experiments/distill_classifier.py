@@ -13,63 +13,42 @@ and their inference speed: examples/s classifying the test texts (batch 32, leng
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-import torch  # noqa: E402
-
-from lmforge.config import load_config  # noqa: E402
-from lmforge.data.sentiment import load_labeled  # noqa: E402
-from lmforge.eval.classify import classify_texts  # noqa: E402
-from lmforge.jobs import finetune  # noqa: E402
-from lmforge.tasks.classify import load_classifier  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_fixes import tiny_reviews  # noqa: E402
+import common
+from lmforge.config import load_config
+from lmforge.data.sentiment import load_labeled
+from lmforge.eval.classify import classify_texts
+from lmforge.jobs import finetune
+from lmforge.tasks.classify import load_classifier
 
 
 def examples_per_s(models: dict, tokenizer, texts: list[str], max_len: int, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                classify_texts(model, tokenizer, texts, max_len, batch_size=32)
-                times[name].append(time.perf_counter() - start)
-    return {name: len(texts) / statistics.median(t) for name, t in times.items()}
+    """{name: test texts classified per second} of each model, as `lmforge classify` runs it."""
+    seconds = common.median_seconds(
+        models, rounds, lambda model: classify_texts(model, tokenizer, texts, max_len, batch_size=32))
+    return {name: len(texts) / s for name, s in seconds.items()}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--teacher", help="a fine-tuned classifier run (default: fine-tune configs/mr-minilm.yaml first)")
     p.add_argument("--layers", type=int, default=3, help="student encoder layers (default 3)")
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds (default 5)")
-    p.add_argument("--out", default=None, help="where the runs go (default: a temporary folder, removed)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--smoke", action="store_true", help="a few steps of each: checks the script runs")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the student's run")
+    common.add_run_options(p, rounds=5, overrides="the student's run")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="lmforge-distill-") as tmp, contextlib.redirect_stdout(sys.stderr):
-        out = Path(args.out) if args.out else Path(tmp)
+    with common.runs_folder(args, "lmforge-distill-") as (out, scratch):
         quick = []  # --smoke: MiniLM on 200 made-up reviews, 32 tokens, a few steps
         if args.smoke:
             quick = ["train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "data.seq_len=32",
-                     f"data.dataset={tiny_reviews(Path(tmp) / 'reviews.tsv')}"]
+                     f"data.dataset={common.tiny_reviews(scratch / 'reviews.tsv')}"]
         teacher_dir = args.teacher
         if teacher_dir is None:
-            cfg = load_config(ROOT / "configs" / "mr-minilm.yaml", [f"out_dir={out / 'teacher'}", "train.progress=false",
-                                                                    *quick])
+            cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [f"out_dir={out / 'teacher'}", "train.progress=false",
+                                                                  *quick])
             teacher_dir, _ = finetune(cfg)
-        cfg = load_config(ROOT / "configs" / "mr-minilm.yaml", [
+        cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [
             "task.name=distill", f"distill.teacher={teacher_dir}", f"distill.student_layers={args.layers}",
             "model.init_from=null", "optim.lr=1e-4", f"out_dir={out / 'student'}", "train.progress=false", *quick,
             *args.overrides])
@@ -87,14 +66,16 @@ def main() -> int:
                      "examples_per_s": speed[name], "run_dir": str(runs[name])} for name in runs}
     report["student_speedup"] = speed["student"] / speed["teacher"]
     report["accuracy_kept"] = summaries["student"]["test_accuracy"] / summaries["teacher"]["test_accuracy"]
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for name in runs:
+    return common.print_report(report, args.json, print_text)
+
+
+def print_text(report: dict) -> None:
+    for name in ("teacher", "student"):
         r = report[name]
-        print(f"{name:<8} {r['layers']} layers  test accuracy {r['test_accuracy']:.4f}  {r['examples_per_s']:.0f} examples/s")
-    print(f"student: {report['student_speedup']:.2f}x the teacher's speed, {report['accuracy_kept']:.1%} of its accuracy")
-    return 0
+        print(f"{name:<8} {r['layers']} layers  test accuracy {r['test_accuracy']:.4f}  "
+              f"{r['examples_per_s']:.0f} examples/s")
+    print(f"student: {report['student_speedup']:.2f}x the teacher's speed, "
+          f"{report['accuracy_kept']:.1%} of its accuracy")
 
 
 if __name__ == "__main__":

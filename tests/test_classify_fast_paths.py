@@ -46,13 +46,15 @@ def test_first_position_only_encoder_output_equals_the_full_outputs_first_positi
 def test_classifier_matches_the_plain_full_encoder_path_in_outputs_and_gradients():
     model = _classifier()
     ids, mask = _padded_batch()
-    logits, rating = model(ids, attention_mask=mask)
+    out = model(ids, attention_mask=mask)
+    logits, rating = out.logits, out.rating
     cls = model.bert(ids, attention_mask=mask)[:, 0]  # the plain path: every position, then [CLS]
+    assert torch.allclose(out.cls, cls, atol=1e-5)
     assert torch.allclose(logits, model.polarity(cls), atol=1e-5)
     assert torch.allclose(rating, model.rating_centre + model.rating_half_width * model.rating(cls).squeeze(-1),
                           atol=1e-5)
     params = list(model.parameters())
-    fast = torch.autograd.grad(model(ids, attention_mask=mask)[0].sum(), params, allow_unused=True)
+    fast = torch.autograd.grad(model(ids, attention_mask=mask).logits.sum(), params, allow_unused=True)
     plain = torch.autograd.grad(model.polarity(model.bert(ids, attention_mask=mask)[:, 0]).sum(), params,
                                 allow_unused=True)
     for p, a, b in zip(params, fast, plain):  # the last layer's unused query rows get zero gradient either way
@@ -65,8 +67,8 @@ def test_no_mask_on_an_unpadded_batch_equals_an_all_true_mask():
     ids, _ = _padded_batch()
     with_mask = model(ids, attention_mask=torch.ones_like(ids, dtype=torch.bool))
     without = model(ids, attention_mask=None)
-    for a, b in zip(with_mask, without):
-        assert torch.allclose(a, b, atol=1e-6)
+    for field in ("logits", "rating", "cls"):
+        assert torch.allclose(getattr(with_mask, field), getattr(without, field), atol=1e-6)
 
 
 def test_classify_texts_gives_the_same_results_in_any_batching():

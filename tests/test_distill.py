@@ -44,8 +44,9 @@ def test_the_student_copies_every_other_layer_ending_at_the_top():
     # a "student" with every layer is the teacher itself: same logits, rating and [CLS] state
     whole = student_from_teacher(teacher, teacher.cfg, (-4.0, 4.0)).eval()
     ids = torch.randint(5, 60, (3, 9))
-    for a, b in zip(whole(ids, return_cls=True), teacher.eval()(ids, return_cls=True)):
-        torch.testing.assert_close(a, b)
+    a, b = whole(ids), teacher.eval()(ids)
+    for field in ("logits", "rating", "cls"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field))
 
 
 def test_distillation_end_to_end_with_resume(tiny_prepared, tiny_reviews, tmp_path, monkeypatch):  # noqa: F811
@@ -101,7 +102,7 @@ def test_the_mlm_student_copies_every_other_layer_and_a_full_copy_has_zero_disti
     batch = Batch({"input_ids": ids, "masked_ids": masked, "selected": selected}, int(selected.sum()), ids.numel())
     out = task.loss(whole.eval(), batch)
     assert abs(out.sums["soft"].item()) < 1e-4 and abs(out.sums["cosine"].item()) < 1e-4
-    reference, correct = teacher(masked, selected=selected, targets=ids[selected])
+    reference = teacher(masked, selected=selected, targets=ids[selected]).loss_sum
     torch.testing.assert_close(out.sums["mlm_loss"], reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.loss_sum, 2.0 * reference, rtol=1e-4, atol=1e-3)  # hard_weight 2
     assert out.sums["teacher_agreement"].item() == batch.num_targets
@@ -210,8 +211,9 @@ def test_a_transformers_sequence_classifier_teaches_with_its_labels_in_our_order
     mask[1, 7:] = 0
     with torch.no_grad():
         theirs = ref(input_ids=ids, attention_mask=mask).logits
-        ours, rating = teacher(ids, attention_mask=mask)
-    assert rating is None
+        out = teacher(ids, attention_mask=mask)
+    ours = out.logits
+    assert out.rating is None and out.cls.shape == (3, mcfg.hidden_size)
     torch.testing.assert_close(ours, theirs.flip(-1), rtol=1e-4, atol=1e-5)  # their POSITIVE is our column 1
     # distillation from it: the student is a BertClassifier from its top layer, classifier and embeddings
     run_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "s", tiny_reviews, "task.name=distill",

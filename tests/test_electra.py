@@ -51,7 +51,7 @@ def test_generator_is_a_quarter_of_the_width_and_shares_the_embeddings():
     # the discriminator's encoder has exactly a BERT encoder's tensors
     _, unshared = _model(**{"electra.share_embeddings": "false"})  # the generator's own embedding layer
     assert unshared.gen_embeddings is unshared.generator_embeddings is not unshared.bert.embeddings
-    assert unshared(**{k: v for k, v in _batch().items()})["discriminator_logits"].shape == (4, 24)
+    assert unshared(**{k: v for k, v in _batch().items()}).discriminator_logits.shape == (4, 24)
     bert = BertModel(cfg.model).state_dict()
     assert {k[len("bert."):]: v.shape for k, v in model.state_dict().items() if k.startswith("bert.")} == \
         {k: v.shape for k, v in bert.items()}
@@ -62,9 +62,9 @@ def test_shapes_and_loss_at_initialisation_are_uniform_guesses():
     t = _batch()
     out = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"])
     n = int(t["selected"].sum())
-    assert model.generator_logits(t["masked_ids"], t["selected"]).shape == (n, 500) and out["sampled"].shape == (n,)
-    assert out["discriminator_logits"].shape == (4, 24) and out["replaced"].shape == (4, 24)
-    assert not out["replaced"][~t["selected"]].any()  # only masked positions can be replaced
+    assert model.generator_logits(t["masked_ids"], t["selected"]).shape == (n, 500) and out.sampled.shape == (n,)
+    assert out.discriminator_logits.shape == (4, 24) and out.replaced.shape == (4, 24)
+    assert not out.replaced[~t["selected"]].any()  # only masked positions can be replaced
     loss = electra_loss(model, t, rtd_weight=50.0)
     tokens = t["input_ids"].numel()  # no padding: every token is a real one
     assert loss.per["rtd_loss"] == "real_tokens" and set(loss.terms) == {"real_tokens"}
@@ -80,7 +80,7 @@ def test_the_discriminator_loss_sends_no_gradient_into_the_generator():
     cfg, model = _model()
     t = _batch()
     out = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"])
-    rtd = torch.nn.functional.binary_cross_entropy_with_logits(out["discriminator_logits"], out["replaced"])
+    rtd = torch.nn.functional.binary_cross_entropy_with_logits(out.discriminator_logits, out.replaced)
     rtd.backward()
     for name, p in model.named_parameters():
         if name.startswith("generator."):
@@ -88,7 +88,7 @@ def test_the_discriminator_loss_sends_no_gradient_into_the_generator():
     assert model.bert.embeddings.token.weight.grad.abs().sum() > 0  # the shared embeddings learn from both
     assert model.rtd_dense.weight.grad.abs().sum() > 0
     model.zero_grad()
-    out["mlm_loss_sum"].backward()
+    out.mlm_loss_sum.backward()
     assert model.generator.head_dense.weight.grad.abs().sum() > 0
     assert model.rtd_dense.weight.grad is None or not model.rtd_dense.weight.grad.any()
 
@@ -98,13 +98,13 @@ def test_fused_generator_loss_and_sampling_match_the_plain_path():
     t = _batch(rows=6, seq=40)
     fused = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"])
     plain = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"], fused=False)
-    torch.testing.assert_close(fused["mlm_loss_sum"], plain["mlm_loss_sum"], rtol=1e-5, atol=1e-4)
-    assert fused["correct"] == plain["correct"]
-    assert torch.equal(fused["sampled"], plain["sampled"])  # the same draw from the same uniforms
+    torch.testing.assert_close(fused.mlm_loss_sum, plain.mlm_loss_sum, rtol=1e-5, atol=1e-4)
+    assert fused.correct == plain.correct
+    assert torch.equal(fused.sampled, plain.sampled)  # the same draw from the same uniforms
     grads = []
     for out in (fused, plain):
         model.zero_grad()
-        out["mlm_loss_sum"].backward(retain_graph=True)
+        out.mlm_loss_sum.backward(retain_graph=True)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

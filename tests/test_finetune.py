@@ -88,7 +88,8 @@ def test_rating_head_starts_centred_in_the_rating_range():
     torch.manual_seed(0)
     model = BertClassifier(ModelConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=2,
                                        intermediate_size=64, dropout=0.0), 2, (1.0, 10.0)).eval()
-    logits, rating = model(torch.randint(5, 100, (64, 12)))
+    out = model(torch.randint(5, 100, (64, 12)))
+    logits, rating = out.logits, out.rating
     assert logits.shape == (64, 2) and rating.shape == (64,)
     assert abs(rating.mean().item() - 5.5) < 0.5 and rating.std().item() < 4.5
 

@@ -39,7 +39,7 @@ def test_loss_at_initialisation_is_about_ln_vocab():
     vocab = 5000
     model = _model(vocab=vocab)
     ids = torch.randint(5, vocab, (8, 32))
-    logits = model(ids)
+    logits = model(ids).logits
     loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), ids.view(-1))
     assert abs(loss.item() - math.log(vocab)) < 0.05
 
@@ -48,7 +48,7 @@ def test_head_on_selected_positions_equals_full_logits_gathered():
     model = _model()
     ids = torch.randint(5, 1000, (4, 16))
     selected = torch.rand(4, 16) < 0.2
-    assert torch.allclose(model(ids, selected=selected), model(ids)[selected], atol=1e-5)
+    assert torch.allclose(model(ids, selected=selected).logits, model(ids).logits[selected], atol=1e-5)
 
 
 def test_decoder_is_tied_to_token_embeddings_and_stored_once():
@@ -78,15 +78,15 @@ def test_fused_head_and_loss_matches_logits_then_cross_entropy_with_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     torch.manual_seed(3)
-    plain = torch.nn.functional.cross_entropy(model(ids, selected=selected), targets, reduction="sum")
+    plain = torch.nn.functional.cross_entropy(model(ids, selected=selected).logits, targets, reduction="sum")
     plain_grads = grads_of(plain)
     torch.manual_seed(3)  # same dropout masks
-    fused, correct = model(ids, selected=selected, targets=targets)
+    fused = model(ids, selected=selected, targets=targets).loss_sum
     fused_grads = grads_of(fused)
     assert torch.allclose(fused, plain, rtol=1e-5)
     model.eval()
-    _, correct = model(ids, selected=selected, targets=targets)
-    assert int(correct) == int((model(ids, selected=selected).argmax(-1) == targets).sum())
+    correct = model(ids, selected=selected, targets=targets).correct
+    assert int(correct) == int((model(ids, selected=selected).logits.argmax(-1) == targets).sum())
     assert plain_grads.keys() == fused_grads.keys()
     for name in plain_grads:
         assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6), name
@@ -127,11 +127,11 @@ def test_last_layer_on_selected_positions_only_matches_the_full_encoder(padded):
     model.eval()
     with torch.no_grad():
         full = model.mlm_head(model.bert(ids, attention_mask=attention), model.bert.embeddings.token.weight)
-        fast = model(ids, attention_mask=attention, selected=selected)
+        fast = model(ids, attention_mask=attention, selected=selected).logits
     assert torch.allclose(fast, full[selected], atol=1e-5)
 
     model.train()
-    loss_fast, _ = model(ids, attention_mask=attention, selected=selected, targets=targets)
+    loss_fast = model(ids, attention_mask=attention, selected=selected, targets=targets).loss_sum
     loss_fast.backward()
     grads_fast = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()

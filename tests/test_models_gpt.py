@@ -25,24 +25,26 @@ def test_causal_sdpa_matches_the_naive_reference_with_and_without_a_cache_offset
     assert torch.allclose(fast, naive_causal_attention(q, k, v), atol=1e-6)
     model = _gpt()
     ids = torch.randint(0, 1000, (2, 12))
-    full = model(ids)
-    _, cache = model(ids[:, :8], return_cache=True)
-    rest = model(ids[:, 8:], past=cache)  # 4 new tokens after an 8-token cache: offset causal mask
+    full = model(ids).logits
+    cache = model(ids[:, :8], return_cache=True).cache
+    rest = model(ids[:, 8:], past=cache).logits  # 4 new tokens after an 8-token cache: offset causal mask
     assert torch.allclose(rest, full[:, 8:], atol=1e-5)
 
 
 def test_kv_cached_generation_gives_the_same_logits_and_greedy_tokens_as_uncached():
     model = _gpt()
     ids = torch.randint(0, 1000, (1, 5))
-    logits, cache = model(ids, return_cache=True)
+    out = model(ids, return_cache=True)
+    logits, cache = out.logits, out.cache
     step_logits = [logits[:, -1]]
     seq = ids
     for _ in range(6):
         nxt = step_logits[-1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
-        out, cache = model(nxt, past=cache, return_cache=True)
-        step_logits.append(out[:, -1])
-        assert torch.allclose(out[:, -1], model(seq)[:, -1], atol=1e-5)
+        out = model(nxt, past=cache, return_cache=True)
+        cache = out.cache
+        step_logits.append(out.logits[:, -1])
+        assert torch.allclose(out.logits[:, -1], model(seq).logits[:, -1], atol=1e-5)
     prompt = ids[0].tolist()
     cached = generate(model, prompt, max_new_tokens=10, temperature=0, use_cache=True)
     uncached = generate(model, prompt, max_new_tokens=10, temperature=0, use_cache=False)
@@ -84,7 +86,7 @@ def test_init_scales_residual_projections_and_starts_near_ln_vocab():
     assert abs(std - 0.02 / math.sqrt(8)) < 0.001
     assert abs(model.blocks[0].mlp.up.weight.std().item() - 0.02) < 0.001
     ids = torch.randint(0, 4000, (4, 32))
-    loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 4032), ids[:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 4032), ids[:, 1:].reshape(-1))
     assert abs(loss.item() - math.log(4000)) < 0.1
 
 
@@ -118,7 +120,7 @@ def test_transformers_gpt2_loads_with_identical_logits_and_exports_back(tmp_path
     ids = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         theirs = ref(input_ids=ids).logits
-        ours = loaded.model(ids)[..., :50257]
+        ours = loaded.model(ids).logits[..., :50257]
     assert (ours - theirs).abs().max().item() <= 1e-4
 
     out = export_hf(tmp_path / "hf", tmp_path / "back")
@@ -133,12 +135,13 @@ def test_fused_head_and_loss_matches_logits_then_cross_entropy_with_gradients():
     model = _gpt()
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(2))
-    logits = model(ids)
+    logits = model(ids).logits
     plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
     plain.backward()
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    fused, correct = model(ids, targets=targets)
+    out = model(ids, targets=targets)
+    fused, correct = out.loss_sum, out.correct
     fused.backward()
     assert torch.allclose(fused, plain, rtol=1e-5)
     assert int(correct) == int((logits.argmax(-1) == targets).sum())

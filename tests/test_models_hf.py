@@ -57,7 +57,7 @@ def test_random_hf_bert_for_masked_lm_loads_with_identical_logits(tmp_path):
     ids, mask = _padded_batch(1200)
     with torch.no_grad():
         theirs = ref(input_ids=ids, attention_mask=mask).logits
-        ours = loaded.model(ids, attention_mask=mask)
+        ours = loaded.model(ids, attention_mask=mask).logits
     assert (ours - theirs)[mask.bool()].abs().max().item() <= 1e-4
 
 
@@ -71,7 +71,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits_and_fill_mask_w
     vocab = ours.cfg.vocab_size
     ids, mask = _padded_batch(vocab, lengths=(20, 9), low=5)
     with torch.no_grad():
-        a = ours(ids, attention_mask=mask)
+        a = ours(ids, attention_mask=mask).logits
         b = ref(input_ids=ids, attention_mask=mask).logits
     assert (a - b)[mask.bool()].abs().max().item() <= 1e-4
     fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out))

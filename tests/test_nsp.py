@@ -86,14 +86,15 @@ def test_the_nsp_path_equals_the_full_computation():
     attention[2, 12:] = 0
     selected = torch.zeros_like(ids, dtype=torch.bool)
     selected[0, [3, 7]] = selected[1, [1, 2, 14]] = selected[2, 5] = True
-    full_logits, full_nsp = model(ids, types, attention, next_sentence=True)
-    fast_logits, fast_nsp = model(ids, types, attention, selected=selected, next_sentence=True)
-    torch.testing.assert_close(fast_logits, full_logits[selected], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast_nsp, full_nsp, rtol=1e-5, atol=1e-5)
-    loss_sum, correct, nsp = model(ids, types, attention, selected=selected, targets=ids[selected], next_sentence=True)
-    expected = torch.nn.functional.cross_entropy(full_logits[selected], ids[selected], reduction="sum")
-    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
-    assert full_nsp.shape == (3, 2)
+    full = model(ids, types, attention)
+    fast = model(ids, types, attention, selected=selected)
+    torch.testing.assert_close(fast.logits, full.logits[selected], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.next_sentence_logits, full.next_sentence_logits, rtol=1e-5, atol=1e-5)
+    fused = model(ids, types, attention, selected=selected, targets=ids[selected])
+    expected = torch.nn.functional.cross_entropy(full.logits[selected], ids[selected], reduction="sum")
+    torch.testing.assert_close(fused.loss_sum, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.next_sentence_logits, full.next_sentence_logits, rtol=1e-5, atol=1e-5)
+    assert full.next_sentence_logits.shape == (3, 2)
 
 
 def test_nsp_task_trains_logs_nsp_accuracy_and_resumes_exactly(tiny_prepared, tmp_path):

@@ -13,6 +13,7 @@ from conftest import PicklePayload, interrupt_during_step, tiny_config
 from lmforge.errors import LmforgeError
 from lmforge.tasks.loading import load_model
 from lmforge.jobs import build_model, pretrain, resume
+from lmforge.models.bert import MaskedLMOutput
 from lmforge.data.prepared import fill_vocab_size
 from lmforge.tasks.base import Batch
 from lmforge.tasks.mlm import MaskedLMTask
@@ -304,8 +305,8 @@ class _FixedPredictor(torch.nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, masked_ids, selected):
-        return self.logits.expand(int(selected.sum()), -1)
+    def forward(self, masked_ids, token_type_ids=None, attention_mask=None, selected=None):
+        return MaskedLMOutput(logits=self.logits.expand(int(selected.sum()), -1))
 
 
 def test_mlm_evaluation_diagnostics_show_a_model_that_predicts_one_token_everywhere(tiny_prepared, tmp_path):

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import yaml
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lmforge.distributed.engine import Engine, param_names
 from lmforge.distributed.parallel import Parallel
@@ -104,6 +105,31 @@ def _merge(ours: dict, theirs: dict, where: str, prefix: str = "") -> dict:
     return out
 
 
+class OutputsAsTuple:
+    """Forward hooks on `module` that show ZeRO-3's own forward hooks its output as a tuple of its
+    tensors, and give the caller the output as the model made it.
+
+    ZeRO-3 gathers a module's parameters for its backward from an autograd hook it puts on the
+    tensors of the module's output, which it finds inside tuples, lists and dicts only (it warns
+    and skips anything else); lmforge's models return a dataclass (a pytree node, lmforge/models).
+    The root module's hook is the one that gathers what the root's own forward reads, such as the
+    tied decoder. The first hook here, ahead of DeepSpeed's, flattens the output into a tuple; the
+    last, after them, puts the (now hooked) tensors back into their dataclass."""
+
+    def __init__(self, module: nn.Module):
+        self.specs: list = []  # one per forward in flight (a module's hooks run in order, per call)
+        module.register_forward_hook(self.flatten, prepend=True)
+        module.register_forward_hook(self.unflatten)
+
+    def flatten(self, module: nn.Module, inputs, output) -> tuple:
+        leaves, spec = tree_flatten(output)
+        self.specs.append(spec)
+        return tuple(leaves)
+
+    def unflatten(self, module: nn.Module, inputs, output):
+        return tree_unflatten(list(output), self.specs.pop())
+
+
 class DeepSpeedEngine(Engine):
 
     def __init__(self, model: nn.Module, cfg, par: Parallel, device: torch.device, precision: str,
@@ -128,6 +154,8 @@ class DeepSpeedEngine(Engine):
             config["gradient_clipping"] = 0.0  # lmforge clips (step), as in one process
         self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                            dist_init_required=False)
+        if self.stage == 3:  # after initialize: around the hooks ZeRO-3 has just put on every module
+            OutputsAsTuple(model)
         super().__init__(model, ds_optimizer, par)
         self.base = optimizer  # torch's AdamW, stepping DeepSpeed's flat fp32 partitions
         self.forward_model = self.ds

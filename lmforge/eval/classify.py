@@ -73,7 +73,8 @@ def classify_texts(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list
         rows = [[tokenizer.cls_id, *encoded[i][: max_len - 2], tokenizer.sep_id] for i in chunk]
         ids, mask = pad_rows(rows, tokenizer.pad_id)
         mask = mask_if_padded(mask, sum(map(len, rows)))
-        logits, rating = model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
+        out = model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
+        logits, rating = out.logits, out.rating
         probs = logits.float().softmax(-1).cpu()
         for r, i in enumerate(chunk):
             label = int(probs[r].argmax())

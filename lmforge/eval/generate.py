@@ -81,9 +81,10 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: i
         if ids.size(1) >= max_pos:
             break
         if use_cache:
-            logits, cache = model(step_input, past=cache, return_cache=True)
+            step = model(step_input, past=cache, return_cache=True)
+            logits, cache = step.logits, step.cache
         else:
-            logits = model(ids)
+            logits = model(ids).logits
         last = logits[:, -1]
         if temperature == 0:
             masked = last.float().clone()

@@ -40,7 +40,7 @@ def _fill_mask_batch(model: torch.nn.Module, tokenizer: TextTokenizer, encoded: 
     selected = input_ids == tokenizer.mask_id
     device = next(model.parameters()).device
     logits = model(input_ids.to(device), attention_mask=None if attention is None else attention.to(device),
-                   selected=selected.to(device))
+                   selected=selected.to(device)).logits
     probs = logits.float().softmax(-1)[:, : tokenizer.vocab_size]  # never a padded-vocab slot
     top = probs.topk(min(top_k, probs.size(-1)), dim=-1)
     results: list[list[list[dict]]] = [[] for _ in encoded]

@@ -15,12 +15,14 @@ The model knows nothing about tasks, devices or parallelism.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
 from lmforge.ops.attention import attention
@@ -181,6 +183,34 @@ class MaskedLMHead(nn.Module):
         return F.linear(self.transform(hidden), decoder_weight, self.bias)
 
 
+@dataclasses.dataclass
+class MaskedLMOutput:
+    """What `BertForMaskedLM.forward` returns: always this, each field None when the call did
+    not compute it (its docstring says which arguments compute what).
+
+    logits: (n_selected, vocab) at the selected positions in row-major order (`full[selected]`), or
+        (batch, seq, vocab) without `selected`; None with `targets` or `head_loss`.
+    loss_sum: () float, the summed cross-entropy of the targets; with `targets` only.
+    correct: () int64, the targets that are the most likely token; with `targets` only.
+    next_sentence_logits: (batch, 2), 0 = B follows A, 1 = B is random; whenever the model has
+        the NSP head (cfg.next_sentence_head, mlm.nsp), else None.
+    hidden: (batch, seq, hidden) final hidden states at every position; with `head_loss` only.
+    head: what `head_loss` returned (e.g. distillation's tuple of sums); with `head_loss` only.
+    """
+
+    logits: Optional[torch.Tensor] = None
+    loss_sum: Optional[torch.Tensor] = None
+    correct: Optional[torch.Tensor] = None
+    next_sentence_logits: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+    head: Any = None
+
+
+# A pytree node, so wrappers that walk forward's outputs find the tensors inside: FSDP2 and DDP
+# hook backward on them, torch.compile returns them from its graph.
+register_dataclass(MaskedLMOutput)
+
+
 class BertForMaskedLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -193,72 +223,69 @@ class BertForMaskedLM(nn.Module):
         self.apply(lambda module: init_bert_weights(module, cfg.init_std))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None,
-                selected: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-                next_sentence: bool = False, return_hidden: bool = False,
-                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]] = None):
-        """Logits over the vocabulary. With `selected` ((batch, seq) bool) only at those positions:
-        (n_selected, vocab), row-major order; the vocabulary projection, the largest matmul of
-        the model, and the last encoder layer's per-position work then run on ~15% of positions. Without it: (batch, seq, vocab).
+                attention_mask: Optional[torch.Tensor] = None, selected: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None,
+                head_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]] = None
+                ) -> MaskedLMOutput:
+        """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
+        real tokens, or None when nothing is padded. Returns a MaskedLMOutput:
 
-        With `targets` ((n_selected,) int64 with `selected`, else (batch, seq)) the logits are not
-        returned: instead (loss_sum, correct), the summed cross-entropy and the number of
-        positions whose most likely token is the target, computed by the fused, chunked
-        projection + loss of lmforge/ops (the logits never exist in memory at once).
+        - nothing else: `logits` (batch, seq, vocab).
+        - `selected` ((batch, seq) bool): `logits` at those positions only, (n_selected, vocab),
+          row-major order; the vocabulary projection, the largest matmul of the model, and the
+          last encoder layer's per-position work then run on ~15% of positions.
+        - `targets` ((n_selected,) int64 with `selected`, else (batch, seq)): `loss_sum` and
+          `correct` instead of the logits, from the fused, chunked projection + loss of
+          lmforge/ops (the logits never exist in memory at once).
+        - `head_loss` (with `selected`, no targets): the logits are not made: the head's input at
+          the selected positions, the decoder matrix and the bias go to `head_loss(x, weight,
+          bias)` (a fused loss such as distillation's lmforge/ops/linear_distill.py), whose result
+          is `head`; `hidden` is the final hidden states at every position (what distillation's
+          hidden-state loss compares), so the last layer runs on every position. It is called
+          here, inside forward, so that wrappers that gather parameters for forward (FSDP) see it.
 
-        With `next_sentence` (a model with the NSP head, mlm.nsp) the [CLS] position is computed
-        too, and the result gains the next-sentence logits (batch, 2) as its last element:
-        (mlm logits, nsp logits) or (loss_sum, correct, nsp logits).
-
-        With `return_hidden` (and `selected`, no targets): (logits at the selected positions, the
-        final hidden states at every position (batch, seq, hidden)), what distillation's
-        hidden-state loss compares; the last layer then runs on every position. With `head_loss`
-        too, the logits are not made: the head's input at the selected positions, the decoder
-        matrix and the bias go to `head_loss` instead (a fused loss such as distillation's
-        lmforge/ops/linear_distill.py), and its result takes the logits' place. It is called here,
-        inside forward, so that wrappers that gather parameters for forward (FSDP) see it."""
-        if return_hidden:
-            if selected is None or targets is not None or next_sentence:
-                raise ValueError("return_hidden goes with `selected` only (no targets, no next_sentence)")
+        A model with the NSP head (mlm.nsp) always sets `next_sentence_logits` too: the [CLS]
+        position joins the positions the last layer computes."""
+        nsp_head = self.cfg.next_sentence_head
+        if head_loss is not None:
+            if selected is None or targets is not None:
+                raise ValueError("head_loss goes with `selected` and without `targets`")
             hidden = self.bert(input_ids, token_type_ids, attention_mask)
-            decoder = self.bert.embeddings.token.weight
-            if head_loss is not None:
-                return head_loss(self.mlm_head.transform(hidden[selected]), decoder, self.mlm_head.bias), hidden
-            return self.mlm_head(hidden[selected], decoder), hidden
-        if next_sentence:
-            return self._with_next_sentence(input_ids, token_type_ids, attention_mask, selected, targets)
+            head = head_loss(self.mlm_head.transform(hidden[selected]), self.decoder, self.mlm_head.bias)
+            nsp = self.next_sentence_logits(hidden[:, 0]) if nsp_head else None
+            return MaskedLMOutput(next_sentence_logits=nsp, hidden=hidden, head=head)
+        nsp = None
         if selected is None:
             hidden = self.bert(input_ids, token_type_ids, attention_mask)
-        else:  # the last layer too computes only the selected positions (BertModel.forward says how)
+            if nsp_head:
+                nsp = self.next_sentence_logits(hidden[:, 0])
+        elif not nsp_head:  # the last layer too computes only the selected positions (BertModel.forward says how)
             positions, valid = selected_positions(selected)
             hidden = self.bert(input_ids, token_type_ids, attention_mask, positions=positions)[valid]
-        decoder = self.bert.embeddings.token.weight
+        else:
+            # [CLS] (position 0, never masked for MLM) joins the selected positions the last layer
+            # computes; each row's positions are ascending, so it comes first in every row
+            with_cls = selected.clone()
+            with_cls[:, 0] = True
+            positions, valid = selected_positions(with_cls)
+            out = self.bert(input_ids, token_type_ids, attention_mask, positions=positions)
+            nsp = self.next_sentence_logits(out[:, 0])
+            valid[:, 0] = selected[:, 0]  # the MLM outputs: [CLS] only where it was selected itself
+            hidden = out[valid]
         if targets is None:
-            return self.mlm_head(hidden, decoder)
+            return MaskedLMOutput(logits=self.mlm_head(hidden, self.decoder), next_sentence_logits=nsp)
         x = self.mlm_head.transform(hidden)
-        return linear_cross_entropy(x.reshape(-1, x.size(-1)), decoder, self.mlm_head.bias, targets.reshape(-1))
+        loss_sum, correct = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.decoder, self.mlm_head.bias,
+                                                 targets.reshape(-1))
+        return MaskedLMOutput(loss_sum=loss_sum, correct=correct, next_sentence_logits=nsp)
+
+    @property
+    def decoder(self) -> torch.Tensor:
+        """(vocab, hidden): the vocabulary projection, tied to the token embeddings. Read it where it
+        is used, after the encoder: ZeRO-3 gathers a parameter when it is read and partitions the
+        embeddings' again after their forward, so one read before the encoder is an empty tensor."""
+        return self.bert.embeddings.token.weight
 
     def next_sentence_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) final [CLS] states -> (batch, 2): 0 = B follows A, 1 = B is random."""
         return self.nsp_head(torch.tanh(self.pooler(cls_hidden)))
-
-    def _with_next_sentence(self, input_ids, token_type_ids, attention_mask, selected, targets):
-        if selected is None:
-            hidden = self.bert(input_ids, token_type_ids, attention_mask)
-            nsp = self.next_sentence_logits(hidden[:, 0])
-            return self.mlm_head(hidden, self.bert.embeddings.token.weight), nsp
-        # [CLS] (position 0, never selected for MLM) joins the selected positions the last layer
-        # computes; each row's positions are ascending, so it comes first in every row
-        with_cls = selected.clone()
-        with_cls[:, 0] = True
-        positions, valid = selected_positions(with_cls)
-        out = self.bert(input_ids, token_type_ids, attention_mask, positions=positions)
-        nsp = self.next_sentence_logits(out[:, 0])
-        hidden = out[:, 1:][valid[:, 1:]]
-        decoder = self.bert.embeddings.token.weight
-        if targets is None:
-            return self.mlm_head(hidden, decoder), nsp
-        x = self.mlm_head.transform(hidden)
-        loss_sum, correct = linear_cross_entropy(x.reshape(-1, x.size(-1)), decoder, self.mlm_head.bias,
-                                                 targets.reshape(-1))
-        return loss_sum, correct, nsp

@@ -13,14 +13,36 @@ weights from a pretraining run or a Hugging Face encoder load into it directly.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
 from lmforge.models.bert import BertModel, init_bert_weights
 from lmforge.ops.dropout import Dropout
+
+
+@dataclasses.dataclass
+class ClassifierOutput:
+    """What BertClassifier and PooledBertClassifier return (forward always returns this).
+
+    logits: (batch, labels) polarity logits.
+    rating: (batch,) float, the rating head's prediction; None without a rating head.
+    cls: (batch, hidden), the final [CLS] hidden state before dropout (and before a pooler):
+        what distillation's cosine loss compares; always set (it is computed anyway).
+    """
+
+    logits: torch.Tensor
+    rating: Optional[torch.Tensor] = None
+    cls: Optional[torch.Tensor] = None
+
+
+# A pytree node, so wrappers that walk forward's outputs find the tensors inside: FSDP2 and DDP
+# hook backward on them, torch.compile returns them from its graph.
+register_dataclass(ClassifierOutput)
 
 
 class BertClassifier(nn.Module):
@@ -38,10 +60,10 @@ class BertClassifier(nn.Module):
         self.apply(lambda module: init_bert_weights(module, cfg.init_std))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, return_cls: bool = False) -> tuple:
-        """input_ids: (batch, seq) int64 starting with [CLS]. Returns (polarity logits (batch, labels),
-        rating (batch,) float, or None without a rating head), and with `return_cls` the final
-        [CLS] state (batch, hidden) before dropout too (distillation's cosine loss reads it)."""
+                token_type_ids: Optional[torch.Tensor] = None) -> ClassifierOutput:
+        """input_ids: (batch, seq) int64 starting with [CLS]; attention_mask: (batch, seq), or None
+        when nothing is padded. Returns a ClassifierOutput: polarity logits, rating (None without
+        a rating head) and the final [CLS] state."""
         # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
         first = input_ids.new_zeros(input_ids.size(0), 1)
         state = self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
@@ -49,14 +71,14 @@ class BertClassifier(nn.Module):
         rating = None
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)
-        return (self.polarity(cls), rating, state) if return_cls else (self.polarity(cls), rating)
+        return ClassifierOutput(self.polarity(cls), rating, state)
 
 
 class PooledBertClassifier(nn.Module):
     """transformers' `BertForSequenceClassification`, read from its directory to be a distillation
     teacher: [CLS] -> pooler (dense, tanh) -> dropout -> classifier. Called like BertClassifier
-    (no rating head: `rating` is None), and its `return_cls` state is the final [CLS] hidden state
-    before the pooler, the one a BertClassifier student's own [CLS] state is compared with."""
+    (no rating head: `rating` is None), and its `cls` state is the final [CLS] hidden state before
+    the pooler, the one a BertClassifier student's own [CLS] state is compared with."""
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__()
@@ -68,8 +90,8 @@ class PooledBertClassifier(nn.Module):
         self.rating = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, return_cls: bool = False) -> tuple:
+                token_type_ids: Optional[torch.Tensor] = None) -> ClassifierOutput:
         first = input_ids.new_zeros(input_ids.size(0), 1)
         state = self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
         logits = self.polarity(self.dropout(torch.tanh(self.pooler(state))))
-        return (logits, None, state) if return_cls else (logits, None)
+        return ClassifierOutput(logits, None, state)

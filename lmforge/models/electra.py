@@ -29,6 +29,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
 from lmforge.models.bert import BertModel, Embeddings, Layer, init_bert_weights, selected_positions
@@ -70,6 +71,30 @@ class Generator(nn.Module):
         return self.head_norm(F.gelu(self.head_dense(x)))
 
 
+@dataclasses.dataclass
+class ElectraOutput:
+    """What `Electra.forward` returns (every field is always set). n = masked (selected) positions.
+
+    mlm_loss_sum: () float, the generator's summed MLM cross-entropy at the masked positions.
+    correct: () int64, the masked positions where the generator's most likely token is the original.
+    sampled: (n,) int64, the generator's samples at the masked positions, row-major order.
+    discriminator_logits: (batch, seq) float, the discriminator's logits of "this token was replaced".
+    replaced: (batch, seq) float, its labels: 1.0 where the token differs from the original (a
+        sample equal to the original counts as not replaced, as in the paper), else 0.0.
+    """
+
+    mlm_loss_sum: torch.Tensor
+    correct: torch.Tensor
+    sampled: torch.Tensor
+    discriminator_logits: torch.Tensor
+    replaced: torch.Tensor
+
+
+# A pytree node, so wrappers that walk forward's outputs find the tensors inside: FSDP2 and DDP
+# hook backward on them, torch.compile returns them from its graph.
+register_dataclass(ElectraOutput)
+
+
 class Electra(nn.Module):
     def __init__(self, cfg: ModelConfig, generator_frac: float = 0.25, share_embeddings: bool = True):
         super().__init__()
@@ -105,13 +130,12 @@ class Electra(nn.Module):
         return self.rtd_out(F.gelu(self.rtd_dense(hidden))).squeeze(-1)
 
     def forward(self, masked_ids: torch.Tensor, input_ids: torch.Tensor, selected: torch.Tensor,
-                sample_seeds: torch.Tensor, attention_mask=None, fused: bool = True) -> dict[str, torch.Tensor]:
+                sample_seeds: torch.Tensor, attention_mask=None, fused: bool = True) -> ElectraOutput:
         """One ELECTRA pass. masked_ids: the generator's input (the MLM-masked ids); input_ids: the
         original ids; selected: (batch, seq) bool, the masked positions; sample_seeds: (batch,)
-        int64, the seed of each row's draw. Returns the generator's summed MLM loss and correct
-        count at the selected positions, the ids it sampled there, the discriminator's (batch,
-        seq) logits and its labels (1.0 where the token differs from the original: a sample equal
-        to the original counts as not replaced, as in the paper).
+        int64, the seed of each row's draw. Returns an ElectraOutput: the generator's summed MLM
+        loss and correct count at the selected positions, the ids it sampled there, the
+        discriminator's (batch, seq) logits and its labels.
 
         The generator's vocabulary projection, loss and sampling run fused and chunked
         (lmforge/ops/linear_cross_entropy.py: the logits never exist whole); `fused=False` is
@@ -128,8 +152,8 @@ class Electra(nn.Module):
             sampled = reference_sample(logits.detach(), u)
         corrupted = input_ids.masked_scatter(selected, sampled)
         disc_logits = self.discriminator_logits(corrupted, attention_mask)
-        return {"mlm_loss_sum": mlm_sum, "correct": correct, "sampled": sampled,
-                "discriminator_logits": disc_logits, "replaced": (corrupted != input_ids).float()}
+        return ElectraOutput(mlm_loss_sum=mlm_sum, correct=correct, sampled=sampled, discriminator_logits=disc_logits,
+                             replaced=(corrupted != input_ids).float())
 
 
 def row_uniforms(counts: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:

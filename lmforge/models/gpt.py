@@ -18,12 +18,14 @@ Names follow GPT-2's parts; lmforge/models/hf.py maps them to transformers' GPT2
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
 from lmforge.ops.attention import attention
@@ -98,6 +100,28 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x))), present
 
 
+@dataclasses.dataclass
+class CausalLMOutput:
+    """What `GPT.forward` returns: always this, each field None when the call did not compute it.
+
+    logits: (batch, seq, padded_vocab); None with `targets`.
+    loss_sum: () float, the summed next-token cross-entropy over every position; with `targets` only.
+    correct: () int64, the positions whose most likely token is the target; with `targets` only.
+    cache: the KVCache after these positions (per layer: keys, values (batch, heads, seq,
+        head_dim)); with `return_cache` only.
+    """
+
+    logits: Optional[torch.Tensor] = None
+    loss_sum: Optional[torch.Tensor] = None
+    correct: Optional[torch.Tensor] = None
+    cache: Optional[KVCache] = None
+
+
+# A pytree node, so wrappers that walk forward's outputs find the tensors inside: FSDP2 and DDP
+# hook backward on them, torch.compile returns them from its graph.
+register_dataclass(CausalLMOutput)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,14 +148,16 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, past: Optional[KVCache] = None,
-                return_cache: bool = False, targets: Optional[torch.Tensor] = None):
-        """input_ids: (batch, seq) int64, continuing `past` if given. Returns logits
-        (batch, seq, padded_vocab) — and the updated cache when `return_cache`.
+                return_cache: bool = False, targets: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """input_ids: (batch, seq) int64, continuing `past` (a KVCache of earlier positions) if
+        given. Returns a CausalLMOutput:
 
-        With `targets` ((batch, seq) int64, the next tokens) it returns (loss_sum, correct)
-        instead: the summed cross-entropy over every position and the number of positions whose
-        most likely token is the target, from the fused, chunked projection + loss of
-        lmforge/ops, so the (batch, seq, vocab) logits never exist in memory at once."""
+        - nothing else: `logits` (batch, seq, padded_vocab).
+        - `targets` ((batch, seq) int64, the next tokens): `loss_sum` and `correct` instead of
+          the logits, from the fused, chunked projection + loss of lmforge/ops, so the (batch,
+          seq, vocab) logits never exist in memory at once.
+        - `return_cache`: `cache` too, every layer's keys and values up to and including these
+          positions, to pass as `past` with the next tokens (generation)."""
         start = past[0][0].size(2) if past else 0
         t = input_ids.size(1)
         if start + t > self.cfg.max_position_embeddings:
@@ -142,7 +168,9 @@ class GPT(nn.Module):
             x, present = block(x, past[i] if past else None)
             cache.append(present)
         x = self.final_norm(x)
+        cache = cache if return_cache else None
         if targets is not None:
-            return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.token.weight, None, targets.reshape(-1))
-        logits = F.linear(x, self.token.weight)  # LM head tied to the embeddings
-        return (logits, cache) if return_cache else logits
+            loss_sum, correct = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.token.weight, None,
+                                                     targets.reshape(-1))
+            return CausalLMOutput(loss_sum=loss_sum, correct=correct, cache=cache)
+        return CausalLMOutput(logits=F.linear(x, self.token.weight), cache=cache)  # LM head tied to the embeddings

@@ -1,27 +1,18 @@
-"""Hugging Face transformers layouts <-> lmforge's BERT: name maps, config maps, safe file I/O.
+"""Hugging Face transformers layouts <-> lmforge's models: tensor-name maps and config maps only.
 
-Reading: a transformers model directory (config.json + model.safetensors, or pytorch_model.bin
-read with `torch.load(weights_only=True)`, which refuses pickled code from torch 2.6 on and is
-refused here on an older torch, CVE-2025-32434) becomes an lmforge
-`BertForMaskedLM`. Both `BertModel` (encoder only, e.g. the bundled MiniLM: names without a
-"bert." prefix) and `BertForMaskedLM` / `BertForPreTraining` layouts are accepted.
-
-Writing: `export_bert` writes config.json, model.safetensors and the tokenizer files so that
-`transformers.AutoModelForMaskedLM.from_pretrained(DIR)` (or `AutoModel`) loads the model and
-gives the same logits, and `pipeline("fill-mask", model=DIR)` works.
+Reading a transformers directory's files (safely: no pickled code) is lmforge/runs/readers.py's;
+writing one is lmforge/export.py's. The maps here turn transformers' names and config.json into
+lmforge's and back: BERT (both `BertModel`, encoder only, e.g. the bundled MiniLM: names without a
+"bert." prefix, and `BertForMaskedLM` / `BertForPreTraining` layouts), ELECTRA's discriminator and
+GPT-2.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -162,63 +153,6 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str = "BertForMaskedLM"
         "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.init_std, "layer_norm_eps": cfg.layer_norm_eps,
         "pad_token_id": pad_token_id, "position_embedding_type": "absolute", "tie_word_embeddings": True,
     }
-
-
-def is_hf_dir(path: Path) -> bool:
-    return (Path(path) / "config.json").is_file() and any(
-        (Path(path) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
-
-
-# torch.load(weights_only=True) can be made to run code before torch 2.6 (CVE-2025-32434)
-SAFE_TORCH_LOAD = (2, 6)
-
-
-def torch_load_is_safe() -> bool:
-    """Whether this torch's weights-only unpickler refuses code (torch >= 2.6)."""
-    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
-    return m is not None and (int(m.group(1)), int(m.group(2))) >= SAFE_TORCH_LOAD
-
-
-def _weights_only_load(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled state dict, read by torch's weights-only unpickler (never code),
-    or a one-line LmforgeError; never on a torch whose unpickler can be bypassed."""
-    if not torch_load_is_safe():
-        raise LmforgeError(f"refusing {path}: reading a pickle is safe only with torch>=2.6 (CVE-2025-32434) and "
-                           f"this is torch {torch.__version__}; upgrade torch, or give the model as model.safetensors")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": many lines before our one
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses anything but tensors and containers
-        text = str(e)  # torch says what it refused after "WeightsUnpickler error:", else on its first line
-        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
-        reason = next((line.strip() for line in reason.splitlines() if line.strip()), type(e).__name__)
-        raise LmforgeError(f"refusing {path}: it is not a plain tensor file ({reason[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise LmforgeError(f"refusing {path}: it is not a state dict of named tensors")
-    return state
-
-
-def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a transformers model directory, loaded without running code.
-    A config.json or weights file that is damaged is a one-line LmforgeError."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise LmforgeError(f"{path} is not a Hugging Face model directory (no config.json)")
-    try:
-        hf_cfg = json.loads((path / "config.json").read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise LmforgeError(f"{path / 'config.json'} is not valid JSON ({e})") from None
-    if not isinstance(hf_cfg, dict):
-        raise LmforgeError(f"{path / 'config.json'} is not a JSON object of model settings")
-    if (path / "model.safetensors").is_file():
-        try:
-            return hf_cfg, load_file(path / "model.safetensors")
-        except SafetensorError as e:  # a truncated or malformed file
-            raise LmforgeError(f"{path / 'model.safetensors'} is damaged ({str(e).splitlines()[0][:200]})") from None
-    if (path / "pytorch_model.bin").is_file():
-        return hf_cfg, _weights_only_load(path / "pytorch_model.bin")
-    raise LmforgeError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
 
 
 # ---------------------------------------------------------------------------------------------

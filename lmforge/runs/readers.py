@@ -9,12 +9,16 @@ directory is read here into the same `LoadedModel`. Loading never executes code 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
@@ -22,10 +26,75 @@ from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.classifier import PooledBertClassifier
 from lmforge.models.gpt import GPT
-from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf, is_hf_dir,
-                               model_config_from_hf, read_hf_dir)
+from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf,
+                               model_config_from_hf)
 from lmforge.runs.checkpoint import checkpoints_newest_first, load_model_weights
 
+
+# ---------------------------------------------------------------------------------------------
+# Transformers directories: config.json + model.safetensors, or pytorch_model.bin read with
+# torch.load(weights_only=True), which refuses pickled code from torch 2.6 on and is refused here
+# on an older torch (CVE-2025-32434).
+
+def is_hf_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file() and any(
+        (Path(path) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+# torch.load(weights_only=True) can be made to run code before torch 2.6 (CVE-2025-32434)
+SAFE_TORCH_LOAD = (2, 6)
+
+
+def torch_load_is_safe() -> bool:
+    """Whether this torch's weights-only unpickler refuses code (torch >= 2.6)."""
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= SAFE_TORCH_LOAD
+
+
+def _weights_only_load(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled state dict, read by torch's weights-only unpickler (never code),
+    or a one-line LmforgeError; never on a torch whose unpickler can be bypassed."""
+    if not torch_load_is_safe():
+        raise LmforgeError(f"refusing {path}: reading a pickle is safe only with torch>=2.6 (CVE-2025-32434) and "
+                           f"this is torch {torch.__version__}; upgrade torch, or give the model as model.safetensors")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": many lines before our one
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler refuses anything but tensors and containers
+        text = str(e)  # torch says what it refused after "WeightsUnpickler error:", else on its first line
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        reason = next((line.strip() for line in reason.splitlines() if line.strip()), type(e).__name__)
+        raise LmforgeError(f"refusing {path}: it is not a plain tensor file ({reason[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise LmforgeError(f"refusing {path}: it is not a state dict of named tensors")
+    return state
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a transformers model directory, loaded without running code.
+    A config.json or weights file that is damaged is a one-line LmforgeError."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LmforgeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        hf_cfg = json.loads((path / "config.json").read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LmforgeError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise LmforgeError(f"{path / 'config.json'} is not a JSON object of model settings")
+    if (path / "model.safetensors").is_file():
+        try:
+            return hf_cfg, load_file(path / "model.safetensors")
+        except SafetensorError as e:  # a truncated or malformed file
+            raise LmforgeError(f"{path / 'model.safetensors'} is damaged ({str(e).splitlines()[0][:200]})") from None
+    if (path / "pytorch_model.bin").is_file():
+        return hf_cfg, _weights_only_load(path / "pytorch_model.bin")
+    raise LmforgeError(f"{path} has config.json but neither model.safetensors nor pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# lmforge run directories
 
 def run_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model tensors of the newest whole checkpoint of the lmforge run `run_dir`."""

@@ -236,7 +236,8 @@ class ClassifyTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         t = batch.tensors
         mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
-        logits, rating = model(t["input_ids"], attention_mask=mask)
+        out = model(t["input_ids"], attention_mask=mask)
+        logits, rating = out.logits, out.rating
         ce = F.cross_entropy(logits.float(), t["labels"], reduction="sum")
         return self.finish_loss(batch, rating, ce, {"accuracy": (logits.argmax(-1) == t["labels"]).sum(),
                                                     "ce": ce.detach()})
@@ -265,7 +266,8 @@ class ClassifyTask(Task):
             batch = self.collate(indices[start:start + size])
             t = {k: v.to(device) for k, v in batch.tensors.items()}
             mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
-            logits, rating = model(t["input_ids"], attention_mask=mask)
+            out = model(t["input_ids"], attention_mask=mask)
+            logits, rating = out.logits, out.rating
             probs.append(logits.float().softmax(-1).cpu())
             ratings.append(rating.float().cpu() if rating is not None else torch.full((len(logits),), math.nan))
             order += indices[start:start + size]

@@ -27,8 +27,8 @@ def clm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     """Summed next-token cross-entropy and correct-prediction count of one batch.
     tensors: "input_ids" and "targets", both (batch, seq) int64. The model fuses its vocabulary
     projection with the loss (lmforge/ops/linear_cross_entropy.py): no logits are kept."""
-    loss_sum, correct = model(tensors["input_ids"], targets=tensors["targets"])
-    return LossOutput(loss_sum, {"accuracy": correct})
+    out = model(tensors["input_ids"], targets=tensors["targets"])
+    return LossOutput(out.loss_sum, {"accuracy": out.correct})
 
 
 @register
@@ -70,10 +70,10 @@ class CausalLMTask(CorpusTask):
         logp = self.unigram_logp.to(device)
         for start in range(0, len(self._eval_windows), b):
             t = {k: v.to(device) for k, v in self._batch(self._eval_windows[start:start + b]).tensors.items()}
-            batch_loss, batch_correct = model(t["input_ids"], targets=t["targets"])  # fused: no logits kept
+            out = model(t["input_ids"], targets=t["targets"])  # fused: no logits kept
             targets = t["targets"].reshape(-1)
-            loss_sum += batch_loss.item()
-            correct += batch_correct.item()
+            loss_sum += out.loss_sum.item()
+            correct += out.correct.item()
             unigram_sum += -logp[targets].sum().item()
             count += targets.numel()
         model.train(was_training)

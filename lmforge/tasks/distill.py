@@ -45,9 +45,8 @@ from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.classifier import BertClassifier
-from lmforge.models.hf import is_hf_dir
 from lmforge.ops.linear_distill import linear_distill
-from lmforge.runs.readers import LoadedModel, is_hf_classifier_dir, load_hf_classifier
+from lmforge.runs.readers import LoadedModel, is_hf_classifier_dir, is_hf_dir, load_hf_classifier
 from lmforge.tasks.base import Batch, EvalResult, LossOutput
 from lmforge.tasks.classify import ClassifyTask, load_classifier, split_examples
 from lmforge.tasks.loading import load_model
@@ -171,8 +170,10 @@ class DistillClassifyTask(ClassifyTask):
         mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
         on_device(self.teacher, t["input_ids"].device)
         with torch.no_grad():
-            teacher_logits, _, teacher_cls = self.teacher(t["input_ids"], attention_mask=mask, return_cls=True)
-        logits, rating, cls = model(t["input_ids"], attention_mask=mask, return_cls=True)
+            teacher_out = self.teacher(t["input_ids"], attention_mask=mask)
+        teacher_logits, teacher_cls = teacher_out.logits, teacher_out.cls
+        out = model(t["input_ids"], attention_mask=mask)
+        logits, rating, cls = out.logits, out.rating, out.cls
         w, temp = self.cfg.distill, self.cfg.distill.temperature
         soft = F.kl_div(F.log_softmax(logits.float() / temp, -1), F.log_softmax(teacher_logits.float() / temp, -1),
                         log_target=True, reduction="sum") * temp ** 2
@@ -241,8 +242,8 @@ class DistillMLMTask(MaskedLMTask):
             return linear_distill(x, weight, bias, teacher_x, teacher.bert.embeddings.token.weight,
                                   teacher.mlm_head.bias, targets, temp, w.soft_weight, w.hard_weight)
 
-        (head, soft, hard, correct, agreement), hidden = model(masked, selected=selected, return_hidden=True,
-                                                              head_loss=head_loss)
+        out = model(masked, selected=selected, head_loss=head_loss)
+        (head, soft, hard, correct, agreement), hidden = out.head, out.hidden
         # Every token's state counts (no padding in MLM windows): a loss term over "tokens"
         # (Batch.counts), which the loop divides by the step's token count — the per-token mean
         # over the global batch, whatever micro-batches and processes it is cut into.

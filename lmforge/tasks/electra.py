@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.models.bert import BertForMaskedLM
-from lmforge.models.electra import Electra
+from lmforge.models.electra import Electra, ElectraOutput
 from lmforge.rng import derive_seed
 from lmforge.runs.readers import LoadedModel
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
@@ -36,11 +36,11 @@ def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight:
     selected = tensors["selected"]
     out = model(tensors["masked_ids"], tensors["input_ids"], selected, tensors["sample_seeds"],
                 tensors.get("attention_mask"))
-    mlm_sum, correct = out["mlm_loss_sum"], out["correct"]
+    mlm_sum, correct = out.mlm_loss_sum, out.correct
     real = (tensors["attention_mask"].bool() if "attention_mask" in tensors
             else torch.ones_like(selected))
-    disc = out["discriminator_logits"].float()[real]
-    replaced = out["replaced"][real]
+    disc = out.discriminator_logits.float()[real]
+    replaced = out.replaced[real]
     rtd_sum = F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum")
     rtd_correct = ((disc > 0).float() == replaced).sum()
     return LossOutput(mlm_sum, {"accuracy": correct, "mlm_loss": mlm_sum.detach(), "rtd_loss": rtd_sum.detach(),
@@ -106,10 +106,10 @@ class ElectraTask(MaskedLMTask):
             t = {k: v.to(device) for k, v in batch.tensors.items()}
             out = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"], t.get("attention_mask"))
             targets = t["input_ids"][t["selected"]]
-            sums["loss"] += out["mlm_loss_sum"].item()
-            sums["correct"] += out["correct"].item()
+            sums["loss"] += out.mlm_loss_sum.item()
+            sums["correct"] += out.correct.item()
             sums["unigram"] += -logp[targets].sum().item()
-            disc, replaced = out["discriminator_logits"].float(), out["replaced"]
+            disc, replaced = out.discriminator_logits.float(), out.replaced
             sums["rtd_loss"] += F.binary_cross_entropy_with_logits(disc, replaced, reduction="sum").item()
             flagged = disc > 0
             sums["replaced_right"] += (flagged & (replaced > 0)).sum().item()
@@ -130,15 +130,15 @@ class ElectraTask(MaskedLMTask):
         table = self.electra_table(*first)
         return EvalResult(metrics, table.markdown(), table)
 
-    def electra_table(self, t: dict, out: dict, rows: int = 4, max_tokens: int = 40) -> Table:
+    def electra_table(self, t: dict, out: ElectraOutput, rows: int = 4, max_tokens: int = 40) -> Table:
         """Per example: what the discriminator saw (replaced tokens in bold) and the tokens it
         flagged as replaced."""
         tok = self.tokenizer
-        corrupted = t["input_ids"].masked_scatter(t["selected"], out["sampled"])
+        corrupted = t["input_ids"].masked_scatter(t["selected"], out.sampled)
         table = Table(["discriminator input (replaced in bold)", "original at replaced", "flagged as replaced"], [])
         for r in range(min(rows, corrupted.size(0))):
-            replaced = out["replaced"][r, :max_tokens] > 0
-            flagged = out["discriminator_logits"][r, :max_tokens] > 0
+            replaced = out.replaced[r, :max_tokens] > 0
+            flagged = out.discriminator_logits[r, :max_tokens] > 0
             ids = corrupted[r, :max_tokens].tolist()
             words = [f"**{tok.id_to_token(i)}**" if replaced[j] else tok.id_to_token(i) for j, i in enumerate(ids)]
             originals = [tok.id_to_token(i) for i in t["input_ids"][r, :max_tokens][replaced].tolist()]

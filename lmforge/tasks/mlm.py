@@ -53,16 +53,15 @@ def mlm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     apart and the NSP accuracy (per example)."""
     selected = tensors["selected"]
     targets = tensors["input_ids"][selected]
+    out = model(tensors["masked_ids"], token_type_ids=tensors.get("token_type_ids"),
+                attention_mask=tensors.get("attention_mask"), selected=selected, targets=targets)
     if "next_sentence_label" not in tensors:
-        loss_sum, correct = model(tensors["masked_ids"], selected=selected, targets=targets)
-        return LossOutput(loss_sum, {"accuracy": correct})
+        return LossOutput(out.loss_sum, {"accuracy": out.correct})
     labels = tensors["next_sentence_label"]
-    loss_sum, correct, nsp = model(tensors["masked_ids"], token_type_ids=tensors["token_type_ids"],
-                                   attention_mask=tensors.get("attention_mask"), selected=selected, targets=targets,
-                                   next_sentence=True)
+    loss_sum, nsp = out.loss_sum, out.next_sentence_logits
     nsp_sum = F.cross_entropy(nsp.float(), labels, reduction="sum")
     nsp_correct = (nsp.argmax(-1) == labels).sum()
-    return LossOutput(loss_sum, {"accuracy": correct, "mlm_loss": loss_sum.detach(), "nsp_loss": nsp_sum.detach(),
+    return LossOutput(loss_sum, {"accuracy": out.correct, "mlm_loss": loss_sum.detach(), "nsp_loss": nsp_sum.detach(),
                                  "nsp_accuracy": nsp_correct},
                       terms={"examples": nsp_sum}, per={"nsp_loss": "examples", "nsp_accuracy": "examples"})
 
@@ -183,16 +182,14 @@ class MaskedLMTask(CorpusTask):
         predicted_counts = torch.zeros(self.cfg.model.vocab_size, dtype=torch.long)
         for batch in self.eval_batches():
             t = {k: v.to(device) for k, v in batch.tensors.items()}
+            out = model(t["masked_ids"], token_type_ids=t.get("token_type_ids"),
+                        attention_mask=t.get("attention_mask"), selected=t["selected"])
             if self.pairs:
-                logits, nsp = model(t["masked_ids"], token_type_ids=t["token_type_ids"],
-                                    attention_mask=t.get("attention_mask"), selected=t["selected"], next_sentence=True)
-                labels = t["next_sentence_label"]
+                nsp, labels = out.next_sentence_logits, t["next_sentence_label"]
                 nsp_loss += F.cross_entropy(nsp.float(), labels, reduction="sum").item()
                 nsp_correct += (nsp.argmax(-1) == labels).sum().item()
                 pairs += len(labels)
-            else:
-                logits = model(t["masked_ids"], selected=t["selected"])
-            logits = logits.float()
+            logits = out.logits.float()
             targets = t["input_ids"][t["selected"]]
             loss_sum += cross_entropy_selected(logits, t["input_ids"], t["selected"], reduction="sum").item()
             predicted = logits.argmax(-1)
