@@ -5,7 +5,7 @@ head is copied into transformers' classifier), train on the same movie-review ex
 same optimizer (fused AdamW, two parameter groups, lr 5e-5), gradient clipping at 1.0 (both
 tools' default), batch 32, dynamic padding to the longest member with at most 64 tokens, and
 dropout 0.1 as in MiniLM's config. Variants:
-  lmforge         what `lmforge finetune` runs: BertClassifier (polarity + rating heads) with
+  lmforge         what `lmforge finetune` runs: Classifier (polarity + rating heads) with
                   ClassifyTask's batches (length-bucketed: seeded shuffle, chunks of 50 batches
                   sorted by length), its collate and its loss
   hf              BertForSequenceClassification (its default attention, sdpa), batches in random
@@ -38,7 +38,7 @@ import common
 from lmforge.config import load_config
 from lmforge.data.sentiment import LABELS, load_labeled, stratified_split
 from lmforge.data.tokenizers import minilm_model_dir
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
 from lmforge.tasks.classify import ClassifyTask, init_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +56,9 @@ def lmforge_setup(args):
     return cfg, tokenizer, encoder, task, data
 
 
-def lmforge_model(cfg, encoder, rating_range, layers: int) -> BertClassifier:
+def lmforge_model(cfg, encoder, rating_range, layers: int) -> Classifier:
     torch.manual_seed(cfg.train.seed)
-    model = BertClassifier(cfg.model, len(LABELS), rating_range)
+    model = Classifier(cfg.model, len(LABELS), rating_range)
     model.load_state_dict(encoder, strict=False)
     model.bert.layers = model.bert.layers[:layers]
     return model.train()

@@ -4,7 +4,7 @@ Two pairs, each on the same weights and the same movie-review texts (the first -
 test split), all four timed in interleaved rounds (one full pass over the texts per variant per
 round, median reported), tokenization and output formatting included, as a user would run them:
   lmforge-classify   lmforge.eval.classify.classify_texts (what `lmforge classify --input` runs), on
-                     a BertClassifier: the bundled MiniLM-L6-H384 encoder + seeded random heads;
+                     a Classifier: the bundled MiniLM-L6-H384 encoder + seeded random heads;
                      its own batching (batch 64, texts sorted by length, padding to the batch's longest)
   hf-classify        pipeline("text-classification", batch_size=32) on a BertForSequenceClassification
                      directory holding the same encoder and polarity head (transformers' pooler
@@ -39,7 +39,7 @@ from lmforge.data.tokenizers import load_tokenizer, minilm_model_dir
 from lmforge.eval.classify import classify_texts
 from lmforge.eval.predict import fill_mask
 from lmforge.export import export_hf, write_hf_tokenizer
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
 from lmforge.models.hf import model_config_from_hf
 from lmforge.runs.readers import read_hf_dir
 from lmforge.tasks.loading import load_model
@@ -60,15 +60,15 @@ def mask_middle_word(text: str) -> str:
     return " ".join(words)
 
 
-def write_classifier_dirs(folder: Path) -> tuple[BertClassifier, Path]:
-    """lmforge's BertClassifier (MiniLM encoder, seeded heads) and a transformers
+def write_classifier_dirs(folder: Path) -> tuple[Classifier, Path]:
+    """lmforge's Classifier (MiniLM encoder, seeded heads) and a transformers
     BertForSequenceClassification directory with the same encoder and polarity head."""
     import transformers
 
     hf_cfg, hf_state = read_hf_dir(minilm_model_dir())
     cfg: ModelConfig = model_config_from_hf(hf_cfg)
     torch.manual_seed(0)
-    ours = BertClassifier(cfg, len(LABELS), (-4.0, 4.0))
+    ours = Classifier(cfg, len(LABELS), (-4.0, 4.0))
     loaded = load_model(minilm_model_dir(), mlm_head_required=False).model
     ours.load_state_dict({k: v for k, v in loaded.state_dict().items() if k.startswith("bert.")}, strict=False)
     hf = transformers.BertForSequenceClassification.from_pretrained(minilm_model_dir(), num_labels=len(LABELS))

@@ -354,7 +354,8 @@ def _verb_plan(verbs) -> None:
     budget.add_argument("--hours", type=float, metavar="H", help="training time on this machine, in hours")
     p.add_argument("--tokens-per-s", type=float, metavar="X",
                    help="the planned model's measured training throughput here (else measured on a small model)")
-    p.add_argument("--arch", choices=["bert", "gpt"], default="bert", help="model family (default: %(default)s)")
+    p.add_argument("--arch", default="bert", metavar="ARCH",
+                   help="model family, as model.arch: bert, gpt, llama, modernbert, deberta (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (default: %(default)s, bert-base-uncased)")
     p.add_argument("--device", default=None, metavar="D",
                    help="where to measure the throughput, as train.device: auto, cpu, cuda, cuda:N, mps (default: auto)")

@@ -62,9 +62,22 @@ class ModelConfig:
     # Fine-tuning (Zhang et al. 2021): re-initialise the top k encoder layers of the model.init_from
     # weights (BERT's init); the top layers are the most specific to pretraining and transfer least.
     reinit_layers: int = 0
+    # -- the modern families (model.arch modernbert, deberta, llama); bert and gpt ignore these --
+    # RoPE base (llama, and modernbert's global layers); null = the family's own (llama 10,000,
+    # modernbert 160,000).
+    rope_theta: Optional[float] = None
+    local_rope_theta: float = 10000.0  # modernbert: RoPE base of the sliding-window layers
+    local_window: int = 128  # modernbert: a local layer sees the tokens within local_window/2 on each side
+    global_every: int = 3  # modernbert: layers 0, n, 2n, ... attend globally, the others locally
+    mlp: str = "swiglu"  # llama: swiglu (Llama) or relu2 (modded-nanogpt's ReLU squared)
+    qk_norm: bool = False  # llama: RMSNorm on each head's queries and keys (modded-nanogpt)
+    tie_embeddings: bool = True  # llama: the LM head is the token embedding (false: a matrix of its own)
+    num_kv_heads: Optional[int] = None  # llama: grouped-query attention's key/value heads; null = num_heads
+    position_buckets: int = 256  # deberta: log-bucketed relative positions (DeBERTa-v3's 256)
+    max_relative_positions: int = -1  # deberta: -1 = max_position_embeddings
+    enhanced_mask_decoder: bool = False  # deberta: EMD, absolute positions fed to the MLM decoding layer
 
     def check(self, cfg: Config) -> None:
-        _require(self.arch in ("bert", "gpt"), f"model.arch={self.arch!r} is not known; known: bert, gpt")
         _require(self.hidden_size >= 1, f"model.hidden_size={self.hidden_size} must be positive")
         _require(self.num_heads >= 1, f"model.num_heads={self.num_heads} must be at least 1")
         _require(self.hidden_size % self.num_heads == 0,
@@ -72,7 +85,8 @@ class ModelConfig:
                  f"divisor")
         _require(self.vocab_size is None or self.vocab_size >= 1,
                  f"model.vocab_size={self.vocab_size} must be positive, or null to take the tokenizer's")
-        _require(self.type_vocab_size >= 1, f"model.type_vocab_size={self.type_vocab_size} must be at least 1")
+        _require(self.type_vocab_size >= (0 if self.arch == "deberta" else 1),  # DeBERTa-v3 has no token types
+                 f"model.type_vocab_size={self.type_vocab_size} must be at least 1 (0 for model.arch=deberta)")
         _require(self.layer_norm_eps > 0 and self.init_std >= 0,
                  f"model.layer_norm_eps={self.layer_norm_eps} must be positive and model.init_std={self.init_std} "
                  f"not negative")
@@ -80,6 +94,17 @@ class ModelConfig:
         _require(self.reinit_layers >= 0, f"model.reinit_layers={self.reinit_layers} must be 0 or more")
         _require(self.intermediate_size >= 1, f"model.intermediate_size={self.intermediate_size} must be positive")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _require(self.rope_theta is None or self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
+        _require(self.local_rope_theta > 0, f"model.local_rope_theta={self.local_rope_theta} must be positive")
+        _require(self.local_window >= 2 and self.local_window % 2 == 0,
+                 f"model.local_window={self.local_window} must be an even number of at least 2")
+        _require(self.global_every >= 1, f"model.global_every={self.global_every} must be at least 1")
+        _require(self.mlp in ("swiglu", "relu2"), f"model.mlp={self.mlp!r} is not known; known: swiglu, relu2")
+        kv = self.num_kv_heads
+        _require(kv is None or (kv >= 1 and self.num_heads % kv == 0),
+                 f"model.num_kv_heads={kv} must divide model.num_heads={self.num_heads}")
+        _require(self.position_buckets == 0 or self.position_buckets >= 2,
+                 f"model.position_buckets={self.position_buckets} must be 0 (no bucketing) or at least 2")
 
 
 @dataclass
@@ -257,6 +282,7 @@ class ClassifyConfig:
 class OptimConfig:
     """AdamW with two parameter groups and a warmup/decay schedule (seed MLAB W2D2)."""
 
+    name: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest: lmforge/train/optim.py)
     lr: float = 1e-3
     weight_decay: float = 0.01
     decay: str = "linear"  # which tensors are decayed: linear (Linear weights, BERT) | 2d (GPT recipe)
@@ -270,8 +296,20 @@ class OptimConfig:
     # Adam's bias correction of its moment estimates; false = the original BERT optimizer, which
     # left it out (Zhang et al. 2021 show fine-tuning is less stable without it)
     bias_correction: bool = True
+    # optim.name=muon: Muon's peak lr (null: optim.lr), its momentum, and its per-matrix lr scaling
+    # (match_rms_adamw: AdamW's lr and weight decay carry over; original: Keller Jordan's, lr ~0.02)
+    muon_lr: Optional[float] = None
+    muon_momentum: float = 0.95
+    muon_adjust_lr: str = "match_rms_adamw"
 
     def check(self, cfg: Config) -> None:
+        _require(self.name in ("adamw", "muon"), f"optim.name={self.name!r}: use adamw or muon")
+        _require(self.muon_lr is None or self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be positive or null")
+        _require(0.0 <= self.muon_momentum < 1.0, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        _require(self.muon_adjust_lr in ("match_rms_adamw", "original"),
+                 f"optim.muon_adjust_lr={self.muon_adjust_lr!r}: use match_rms_adamw or original")
+        _require(self.name != "muon" or self.bias_correction,
+                 "optim.bias_correction=false is BERT's AdamW; it does not combine with optim.name=muon")
         _require(self.lr > 0, f"optim.lr={self.lr} must be positive")
         _require(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay} must not be negative")
         _require(0.0 <= self.beta1 < 1.0, f"optim.beta1={self.beta1} must be in [0, 1), e.g. 0.9")

@@ -19,8 +19,10 @@ from safetensors.torch import save_file
 
 from lmforge.data.shards import check_out_dir
 from lmforge.data.tokenizers import TextTokenizer
-from lmforge.models.hf import (electra_to_hf_state_dict, gpt2_to_hf_state_dict, hf_config_from_model,
-                               hf_gpt2_config_from_model, to_hf_state_dict)
+from lmforge.errors import LmforgeError
+from lmforge.models.family import SpecialIds
+from lmforge.models.hf import electra_to_hf_state_dict, hf_config_from_model
+from lmforge.models.registry import family
 from lmforge.tasks.loading import load_model
 from lmforge.runs.checkpoint import clean_state_dict
 
@@ -42,42 +44,40 @@ def write_hf_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> Non
 
 
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Export the model at `model_path` to `out`. A pretraining run (or a Hugging Face BERT)
-    becomes a `BertForMaskedLM` directory; a fine-tuning run's encoder becomes a `BertModel`
-    directory (load it with `AutoModel`; the classifier heads are lmforge's own and stay in the
-    run). Refuses to overwrite an existing `out` unless `force`; writes a temporary folder first."""
+    """Export the model at `model_path` to `out`, by its family's `to_hf` (lmforge/models/family.py).
+    A pretraining run (or a transformers directory) becomes its family's masked or causal LM
+    (BertForMaskedLM, ModernBertForMaskedLM, DebertaV2ForMaskedLM, GPT2LMHeadModel,
+    LlamaForCausalLM, ...); an ELECTRA run its discriminator (ElectraForPreTraining); a fine-tuning
+    run its encoder (BertModel, ...: load it with `AutoModel`; the classifier heads are lmforge's
+    own and stay in the run). Refuses to overwrite an existing `out` unless `force`, and a model
+    transformers cannot express, in one line; writes a temporary folder first."""
     out = Path(out)
     check_out_dir(out, force)
     if (Path(model_path) / "dataset.json").is_file():  # a fine-tuning run: export its encoder
         from lmforge.tasks.classify import load_classifier
 
         cfg, tokenizer, classifier = load_classifier(model_path)
-        model_cfg, architecture = cfg.model, "BertModel"
-        tensors = {k[len("bert."):]: v for k, v in to_hf_state_dict(
-            {k: v for k, v in clean_state_dict(classifier).items() if k.startswith("bert.")}).items()}
+        model_cfg, fam = cfg.model, family(cfg.model.arch)
+        state, encoder_only, electra = clean_state_dict(classifier), True, None
     else:
         loaded = load_model(model_path, mlm_head_required=False)
-        model_cfg, tokenizer = loaded.config, loaded.tokenizer
-        if loaded.electra is not None:  # an ELECTRA run: its discriminator, with the replaced-token head
-            architecture = "ElectraForPreTraining"
-            tensors = electra_to_hf_state_dict(clean_state_dict(loaded.electra))
-        elif model_cfg.arch == "gpt":
-            architecture = "GPT2LMHeadModel"
-            tensors = gpt2_to_hf_state_dict(clean_state_dict(loaded.model), model_cfg.vocab_size)
-        else:
-            architecture = "BertForMaskedLM"
-            # BertForMaskedLM has no pooler and no next-sentence head: a mlm.nsp run exports its MLM model
-            tensors = to_hf_state_dict({k: v for k, v in clean_state_dict(loaded.model).items()
-                                        if not k.startswith(("pooler.", "nsp_head."))})
+        model_cfg, tokenizer, fam = loaded.config, loaded.tokenizer, family(loaded.config.arch)
+        state, encoder_only, electra = clean_state_dict(loaded.model), False, loaded.electra
+    refusal = fam.export_refusal(model_cfg)
+    if refusal:
+        raise LmforgeError(f"cannot export {model_path}: {refusal}")
+    if electra is not None:  # an ELECTRA run: its discriminator, with the replaced-token head
+        hf_cfg = hf_config_from_model(model_cfg, "ElectraForPreTraining", pad_token_id=tokenizer.pad_id)
+        # the same encoder under transformers' ELECTRA names
+        hf_cfg.update(model_type="electra", embedding_size=model_cfg.hidden_size, tie_word_embeddings=False)
+        tensors = electra_to_hf_state_dict(clean_state_dict(electra))
+    else:
+        special = SpecialIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, sep=tokenizer.sep_id,
+                             mask=tokenizer.mask_id, eot=tokenizer.eot_id)
+        hf_cfg, tensors = fam.to_hf(state, model_cfg, special, encoder_only)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if architecture == "GPT2LMHeadModel":
-            hf_cfg = hf_gpt2_config_from_model(model_cfg, tokenizer.eot_id)
-        else:
-            hf_cfg = hf_config_from_model(model_cfg, architecture, pad_token_id=tokenizer.pad_id)
-        if architecture == "ElectraForPreTraining":  # the same encoder under transformers' ELECTRA names
-            hf_cfg.update(model_type="electra", embedding_size=model_cfg.hidden_size, tie_word_embeddings=False)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         write_hf_tokenizer(tokenizer, tmp, model_cfg.max_position_embeddings)

@@ -242,7 +242,7 @@ CASES = [
     Case("seq-len-above-positions", ["pretrain", "data.seq_len=600"],
          "data.seq_len=600 exceeds model.max_position_embeddings=512; lower data.seq_len or raise "
          "model.max_position_embeddings"),
-    Case("mlm-with-gpt", ["pretrain", *TINY, "model.arch=gpt"], "task.name=mlm needs model.arch=bert"),
+    Case("mlm-with-gpt", ["pretrain", *TINY, "model.arch=gpt"], "task.name=mlm trains an encoder (model.arch=bert"),
     Case("moved-key", ["pretrain", *TINY, "task.nsp=true"], "config key 'task.nsp' moved to 'mlm.nsp'"),
     Case("moved-key-in-yaml", ["finetune", "--config", "{tmp}/c.yaml", *FT],
          "config key 'loss.rating_weight' moved to 'classify.rating_weight'",
@@ -305,7 +305,7 @@ CASES = [
          "is neither an lmforge run directory"),
     Case("finetune-init-from-a-gpt-run", ["finetune", *FT, "data.tokenizer=bert-base-uncased",  # the default:
                                           "model.init_from={gpt}"],  # the source's own tokenizer is taken
-         "is a gpt model; a classifier is fine-tuned from a BERT encoder"),
+         "is a gpt model; a classifier is fine-tuned from an encoder"),
     Case("finetune-seq-len-above-init-positions", ["finetune", *FT, "model.init_from={bert}",
                                                    "model.max_position_embeddings=512", "data.seq_len=100"],
          "data.seq_len=100 exceeds the 64 positions of"),

@@ -8,7 +8,7 @@ from lmforge.data.tokenizers import train_wordpiece
 from lmforge.eval.classify import classify_texts
 from lmforge.eval.predict import fill_mask
 from lmforge.models.bert import BertForMaskedLM
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
 
 CFG = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
            max_position_embeddings=64, dropout=0.0)
@@ -27,7 +27,7 @@ def _padded_batch():
 
 def _classifier():
     torch.manual_seed(0)
-    return BertClassifier(ModelConfig(**CFG), 2, (-4.0, 4.0)).eval()
+    return Classifier(ModelConfig(**CFG), 2, (-4.0, 4.0)).eval()
 
 
 def _tokenizer():

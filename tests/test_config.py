@@ -2,6 +2,7 @@
 moved to their objective's section, plug-in sections and task.plugin."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -268,3 +269,17 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error_and_a_bug_in_one_k
     (tmp_path / "buggy.py").write_text("1 / 0\n")
     with pytest.raises(ZeroDivisionError):
         load_config(None, [f"task.plugin={tmp_path / 'buggy.py'}"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.local_window=7", "model.local_window=7 must be an even number of at least 2"),
+    ("model.position_buckets=1", "model.position_buckets=1 must be 0 (no bucketing) or at least 2"),
+    ("model.num_kv_heads=3", "model.num_kv_heads=3 must divide model.num_heads=2"),
+    ("model.mlp=geglu", "model.mlp='geglu' is not known; known: swiglu, relu2"),
+    ("optim.name=lion", "optim.name='lion': use adamw or muon"),
+    ("model.type_vocab_size=0", "model.type_vocab_size=0 must be at least 1 (0 for model.arch=deberta)"),
+])
+def test_the_modern_families_keys_are_checked_in_one_line(override, message):
+    with pytest.raises(LmforgeError, match=re.escape(message)):
+        load_config(None, [override])
+    load_config(None, ["model.arch=deberta", "model.type_vocab_size=0", "model.position_buckets=0"])  # allowed

@@ -14,7 +14,7 @@ from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.jobs import finetune, resume_finetune
 from lmforge.tasks.classify import load_classifier
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
 from lmforge.data.mlm import random_mask
 from lmforge.export import export_hf
 from lmforge.models.bert import BertForMaskedLM
@@ -33,7 +33,7 @@ def test_the_student_copies_every_other_layer_ending_at_the_top():
     assert student_layers(12, 6) == [1, 3, 5, 7, 9, 11]
     assert student_layers(2, 1) == [1] and student_layers(4, 4) == [0, 1, 2, 3]
     torch.manual_seed(0)
-    teacher = BertClassifier(ModelConfig(vocab_size=60, hidden_size=16, num_layers=4, num_heads=2,
+    teacher = Classifier(ModelConfig(vocab_size=60, hidden_size=16, num_layers=4, num_heads=2,
                                          intermediate_size=32, dropout=0.0), 2, (-4.0, 4.0))
     student = student_from_teacher(teacher, dataclasses.replace(teacher.cfg, num_layers=2, dropout=0.1),
                                    (-4.0, 4.0))
@@ -215,7 +215,7 @@ def test_a_transformers_sequence_classifier_teaches_with_its_labels_in_our_order
     ours = out.logits
     assert out.rating is None and out.cls.shape == (3, mcfg.hidden_size)
     torch.testing.assert_close(ours, theirs.flip(-1), rtol=1e-4, atol=1e-5)  # their POSITIVE is our column 1
-    # distillation from it: the student is a BertClassifier from its top layer, classifier and embeddings
+    # distillation from it: the student is a Classifier from its top layer, classifier and embeddings
     run_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "s", tiny_reviews, "task.name=distill",
                                      f"distill.teacher={hf_dir}", "train.max_steps=4", "train.eval_every=4",
                                      "train.checkpoint_every=4", "model.dropout=0.1"))

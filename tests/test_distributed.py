@@ -32,6 +32,15 @@ def _run(argv, tmp_path, env=None):
     return proc
 
 
+# the families beyond BERT, at tiny size with their own code paths on (local windows, buckets, GQA)
+FAMILY_OVERRIDES = {
+    "gpt": ["task.name=clm", "model.arch=gpt"],
+    "modernbert": ["model.arch=modernbert", "model.local_window=8", "model.global_every=2"],
+    "deberta": ["model.arch=deberta", "model.position_buckets=8", "model.max_relative_positions=16"],
+    "llama": ["task.name=clm", "model.arch=llama", "model.num_kv_heads=1", "model.qk_norm=true"],
+    "llama-muon": ["task.name=clm", "model.arch=llama", "optim.name=muon"],
+}
+
 # steps whose shape changes (lmforge/train/schedule.py): 32 -> 64 tokens after 4 of the 6 steps, and
 # 1 -> 2 micro-batches of 256 tokens over the first 600 tokens
 SCHEDULES = ("data.long_seq_len=64", "data.short_seq_frac=0.67", "train.batch_ramp_start_tokens=256",
@@ -46,11 +55,14 @@ SCHEDULES = ("data.long_seq_len=64", "data.short_seq_frac=0.67", "train.batch_ra
     ("bert", "deepspeed distributed.zero_stage=1", "deepspeed", ()),  # DeepSpeed's own launcher (--local_rank=N)
     ("bert", "deepspeed distributed.zero_stage=2", "torchrun", SCHEDULES),
     ("distill-mlm", "fsdp", "torchrun", ()),  # the fused distillation loss runs inside the sharded forward
+    ("modernbert", "fsdp", "torchrun", ()), ("deberta", "ddp", "torchrun", ()), ("llama", "fsdp", "torchrun", ()),
+    ("llama-muon", "ddp", "torchrun", ()),  # Muon's orthogonalised update of the all-reduced gradient
 ], ids=["bert-ddp", "gpt-ddp", "bert-fsdp", "gpt-fsdp", "bert-zero2", "gpt-zero3-offload", "bert-zero1-launcher",
-        "bert-zero2-seq-schedule-and-ramp", "distill-mlm-fsdp"])
+        "bert-zero2-seq-schedule-and-ramp", "distill-mlm-fsdp", "modernbert-fsdp", "deberta-ddp", "llama-fsdp",
+        "llama-muon-ddp"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_path, arch, strategy, launcher,
                                                           schedules):
-    extra = ["task.name=clm", "model.arch=gpt"] if arch == "gpt" else []
+    extra = FAMILY_OVERRIDES.get(arch, [])
     if arch == "distill-mlm":  # a 2-layer teacher, trained a little, teaches a 1-layer student
         from lmforge.jobs import pretrain
 

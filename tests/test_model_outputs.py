@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from lmforge.config import ModelConfig
 from lmforge.models.bert import BertForMaskedLM, MaskedLMOutput
-from lmforge.models.classifier import BertClassifier, ClassifierOutput, PooledBertClassifier
+from lmforge.models.classifier import Classifier, ClassifierOutput, PooledBertClassifier
 from lmforge.models.electra import Electra, ElectraOutput
 from lmforge.models.gpt import GPT, CausalLMOutput
 
@@ -108,8 +108,8 @@ def test_electra_and_the_classifiers_set_every_field_they_document():
     out = Electra(_cfg())(masked, ids, selected, torch.arange(3))
     assert type(out) is ElectraOutput and _set(out) == {f.name for f in dataclasses.fields(ElectraOutput)}
     assert out.sampled.shape == (int(selected.sum()),) and out.discriminator_logits.shape == (3, 12)
-    rated = BertClassifier(_cfg(), 2, (-4.0, 4.0)).eval()(ids)
-    unrated = BertClassifier(_cfg(), 3).eval()(ids)
+    rated = Classifier(_cfg(), 2, (-4.0, 4.0)).eval()(ids)
+    unrated = Classifier(_cfg(), 3).eval()(ids)
     pooled = PooledBertClassifier(_cfg(), 2).eval()(ids)
     for out in (rated, unrated, pooled):
         assert type(out) is ClassifierOutput and out.cls.shape == (3, 32)
@@ -124,7 +124,7 @@ def _outputs() -> list:
     return [bert(ids, selected=selected, targets=ids[selected]), bert(ids, selected=selected, head_loss=_head_loss),
             GPT(_cfg(arch="gpt"))(ids, return_cache=True),
             Electra(_cfg())(ids.masked_fill(selected, 4), ids, selected, torch.arange(3)),
-            BertClassifier(_cfg(), 2, (-4.0, 4.0))(ids), PooledBertClassifier(_cfg(), 2)(ids)]
+            Classifier(_cfg(), 2, (-4.0, 4.0))(ids), PooledBertClassifier(_cfg(), 2)(ids)]
 
 
 def test_outputs_are_pytree_nodes_whose_leaves_are_the_tensors_inside():

@@ -88,6 +88,9 @@ JOINT = {"model.hidden_size", "model.num_heads", "data.seq_len", "model.max_posi
          # step schedules: bounded by seq_len, positions and batch (test_schedule.py tests their checks)
          "data.long_seq_len", "train.batch_ramp_start_tokens",
          "distill.teacher",  # read only by the distillation tasks: given with task.name=distill below
+         "model.num_kv_heads",  # divides model.num_heads (test_models_llama.py)
+         "model.local_window", "model.position_buckets",  # even; 0 or >= 2 (test_config.py)
+         "optim.name",  # muon refuses optim.bias_correction=false (test_train_optim.py)
          "task.plugin"}  # imported: a module or .py file that exists (test_config.py tests it)
 INT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is int and k not in JOINT]
 FLOAT_KEYS = [k for k, t in KEY_TYPES.items() if _base(t)[0] is float and k not in JOINT]
@@ -121,6 +124,8 @@ CONSTRAINED = {
     "log.wandb_mode": st.sampled_from(["auto", "online", "offline"]),
     "optim.decay": st.sampled_from(["linear", "2d"]),
     "optim.max_grad_norm": st.none() | st.floats(1e-6, 1e6), "mlm.mask_prob": UNIT_OPEN,
+    "model.mlp": st.sampled_from(["swiglu", "relu2"]), "optim.muon_adjust_lr": st.sampled_from(["match_rms_adamw", "original"]),
+    "optim.muon_momentum": st.floats(0.0, 1.0, exclude_max=True),
 }
 
 # Strings typed on a command line for str keys: paths, device names, tokenizer names. Digits, dots,

@@ -19,15 +19,16 @@ from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path
 
 
-def prepared_data(cfg: Config, progress: bool = True) -> PreparedData:
-    """The prepared shards for cfg.data, tokenizing the corpus first if no cache has them."""
+def prepared_data(cfg: Config, progress: bool = True, trained_kind: str = "wordpiece") -> PreparedData:
+    """The prepared shards for cfg.data, tokenizing the corpus first if no cache has them.
+    trained_kind: the vocabulary data.train_tokenizer_vocab trains (bpe | wordpiece)."""
     d = cfg.data
     if (Path(d.corpus) / "manifest.json").is_file():  # already a `lmforge prepare` output
         return PreparedData(d.corpus)
     corpus = open_corpus(d.corpus, d.cache_dir)
     root = cache_root(d.cache_dir)
     if d.train_tokenizer_vocab:
-        tokenizer = trained_tokenizer(corpus, "bpe" if cfg.model.arch == "gpt" else "wordpiece",
+        tokenizer = trained_tokenizer(corpus, trained_kind,
                                       d.train_tokenizer_vocab, root)
     else:
         tokenizer = load_tokenizer(d.tokenizer, d.cache_dir)

@@ -53,6 +53,9 @@ def make_engine(model: torch.nn.Module, cfg, par: Parallel, device: torch.device
         return Engine(model, make_optimizer(model))
     if strategy == "ddp":
         return DDPEngine(model, make_optimizer(model), par, device)
+    if cfg.optim.name == "muon":  # Newton-Schulz orthogonalises a whole matrix; a shard is not one
+        raise LmforgeError(f"optim.name=muon needs every rank to hold whole matrices, and distributed.strategy="
+                           f"{strategy} shards them; use distributed.strategy=ddp, or optim.name=adamw")
     if strategy == "fsdp":
         from lmforge.distributed.fsdp import FSDPEngine
         return FSDPEngine(model, cfg, par, device, precision, make_optimizer)

@@ -103,8 +103,8 @@ class Engine:
         return scaler.get_scale() if scaler is not None else None
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # lr_scale: a group's own peak lr / optim.lr (Muon's)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:

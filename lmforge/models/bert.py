@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
+from lmforge.models.family import Family
+from lmforge.models.hf import bert_from_hf, bert_to_hf
 from lmforge.ops.attention import attention
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
@@ -183,6 +185,18 @@ class MaskedLMHead(nn.Module):
         return F.linear(self.transform(hidden), decoder_weight, self.bias)
 
 
+def masked_lm_output(head: nn.Module, hidden: torch.Tensor, decoder: torch.Tensor,
+                     targets: Optional[torch.Tensor]) -> "MaskedLMOutput":
+    """What every masked LM's forward ends with (BERT, ModernBERT, DeBERTa): `head`'s logits at
+    `hidden` ((n, hidden) or (batch, seq, hidden)) without targets, else the fused chunked
+    projection + loss (`loss_sum`, `correct`) against `targets` (n,) or (batch, seq)."""
+    if targets is None:
+        return MaskedLMOutput(logits=head(hidden, decoder))
+    x = head.transform(hidden)
+    loss_sum, correct = linear_cross_entropy(x.reshape(-1, x.size(-1)), decoder, head.bias, targets.reshape(-1))
+    return MaskedLMOutput(loss_sum=loss_sum, correct=correct)
+
+
 @dataclasses.dataclass
 class MaskedLMOutput:
     """What `BertForMaskedLM.forward` returns: always this, each field None when the call did
@@ -212,6 +226,13 @@ register_dataclass(MaskedLMOutput)
 
 
 class BertForMaskedLM(nn.Module):
+    encoder_attr, encoder_class = "bert", BertModel  # the encoder a classifier fine-tunes, and its name
+
+    @staticmethod
+    def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+        """BERT's initialisation of `module` (for `.apply`), also of a classifier's heads."""
+        init_bert_weights(module, cfg.init_std)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -272,12 +293,9 @@ class BertForMaskedLM(nn.Module):
             nsp = self.next_sentence_logits(out[:, 0])
             valid[:, 0] = selected[:, 0]  # the MLM outputs: [CLS] only where it was selected itself
             hidden = out[valid]
-        if targets is None:
-            return MaskedLMOutput(logits=self.mlm_head(hidden, self.decoder), next_sentence_logits=nsp)
-        x = self.mlm_head.transform(hidden)
-        loss_sum, correct = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.decoder, self.mlm_head.bias,
-                                                 targets.reshape(-1))
-        return MaskedLMOutput(loss_sum=loss_sum, correct=correct, next_sentence_logits=nsp)
+        out = masked_lm_output(self.mlm_head, hidden, self.decoder, targets)
+        out.next_sentence_logits = nsp
+        return out
 
     @property
     def decoder(self) -> torch.Tensor:
@@ -289,3 +307,6 @@ class BertForMaskedLM(nn.Module):
     def next_sentence_logits(self, cls_hidden: torch.Tensor) -> torch.Tensor:
         """(batch, hidden) final [CLS] states -> (batch, 2): 0 = B follows A, 1 = B is random."""
         return self.nsp_head(torch.tanh(self.pooler(cls_hidden)))
+
+
+FAMILY = Family("bert", "encoder", BertForMaskedLM, ("bert",), to_hf=bert_to_hf, from_hf=bert_from_hf)

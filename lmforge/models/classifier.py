@@ -1,14 +1,15 @@
-"""A BERT sentence classifier with two heads (seed MLAB W2D2 part 2).
+"""A sentence classifier with two heads on any encoder family (seed MLAB W2D2 part 2).
 
-    BERT encoder -> hidden state at [CLS] -> dropout -> polarity head  Linear(hidden, 2)
-                                                     -> rating head    Linear(hidden, 1)
+    encoder -> hidden state at [CLS] -> dropout -> polarity head  Linear(hidden, labels)
+                                                -> rating head    Linear(hidden, 1)
 
 The rating head predicts a real-valued score (movie-reviews: the mean human rating on -4..+4).
 Its raw output starts near 0 with a spread of about 1, so it is mapped to
 `centre + half_width * output`: at initialisation the prediction sits in the middle of the
 rating range and moves on the range's own scale, which speeds up early training.
-The encoder is the same `BertModel` as pretraining uses, under the same name (`bert.`), so
-weights from a pretraining run or a Hugging Face encoder load into it directly.
+The encoder is the one the family's masked LM pretrains (BertModel for model.arch=bert,
+ModernBertModel, DebertaModel), under the same name (`bert.`, `model.`, `deberta.`), so weights
+from a pretraining run or a Hugging Face encoder load into it directly.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import torch.nn as nn
 from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
-from lmforge.models.bert import BertModel, init_bert_weights
+from lmforge.models.bert import BertModel
+from lmforge.models.registry import model_class
 from lmforge.ops.dropout import Dropout
 
 
 @dataclasses.dataclass
 class ClassifierOutput:
-    """What BertClassifier and PooledBertClassifier return (forward always returns this).
+    """What Classifier and PooledBertClassifier return (forward always returns this).
 
     logits: (batch, labels) polarity logits.
     rating: (batch,) float, the rating head's prediction; None without a rating head.
@@ -45,19 +47,26 @@ class ClassifierOutput:
 register_dataclass(ClassifierOutput)
 
 
-class BertClassifier(nn.Module):
+class Classifier(nn.Module):
     def __init__(self, cfg: ModelConfig, num_labels: int = 2, rating_range: Optional[tuple[float, float]] = None):
         super().__init__()
         self.cfg = cfg
-        self.bert = BertModel(cfg)
+        lm = model_class(cfg.arch)  # the family's masked LM, which says what its encoder is and is called
+        self.encoder_attr = lm.encoder_attr
+        setattr(self, lm.encoder_attr, lm.encoder_class(cfg))
         self.dropout = Dropout(cfg.dropout)
         self.polarity = nn.Linear(cfg.hidden_size, num_labels)
         self.rating = nn.Linear(cfg.hidden_size, 1) if rating_range is not None else None
         lo, hi = rating_range if rating_range is not None else (0.0, 0.0)
         self.register_buffer("rating_centre", torch.tensor((lo + hi) / 2), persistent=False)
         self.register_buffer("rating_half_width", torch.tensor((hi - lo) / 2), persistent=False)
-        # BERT init; a loaded encoder overwrites its part afterwards
-        self.apply(lambda module: init_bert_weights(module, cfg.init_std))
+        # the family's init (BERT's: N(0, init_std), also for the heads); a loaded encoder
+        # overwrites its part afterwards
+        self.apply(lambda module: lm.init_weights(module, cfg))
+
+    @property
+    def encoder(self) -> nn.Module:
+        return getattr(self, self.encoder_attr)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None) -> ClassifierOutput:
@@ -66,7 +75,7 @@ class BertClassifier(nn.Module):
         a rating head) and the final [CLS] state."""
         # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
         first = input_ids.new_zeros(input_ids.size(0), 1)
-        state = self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
+        state = self.encoder(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
         cls = self.dropout(state)
         rating = None
         if self.rating is not None:
@@ -76,9 +85,9 @@ class BertClassifier(nn.Module):
 
 class PooledBertClassifier(nn.Module):
     """transformers' `BertForSequenceClassification`, read from its directory to be a distillation
-    teacher: [CLS] -> pooler (dense, tanh) -> dropout -> classifier. Called like BertClassifier
+    teacher: [CLS] -> pooler (dense, tanh) -> dropout -> classifier. Called like Classifier
     (no rating head: `rating` is None), and its `cls` state is the final [CLS] hidden state before
-    the pooler, the one a BertClassifier student's own [CLS] state is compared with."""
+    the pooler, the one a Classifier student's own [CLS] state is compared with."""
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__()

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
+from lmforge.models.family import Family
+from lmforge.models.hf import gpt2_from_hf, gpt2_to_hf
 from lmforge.ops.attention import attention
 from lmforge.ops.dropout import Dropout
 from lmforge.ops.linear_cross_entropy import linear_cross_entropy
@@ -174,3 +176,6 @@ class GPT(nn.Module):
                                                      targets.reshape(-1))
             return CausalLMOutput(loss_sum=loss_sum, correct=correct, cache=cache)
         return CausalLMOutput(logits=F.linear(x, self.token.weight), cache=cache)  # LM head tied to the embeddings
+
+
+FAMILY = Family("gpt", "decoder", GPT, ("gpt2",), to_hf=gpt2_to_hf, from_hf=gpt2_from_hf)

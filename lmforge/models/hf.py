@@ -126,7 +126,7 @@ def model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConf
                            f"'bert')")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
         raise LmforgeError("only BERTs with hidden_act 'gelu' and absolute position embeddings are supported")
-    _require(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    require_keys(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "max_position_embeddings")
     return ModelConfig(
         arch="bert", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -136,7 +136,7 @@ def model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConf
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02))
 
 
-def _require(hf: dict, *keys: str) -> None:
+def require_keys(hf: dict, *keys: str) -> None:
     """A transformers config.json without one of the sizes a model is built from: one line."""
     lacking = [k for k in keys if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
     if lacking:
@@ -201,7 +201,7 @@ def gpt2_from_hf_state_dict(state: dict[str, torch.Tensor], padded_vocab: int
 def gpt2_model_config_from_hf(hf: dict, dropout: Optional[float] = None) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise LmforgeError(f"GPT-2 activation {hf.get('activation_function')!r} is not supported (gelu_new only)")
-    _require(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+    require_keys(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
     h = hf["n_embd"]
     return ModelConfig(arch="gpt", vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["n_layer"],
                        num_heads=hf["n_head"], intermediate_size=hf.get("n_inner") or 4 * h,
@@ -219,3 +219,36 @@ def hf_gpt2_config_from_model(cfg: ModelConfig, eot_id: Optional[int]) -> dict:
         "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": cfg.init_std,
         "bos_token_id": eot_id, "eos_token_id": eot_id, "tie_word_embeddings": True,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The Family interop functions (lmforge/models/family.py) of BERT and GPT-2.
+
+def bert_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, special, encoder_only: bool
+               ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A BertForMaskedLM (the pooler and NSP head of a mlm.nsp run are left out: transformers'
+    BertForMaskedLM has none), or with `encoder_only` a BertModel (names without "bert.")."""
+    if encoder_only:
+        tensors = {k[len("bert."):]: v for k, v in to_hf_state_dict(
+            {k: v for k, v in state.items() if k.startswith("bert.")}).items()}
+        return hf_config_from_model(cfg, "BertModel", pad_token_id=special.pad), tensors
+    tensors = to_hf_state_dict({k: v for k, v in state.items() if not k.startswith(("pooler.", "nsp_head."))})
+    return hf_config_from_model(cfg, "BertForMaskedLM", pad_token_id=special.pad), tensors
+
+
+def bert_from_hf(hf: dict, state: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+    cfg = model_config_from_hf(hf)
+    tensors, ignored = from_hf_state_dict(state)
+    return cfg, tensors, ignored
+
+
+def gpt2_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, special, encoder_only: bool
+               ) -> tuple[dict, dict[str, torch.Tensor]]:
+    return hf_gpt2_config_from_model(cfg, special.eot), gpt2_to_hf_state_dict(state, cfg.vocab_size)
+
+
+def gpt2_from_hf(hf: dict, state: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor], list[str]]:
+    cfg = gpt2_model_config_from_hf(hf)
+    padded = ((cfg.vocab_size + 63) // 64) * 64  # lmforge/models/gpt.py padded_vocab_size
+    tensors, ignored = gpt2_from_hf_state_dict(state, padded)
+    return cfg, tensors, ignored

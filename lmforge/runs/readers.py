@@ -2,7 +2,7 @@
 
 An lmforge run is loaded by its objective (lmforge/tasks/loading.py asks the registry which one,
 and the objective builds its model and calls the readers here); a transformers BERT or GPT-2
-directory is read here into the same `LoadedModel`. Loading never executes code from the files
+directory (of any family in lmforge/models/registry.py) is read here into the same `LoadedModel`. Loading never executes code from the files
 (safetensors, JSON, weights-only torch.load). This module knows no task names.
 """
 
@@ -23,11 +23,9 @@ from safetensors.torch import load_file
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models.bert import BertForMaskedLM
 from lmforge.models.classifier import PooledBertClassifier
-from lmforge.models.gpt import GPT
-from lmforge.models.hf import (from_hf_state_dict, gpt2_from_hf_state_dict, gpt2_model_config_from_hf,
-                               model_config_from_hf)
+from lmforge.models.hf import from_hf_state_dict, model_config_from_hf
+from lmforge.models.registry import family_for_model_type
 from lmforge.runs.checkpoint import checkpoints_newest_first, load_model_weights
 
 
@@ -158,7 +156,7 @@ def load_hf_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], path
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # BertForMaskedLM or GPT (a fine-tuning run: its classifier)
+    model: torch.nn.Module  # a masked or causal LM of any family (a fine-tuning run: its classifier)
     config: ModelConfig
     tokenizer: TextTokenizer
     source: str  # "lmforge" or "hf"
@@ -168,46 +166,38 @@ class LoadedModel:
 
 
 def load_hf_model(path: str | Path, *, mlm_head_required: bool = True) -> LoadedModel:
-    """Model, config and tokenizer from a transformers BERT or GPT-2 (GPT2LMHeadModel) directory.
+    """Model, config and tokenizer from a transformers directory of any family lmforge reads
+    (BERT, ModernBERT, DeBERTa-v2, GPT-2, Llama, Qwen3, Arcee: lmforge/models/registry.py), read
+    by that family's `from_hf`.
 
     A transformers encoder without an MLM head (a `BertModel`, such as the bundled MiniLM) gets a
     freshly initialised head; with `mlm_head_required` that is said on stderr, since its fill-mask
     output is then noise until the head is trained.
     """
     path = Path(path)
-    if is_hf_dir(path):
-        hf_cfg, hf_state = read_hf_dir(path)
-        if hf_cfg.get("model_type") == "gpt2":
-            cfg = gpt2_model_config_from_hf(hf_cfg)
-            model = GPT(cfg)
-            state, ignored = gpt2_from_hf_state_dict(hf_state, model.token.weight.size(0))
-            missing = load_hf_tensors(model, state, path)
-            if missing:
-                raise LmforgeError(f"{path} lacks GPT-2 tensors: {', '.join(missing[:5])}")
-            notes = [f"not used from {path}: {', '.join(sorted(ignored)[:6])}"] if ignored else []
-            tokenizer = load_tokenizer(str(path))
-            check_tokenizer_fits(tokenizer, cfg, path)
-            return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes)
-        cfg = model_config_from_hf(hf_cfg)
-        state, ignored = from_hf_state_dict(hf_state)
-        model = BertForMaskedLM(cfg)  # initialised, so a missing head starts as N(0, 0.02)
-        missing = load_hf_tensors(model, state, path)
-        notes = []
-        if missing:
-            if not all(name.startswith("mlm_head.") for name in missing):
-                raise LmforgeError(f"{path} lacks encoder tensors: {', '.join(missing[:5])}")
-            notes.append(f"{path} has no masked-LM head (it is an encoder only); the head was initialised "
-                         f"randomly and must be trained before fill-mask predictions mean anything")
-            if mlm_head_required:
-                print(f"warning: {notes[-1]}", file=sys.stderr)
-        if ignored:
-            notes.append(f"not used from {path}: {', '.join(sorted(ignored)[:6])}")
-        tokenizer = load_tokenizer(str(path))
-        check_tokenizer_fits(tokenizer, cfg, path)
-        return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes, fresh_mlm_head=bool(missing))
-    raise LmforgeError(f"{path} is not a Hugging Face model directory (config.json + model.safetensors or "
-                       f"pytorch_model.bin)")
-
+    if not is_hf_dir(path):
+        raise LmforgeError(f"{path} is not a Hugging Face model directory (config.json + model.safetensors or "
+                           f"pytorch_model.bin)")
+    hf_cfg, hf_state = read_hf_dir(path)
+    fam = family_for_model_type(hf_cfg.get("model_type"))
+    cfg, state, ignored = fam.from_hf(hf_cfg, hf_state)
+    model = fam.lm(cfg)  # initialised, so a missing MLM head starts as the family's init
+    missing = load_hf_tensors(model, state, path)
+    notes = []
+    fresh_head = False
+    if missing:
+        if fam.kind == "decoder" or not all(name.startswith("mlm_head.") for name in missing):
+            raise LmforgeError(f"{path} lacks {fam.arch} tensors: {', '.join(missing[:5])}")
+        fresh_head = True
+        notes.append(f"{path} has no masked-LM head (it is an encoder only); the head was initialised "
+                     f"randomly and must be trained before fill-mask predictions mean anything")
+        if mlm_head_required:
+            print(f"warning: {notes[-1]}", file=sys.stderr)
+    if ignored:
+        notes.append(f"not used from {path}: {', '.join(sorted(ignored)[:6])}")
+    tokenizer = load_tokenizer(str(path))
+    check_tokenizer_fits(tokenizer, cfg, path)
+    return LoadedModel(model.eval(), cfg, tokenizer, "hf", notes, fresh_mlm_head=fresh_head)
 
 
 def is_hf_classifier_dir(path: str | Path) -> bool:

@@ -1,4 +1,4 @@
-"""Sentence classification as a task: BertClassifier + padded batches + CE (+ weighted L1 rating).
+"""Sentence classification as a task: Classifier + padded batches + CE (+ weighted L1 rating).
 
 Examples are tokenized once as [CLS] text [SEP] (truncated to data.seq_len). Batches are padded
 only to their longest member, and members have similar lengths: each epoch's seeded shuffle is
@@ -18,6 +18,7 @@ and writes errors.md (the most confidently wrong test examples) and confusion.pn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -30,14 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.config import Config, DataConfig, load_config
+from lmforge.config import Config, DataConfig, ModelConfig, load_config
 from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.prepared import fill_vocab_size
 from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split, stratified_subset
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
-from lmforge.models.bert import init_bert_weights
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
+from lmforge.models.registry import check_family, family, model_class
 from lmforge.rng import derive_seed
 from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkpoint_weights, load_run_tokenizer,
                                   run_weights)
@@ -61,6 +62,8 @@ class ClassifyTask(Task):
     # -- a run of it ------------------------------------------------------------------------------
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        if cfg.model.init_from is None:  # else the family is the source's, read when the run starts
+            check_family(cls.name, cfg.model.arch, "encoder")
         if cfg.data.long_seq_len is not None:  # examples are padded to data.seq_len; no windows to lengthen
             raise LmforgeError(f"data.long_seq_len is a pretraining schedule (task.name=mlm, clm or electra), not "
                                f"for task.name={cls.name}")
@@ -71,14 +74,14 @@ class ClassifyTask(Task):
         split = split_examples(cfg, data)
         torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
         tokenizer, encoder = init_source(cfg)
-        model = BertClassifier(cfg.model, len(LABELS), data.rating_range)
+        model = Classifier(cfg.model, len(LABELS), data.rating_range)
         if encoder is not None:
             missing, unexpected = model.load_state_dict(encoder, strict=False)
-            lacking = [k for k in missing if k.startswith("bert.")]
+            lacking = [k for k in missing if k.startswith(model.encoder_attr + ".")]
             if unexpected or lacking:
-                raise LmforgeError(f"model.init_from={cfg.model.init_from} is not a whole BERT encoder for this "
-                                   f"classifier ({', '.join((unexpected + lacking)[:4])} do not fit); start from "
-                                   f"a BERT run, minilm or a transformers BERT directory")
+                raise LmforgeError(f"model.init_from={cfg.model.init_from} is not a whole {cfg.model.arch} encoder "
+                                   f"for this classifier ({', '.join((unexpected + lacking)[:4])} do not fit); start "
+                                   f"from a pretraining run, minilm or a transformers encoder directory")
         reinit_top_layers(model, cfg)
         return cls(cfg, data, split, tokenizer, model)
 
@@ -90,10 +93,10 @@ class ClassifyTask(Task):
             raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
         split = json.loads((run_dir / "split.json").read_text())
         tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
-        return cls(cfg, data, split, tokenizer, BertClassifier(cfg.model, len(LABELS), data.rating_range), **extra)
+        return cls(cfg, data, split, tokenizer, Classifier(cfg.model, len(LABELS), data.rating_range), **extra)
 
     def fresh_model(self) -> nn.Module:
-        return BertClassifier(self.cfg.model, len(LABELS), self.data.rating_range)
+        return Classifier(self.cfg.model, len(LABELS), self.data.rating_range)
 
     def write_run_files(self, run_dir: Path) -> None:
         """The run's tokenizer, dataset identity and split."""
@@ -131,7 +134,7 @@ class ClassifyTask(Task):
             raise LmforgeError(f"{run_dir / 'dataset.json'} is damaged ({type(e).__name__}: {e}); it is written by "
                                f"`lmforge finetune` when the run starts") from None
         weights = run_weights(run_dir)  # first: a run without a checkpoint may not have its shape filled in yet
-        model = BertClassifier(cfg.model, num_labels, rating_range)
+        model = Classifier(cfg.model, num_labels, rating_range)
         load_checkpoint_weights(model, weights, run_dir)
         tokenizer = load_run_tokenizer(run_dir, "dataset.json")
         check_tokenizer_fits(tokenizer, cfg.model, run_dir / "tokenizer.json")
@@ -353,7 +356,8 @@ def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, nn.Modu
 
 
 def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Tensor]]]:
-    """Tokenizer and encoder tensors (`bert.*`) to start from; fills cfg.model's shape from the source."""
+    """Tokenizer and encoder tensors (`bert.*`, `model.*`, ...: the family's encoder) to start from;
+    fills cfg.model's family and shape from the source."""
     spec = cfg.model.init_from
     if spec is None:
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
@@ -361,9 +365,11 @@ def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Te
         return tokenizer, None
     path = BUNDLED_MODELS[spec](cfg.data.cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
     loaded = load_model(path, mlm_head_required=False)
-    if loaded.config.arch != "bert":
+    source_family = family(loaded.config.arch)
+    if source_family.kind != "encoder":
         raise LmforgeError(f"model.init_from={spec} is a {loaded.config.arch} model; a classifier is fine-tuned "
-                           f"from a BERT encoder (an MLM or ELECTRA run, minilm, or a transformers BERT)")
+                           f"from an encoder (an MLM or ELECTRA run, minilm, or a transformers BERT, ModernBERT "
+                           f"or DeBERTa-v2)")
     if cfg.data.tokenizer != DataConfig().tokenizer:  # set on purpose: it must be the source's own
         given = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
         if given.tok.get_vocab(with_added_tokens=True) != loaded.tokenizer.tok.get_vocab(with_added_tokens=True):
@@ -371,17 +377,17 @@ def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Te
                                f"tokenizer of model.init_from={spec} ({loaded.tokenizer.vocab_size} tokens); drop "
                                f"data.tokenizer: a model is fine-tuned with the tokenizer it was trained with")
     src = loaded.config
-    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps"):
-        setattr(cfg.model, key, getattr(src, key))
+    for f in dataclasses.fields(ModelConfig):  # the source's family and shape; dropout and the fine-tuning keys stay
+        if f.name not in ("dropout", "init_from", "reinit_layers", "next_sentence_head", "init_std"):
+            setattr(cfg.model, f.name, getattr(src, f.name))
     if cfg.data.seq_len > src.max_position_embeddings:
         raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
                            f"of {spec}; set data.seq_len={src.max_position_embeddings} or lower")
-    encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith("bert.")}
+    encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith(source_family.encoder_attr + ".")}
     return loaded.tokenizer, encoder
 
 
-def reinit_top_layers(model: BertClassifier, cfg: Config) -> None:
+def reinit_top_layers(model: Classifier, cfg: Config) -> None:
     """model.reinit_layers=k (Zhang et al. 2021): the top k encoder layers start afresh from BERT's
     init instead of the pretrained weights, which fit the pretraining objective and transfer the
     least; drawn from the seeded generator state like the heads."""
@@ -394,8 +400,9 @@ def reinit_top_layers(model: BertClassifier, cfg: Config) -> None:
     if k > cfg.model.num_layers:
         raise LmforgeError(f"model.reinit_layers={k} exceeds the {cfg.model.num_layers} layers of "
                            f"{cfg.model.init_from}; use at most {cfg.model.num_layers}")
-    for layer in model.bert.layers[-k:]:
-        layer.apply(lambda module: init_bert_weights(module, cfg.model.init_std))
+    init = model_class(cfg.model.arch).init_weights
+    for layer in model.encoder.layers[-k:]:
+        layer.apply(lambda module: init(module, cfg.model))
 
 
 def split_examples(cfg: Config, data: LabeledData) -> dict[str, list[int]]:

@@ -36,7 +36,7 @@ class CausalLMTask(CorpusTask):
     name = "clm"
     window_extra = 1  # inputs w[:-1], targets w[1:]
 
-    arch, loss_name = "gpt", "causal-LM"
+    kind, loss_name = "decoder", "causal-LM"  # GPT-2 or Llama
 
     def __init__(self, cfg: Config, data: PreparedData, model: nn.Module):
         super().__init__(cfg, data, model)

@@ -21,7 +21,7 @@ from lmforge.data.shards import PreparedData
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
 from lmforge.errors import LmforgeError
-from lmforge.models.registry import build_model
+from lmforge.models.registry import build_model, check_family
 from lmforge.tasks.base import Task
 
 
@@ -31,14 +31,14 @@ class CorpusTask(Task):
     targets) and implement build_model, batches, loss and evaluation."""
 
     window_extra: ClassVar[int] = 0
-    arch: ClassVar[str] = ""  # the model family it trains (model.arch), built by lmforge/models/registry.py
+    kind: ClassVar[str] = ""  # the kind of model family it trains: encoder | decoder (lmforge/models/family.py)
+    archs: ClassVar[tuple[str, ...]] = ()  # the families it is written for; () = every family of its kind
     loss_name: ClassVar[str] = ""  # how its loss is named in the headline: MLM, causal-LM
     data: PreparedData
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        if cfg.model.arch != cls.arch:
-            raise LmforgeError(f"task.name={cls.name} needs model.arch={cls.arch}, not {cfg.model.arch!r}")
+        check_family(cls.name, cfg.model.arch, cls.kind, cls.archs)
 
     @classmethod
     def build_model(cls, cfg: Config) -> torch.nn.Module:
@@ -60,7 +60,7 @@ class CorpusTask(Task):
         # Every rank, no collective: the first to take the cache's file lock tokenizes the corpus
         # (and shows the progress bar), the others wait on the lock, then read it (a collective
         # here would time out on a large corpus).
-        data = prepared_data(cfg, progress=cfg.train.progress)
+        data = prepared_data(cfg, progress=cfg.train.progress, trained_kind=cls.trained_tokenizer())
         fill_vocab_size(cfg, data.tokenizer)
         torch.manual_seed(cfg.train.seed)  # model initialisation
         return cls(cfg, data, cls.build_model(cfg))
@@ -69,8 +69,8 @@ class CorpusTask(Task):
     def reopen(cls, cfg: Config, run_dir: Path) -> "CorpusTask":
         return cls(cfg, cls.reopen_data(cfg, run_dir), cls.build_model(cfg))
 
-    @staticmethod
-    def reopen_data(cfg: Config, run_dir: Path) -> PreparedData:
+    @classmethod
+    def reopen_data(cls, cfg: Config, run_dir: Path) -> PreparedData:
         """The shards `run_dir` started on (data.json), else made again (deterministically), with
         the run's own tokenizer."""
         info = run_dir / "data.json"
@@ -78,10 +78,17 @@ class CorpusTask(Task):
         if recorded and (Path(recorded) / "manifest.json").is_file():
             data = PreparedData(recorded)  # the very shards the run started on
         else:
-            data = prepared_data(cfg, progress=cfg.train.progress)  # deterministic: re-made identically
+            data = prepared_data(cfg, progress=cfg.train.progress,  # deterministic: re-made identically
+                                 trained_kind=cls.trained_tokenizer())
         if data.tokenizer.sha256 != load_tokenizer(str(run_dir / "tokenizer.json")).sha256:
             raise LmforgeError(f"the prepared data {data.folder} uses another tokenizer than {run_dir}; cannot resume")
         return data
+
+    @classmethod
+    def trained_tokenizer(cls) -> str:
+        """The kind of vocabulary data.train_tokenizer_vocab trains: byte-level BPE for a decoder
+        (it can write any text back), WordPiece for an encoder (BERT's [CLS]/[SEP]/[MASK])."""
+        return "bpe" if cls.kind == "decoder" else "wordpiece"
 
     def write_run_files(self, run_dir: Path) -> None:
         self.data.tokenizer.save(run_dir / "tokenizer.json")

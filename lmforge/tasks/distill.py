@@ -44,7 +44,8 @@ from lmforge.data.sentiment import LABELS, load_labeled
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
-from lmforge.models.classifier import BertClassifier
+from lmforge.models.classifier import Classifier
+from lmforge.models.registry import check_family
 from lmforge.ops.linear_distill import linear_distill
 from lmforge.runs.readers import LoadedModel, is_hf_classifier_dir, is_hf_dir, load_hf_classifier
 from lmforge.tasks.base import Batch, EvalResult, LossOutput
@@ -105,12 +106,12 @@ def copy_teacher(student: nn.Module, teacher: nn.Module, fresh: tuple[str, ...] 
 
 
 def student_from_teacher(teacher: nn.Module, cfg: ModelConfig,
-                         rating_range: Optional[tuple[float, float]]) -> BertClassifier:
+                         rating_range: Optional[tuple[float, float]]) -> Classifier:
     """A classifier of shape `cfg` (the teacher's, with fewer layers; its own dropout) initialised
-    from `teacher` (see the module docstring), a BertClassifier or a transformers
+    from `teacher` (see the module docstring), a Classifier or a transformers
     BertForSequenceClassification (PooledBertClassifier: its classifier becomes the polarity head,
     its pooler is left out). A rating head the teacher lacks starts from its init."""
-    return copy_teacher(BertClassifier(cfg, teacher.polarity.out_features, rating_range), teacher, fresh=("rating.",))
+    return copy_teacher(Classifier(cfg, teacher.polarity.out_features, rating_range), teacher, fresh=("rating.",))
 
 
 def mlm_student_from_teacher(teacher: BertForMaskedLM, cfg: ModelConfig) -> BertForMaskedLM:
@@ -139,6 +140,7 @@ class DistillClassifyTask(ClassifyTask):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
+        check_family(cls.name, cfg.model.arch, "encoder", ("bert",))  # the student copies the teacher's BERT layers
         if cfg.distill.teacher is None:
             raise LmforgeError("task.name=distill needs distill.teacher=RUN_DIR, a fine-tuned classifier run to learn "
                                "from")
@@ -191,6 +193,7 @@ class DistillMLMTask(MaskedLMTask):
     """General distillation: MaskedLMTask's batches and evaluation, the distillation loss."""
 
     name = "distill-mlm"
+    archs = ("bert",)  # the teacher's layers are copied into the student: BERT to BERT
     wrong_verb_hint = "general distillation of a masked LM is `lmforge pretrain task.name=distill-mlm`"
 
     def __init__(self, *args, teacher: BertForMaskedLM, **kwargs):

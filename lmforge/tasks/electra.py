@@ -52,6 +52,7 @@ def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight:
 @register
 class ElectraTask(MaskedLMTask):
     name = "electra"
+    archs = ("bert",)  # the generator and discriminator are BERT encoders (lmforge/models/electra.py)
 
     @classmethod
     def build_model(cls, cfg: Config) -> nn.Module:

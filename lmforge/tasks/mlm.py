@@ -1,4 +1,4 @@
-"""Masked-language-model pretraining as a task: BERT + masked windows + loss on selected tokens.
+"""Masked-language-model pretraining as a task: an encoder + masked windows + loss on selected tokens.
 
 Examples are non-overlapping windows of `seq_len - 2` tokens cut from the prepared token stream
 (documents back to back, separated by [SEP]) and framed as [CLS] window [SEP], so no example
@@ -11,8 +11,9 @@ With mlm.nsp the examples are sentence pairs instead (lmforge/data/nsp.py): [CLS
 [SEP], B the true continuation of A half the time, masked the same way; next-sentence prediction
 is trained beside MLM and evaluated on a fixed set of validation pairs (nsp_accuracy).
 
-Evaluation uses a fixed set of validation windows with fixed masks, so numbers from different
-steps (and runs) are comparable. Next to the model's loss it reports the unigram baseline: the
+Evaluation uses a fixed set of validation windows with fixed masks (15%, 80/10/10, token by token:
+EVAL_MASKING, whatever mlm.* trains with), so numbers from different steps, runs and recipes
+are comparable. Next to the model's loss it reports the unigram baseline: the
 loss of always predicting the train-split token frequencies, on the same masked positions.
 """
 
@@ -27,10 +28,18 @@ from lmforge.config import Config
 from lmforge.data.mlm import cross_entropy_selected, random_mask
 from lmforge.data.nsp import Documents, PairBatches
 from lmforge.data.shards import PreparedData
+from lmforge.errors import LmforgeError
 from lmforge.rng import generator_for
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
 from lmforge.tasks.corpus import CorpusTask
 from lmforge.tasks.registry import register
+
+
+# Validation masks: BERT's 15% of tokens, 80% of them [MASK], 10% random, 10% kept, token by
+# token (no whole words), whatever mlm.* trains with. A run that trains masking 40% (Wettig et al.
+# 2023) or whole words is then scored on the very positions a 15% run is, at the same unigram
+# baseline: equal-time comparisons of recipes compare models, not tests.
+EVAL_MASKING = dict(mask_prob=0.15, mask_token_frac=0.8, random_token_frac=0.1)
 
 
 def unigram_log_probs(counts: np.ndarray) -> torch.Tensor:
@@ -71,7 +80,14 @@ class MaskedLMTask(CorpusTask):
     name = "mlm"
     window_extra = -2  # [CLS] window [SEP]
 
-    arch, loss_name = "bert", "MLM"  # electra and distill-mlm too: each trains a BERT encoder
+    kind, loss_name = "encoder", "MLM"  # BERT, ModernBERT, DeBERTa
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        if cfg.mlm.nsp and cfg.model.arch != "bert":
+            raise LmforgeError(f"mlm.nsp (next-sentence prediction) is BERT's; model.arch={cfg.model.arch} has no "
+                               f"NSP head (ModernBERT and DeBERTa drop it: it does not help)")
 
     def __init__(self, cfg: Config, data: PreparedData, model: nn.Module):
         super().__init__(cfg, data, model)
@@ -119,14 +135,16 @@ class MaskedLMTask(CorpusTask):
         return [generator_for(self.cfg.train.seed, *key, g) for g in rows]
 
     def _mask(self, input_ids: torch.Tensor, generators: list[torch.Generator],
-              pairs: dict[str, torch.Tensor] | None = None) -> Batch:
-        """Mask `input_ids`, row r with generators[r]; with NSP `pairs` (PairBatches.rows) their
+              pairs: dict[str, torch.Tensor] | None = None, validation: bool = False) -> Batch:
+        """Mask `input_ids`, row r with generators[r], by the mlm section's recipe, or with
+        `validation` by the fixed one (EVAL_MASKING); with NSP `pairs` (PairBatches.rows) their
         segment ids, labels and, when a row is padded, the attention mask come along."""
         k = self.cfg.mlm
+        recipe = EVAL_MASKING if validation else dict(mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
+                                                       random_token_frac=k.random_token_frac)
         masked, selected = random_mask(input_ids, mask_id=self.tokenizer.mask_id, special_mask=self.special_mask,
-                                       mask_prob=k.mask_prob, mask_token_frac=k.mask_token_frac,
-                                       random_token_frac=k.random_token_frac, generator=generators,
-                                       word_continuation=self.word_continuation)
+                                       generator=generators, **recipe,
+                                       word_continuation=None if validation else self.word_continuation)
         tensors = {"input_ids": input_ids, "masked_ids": masked, "selected": selected}
         num_tokens = input_ids.numel()
         if pairs is not None:
@@ -156,19 +174,21 @@ class MaskedLMTask(CorpusTask):
     # -- evaluation ------------------------------------------------------------------------------
     def eval_batches(self) -> list[Batch]:
         """The fixed validation set (`eval_sizes`): windows spread evenly over the split, or with
-        NSP pairs drawn once, each row masked by its own fixed seed."""
+        NSP pairs drawn once, each row masked by its own fixed seed with EVAL_MASKING, whatever
+        the training recipe masks."""
         if self._eval_batches is None:
             n, b = self.eval_sizes()
             if self.pairs:  # NSP: a fixed set of validation pairs
                 chunks = [range(i, min(i + b, n)) for i in range(0, n, b)]
                 made = [(self.pairs["validation"].rows([("validation", i) for i in rows]), rows) for rows in chunks]
                 self._eval_batches = [self._mask(pairs["input_ids"], self.row_generators("eval-masks", rows=rows),
-                                                 pairs=pairs) for pairs, rows in made]
+                                                 pairs=pairs, validation=True) for pairs, rows in made]
             else:
                 picks = self.val_windows.spread(n)
                 self._eval_batches = [
                     self._mask(self._frame(self.val_windows.get(picks[i:i + b])),
-                               self.row_generators("eval-masks", rows=range(i, min(i + b, len(picks)))))
+                               self.row_generators("eval-masks", rows=range(i, min(i + b, len(picks)))),
+                               validation=True)
                     for i in range(0, len(picks), b)]
         return self._eval_batches
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/golden/regenerate.py            # rewrites tests/golden/losses.json
     .venv/bin/python tests/golden/regenerate.py --out F    # writes F instead (to compare two runs)
+    .venv/bin/python tests/golden/regenerate.py --only llama-clm   # those objectives only, the rest kept
 
 Later changes that alter these numbers must say why and regenerate in the same commit.
 A refactor that is meant to be behaviour-preserving must leave them bit for bit as they are;
@@ -71,6 +72,19 @@ OBJECTIVES: dict[str, dict] = {
                 "overrides": FINETUNE + ["task.name=distill", "distill.teacher={teacher}", "optim.lr=3e-3"]},
     "distill-mlm": {"verb": "pretrain", "teacher": "mlm",
                     "overrides": PRETRAIN + BERT + ["task.name=distill-mlm", "distill.teacher={teacher}"]},
+    # the modern families and recipe levers (issue 19): each one's own code paths at tiny size
+    "modernbert-mlm": {"verb": "pretrain", "overrides": PRETRAIN + BERT + [
+        "task.name=mlm", "model.arch=modernbert", "model.local_window=8", "model.global_every=2",
+        "model.layer_norm_eps=1e-5", "mlm.mask_prob=0.4"]},
+    "deberta-mlm": {"verb": "pretrain", "overrides": PRETRAIN + BERT + [
+        "task.name=mlm", "model.arch=deberta", "model.position_buckets=8", "model.max_relative_positions=16",
+        "model.layer_norm_eps=1e-7"]},
+    "llama-clm": {"verb": "pretrain", "overrides": PRETRAIN + [
+        "data.tokenizer=gpt2", "model.arch=llama", "task.name=clm", "model.num_kv_heads=1", "model.qk_norm=true",
+        "model.tie_embeddings=false", "model.layer_norm_eps=1e-6"]},
+    "llama-relu2-muon": {"verb": "pretrain", "overrides": PRETRAIN + [
+        "data.tokenizer=gpt2", "model.arch=llama", "task.name=clm", "model.mlp=relu2", "model.layer_norm_eps=1e-6",
+        "optim.name=muon", "optim.muon_lr=0.02", "optim.muon_adjust_lr=original"]},
 }
 
 # Some words are several bert-base-uncased WordPieces (humming ##bird, wheel ##bar ##row, ...), so
@@ -175,14 +189,20 @@ def read_results(run_dir: Path) -> dict:
             "validation": metrics}
 
 
-def regenerate(out_file: Path, workdir: Optional[Path] = None) -> dict:
-    """Run every objective and write the golden file; returns its content."""
+def regenerate(out_file: Path, workdir: Optional[Path] = None, only: Optional[list[str]] = None) -> dict:
+    """Run every objective (or those in `only`, keeping the others as `out_file` has them) and
+    write the golden file; returns its content."""
     import lmforge  # only to record which code made the numbers (the runs are subprocesses)
 
+    previous = json.loads(out_file.read_text()) if only and out_file.is_file() else {}
+    kept = previous.get("objectives", {})
     with tempfile.TemporaryDirectory(prefix="lmforge-golden-") as tmp:
         runs = GoldenRuns(Path(workdir or tmp), log=lambda m: print(m, file=sys.stderr, flush=True))
         objectives = {}
         for name, spec in OBJECTIVES.items():
+            if only and name not in only and name in kept:
+                objectives[name] = kept[name]
+                continue
             objectives[name] = {"command": f"lmforge {spec['verb']}", "teacher": spec.get("teacher"),
                                 "overrides": spec["overrides"], **runs.results(name)}
     golden = {
@@ -196,6 +216,10 @@ def regenerate(out_file: Path, workdir: Optional[Path] = None) -> dict:
         "tolerance": {"rel": 1e-6},
         "objectives": objectives,
     }
+    if previous:  # a partial regeneration: the rest was made by the earlier code; say what was redone
+        golden["generated_with"] = previous["generated_with"]
+        golden["changes"] = previous.get("changes", []) + [
+            f"regenerated {', '.join(only)} on {_commit(lmforge)} (tests/golden/regenerate.py --only)"]
     out_file.write_text(json.dumps(golden, indent=1) + "\n")
     return golden
 
@@ -217,8 +241,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=GOLDEN_FILE, help="file to write (default: %(default)s)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs in this folder (default: a temp one)")
+    p.add_argument("--only", nargs="+", choices=list(OBJECTIVES), metavar="NAME",
+                   help="regenerate these objectives only, keeping the others as the file has them")
     args = p.parse_args(argv)
-    regenerate(args.out, args.workdir)
+    regenerate(args.out, args.workdir, args.only)
     print(f"wrote {args.out}")
     return 0
 
