@@ -117,6 +117,11 @@ class DataConfig:
     tokenizer: str = "bert-base-uncased"
     train_tokenizer_vocab: Optional[int] = None  # train a new WordPiece of this size instead
     seq_len: int = 128
+    # How documents share a window of the token stream (mlm, clm): stream = attention crosses the
+    # document boundaries inside a window (BERT's and GPT-2's training); documents = a token sees
+    # only its own document's tokens in the window (packing with boundaries; an explicit attention
+    # mask, so no fused causal / flash kernel). Validation uses the same windows and masks either way.
+    packing: str = "stream"
     # Sequence-length schedule (BERT): the last (1 - short_seq_frac) of the steps use this longer
     # length, with rows per micro-batch cut by the same factor so tokens per step stay the same
     # (lmforge/train/schedule.py). null = data.seq_len throughout. Evaluation stays at data.seq_len.
@@ -133,6 +138,7 @@ class DataConfig:
     train_examples: Optional[int] = None
 
     def check(self, cfg: Config) -> None:
+        _require(self.packing in ("stream", "documents"), f"data.packing={self.packing!r}: use stream or documents")
         m, t = cfg.model, cfg.train
         # distillation: the model's shape is the teacher's, checked against it when it is read
         from_teacher = cfg.task.name in DISTILLATION_TASKS

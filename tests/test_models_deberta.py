@@ -50,6 +50,15 @@ def padded_batch(lengths=(40, 23, 9), seed=0):
     return ids, mask, types
 
 
+def packed_mask(*rows) -> torch.Tensor:
+    """(len(rows), seq, seq) bool, block-diagonal: each row's documents (their lengths, summing to
+    seq) see only themselves, as a packed window's pairwise attention mask."""
+    seq = sum(rows[0])
+    doc = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
+    assert doc.size(1) == seq
+    return doc[:, :, None] == doc[:, None, :]
+
+
 def hf_v3_config(**overrides) -> transformers.DebertaV2Config:
     """A tiny transformers DeBERTa-v3."""
     kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -77,15 +86,21 @@ def test_log_buckets_equal_transformers(buckets, max_distance):
     assert ours[3000 + 5] == 5 and ours[3000 - 5] == -5  # short distances keep their own bucket
 
 
+@pytest.mark.parametrize("pairwise", [False, True])  # a padding mask; a packed window's (batch, seq, seq) mask
 @pytest.mark.parametrize("buckets,max_rel", [(16, -1), (0, 10)])  # log buckets; plain distances, clamped beyond 10
-def test_fast_disentangled_attention_equals_the_slow_reference(buckets, max_rel):
+def test_fast_disentangled_attention_equals_the_slow_reference(buckets, max_rel, pairwise):
     cfg = tiny(position_buckets=buckets, max_relative_positions=max_rel)
     enc = perturb(DebertaModel(cfg))
     attn = enc.layers[0].attention
     b, t, d = 2, 24, cfg.hidden_size // cfg.num_heads
     x = torch.randn(b, t, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, 17:] = 0
+    if pairwise:
+        mask = packed_mask([10, 14], [5, 12, 7])
+        allowed = mask  # (b, query, key)
+    else:
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[1, 17:] = 0
+        allowed = mask.bool()[:, None, :].expand(b, t, t)
     shared = enc.shared(t, mask, x.device)
     span = enc.relative.span
     assert shared.relative.shape == (2 * span, cfg.hidden_size)
@@ -105,10 +120,13 @@ def test_fast_disentangled_attention_equals_the_slow_reference(buckets, max_rel)
                                              enc.relative.max_distance)
             fast = (q @ k.transpose(-1, -2) + disentangled_bias(q, k, pos_q, pos_k, index)) * attn.scale
             assert (fast - slow).abs().max().item() <= 1e-5
-            # and the module itself: SDPA with that bias, padded keys masked, the output projection
-            probs = slow.masked_fill(~mask.bool()[:, None, None, :], float("-inf")).softmax(-1)
+            # and the module itself: SDPA with that bias, the keys each query may not see masked
+            # (a pairwise mask at the rows of the queries), the output projection
+            rows = allowed[torch.arange(b)[:, None], query_positions]  # (b, tq, t)
+            probs = slow.masked_fill(~rows[:, None], float("-inf")).softmax(-1)
             expected = attn.out((probs @ v).transpose(1, 2).reshape(queries.shape))
-            got = attn(x, shared, queries, None if query_positions.size(1) == t else index)
+            full = query_positions.size(1) == t
+            got = attn(x, shared if full else shared.rows(query_positions), queries, None if full else index)
             assert (got - expected).abs().max().item() <= 1e-5
 
 
@@ -248,6 +266,78 @@ def test_positions_path_equals_the_full_hidden_states():
         at = enc(ids, attention_mask=mask, positions=positions)
     assert at.shape == (3, 3, 64)
     assert (at - full.gather(1, positions[:, :, None].expand(-1, -1, 64))).abs().max().item() <= 1e-5
+
+
+# -- packed windows: a pairwise (batch, seq, seq) attention mask ---------------------------------
+
+@pytest.mark.parametrize("emd", [False, True])
+def test_packed_documents_see_only_themselves(emd):
+    # row 0: document A (17 tokens) then B (23); row 1 one document. Relative positions only: each
+    # document gets exactly its hidden states alone; the EMD's absolute positions only A's.
+    torch.manual_seed(0)
+    model = perturb(DebertaForMaskedLM(tiny(type_vocab_size=2, enhanced_mask_decoder=emd)))
+    ids = torch.randint(5, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = packed_mask([17, 23], [40])
+    docs = [(0, 17)] if emd else [(0, 17), (17, 40)]
+    with torch.no_grad():
+        hidden = model.deberta(ids, attention_mask=mask)
+        logits = model(ids, attention_mask=mask).logits
+        for start, end in docs:
+            alone = ids[:1, start:end]
+            assert (hidden[0, start:end] - model.deberta(alone)[0]).abs().max().item() <= 1e-5
+            assert (logits[0, start:end] - model(alone).logits[0]).abs().max().item() <= 1e-4
+        assert (hidden[1] - model.deberta(ids[1:])[0]).abs().max().item() <= 1e-5  # one document: as unmasked
+        # the test can tell: without the mask A sees B
+        assert (model.deberta(ids)[0, :17] - hidden[0, :17]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("emd", [False, True])
+def test_packed_positions_and_selected_paths_equal_the_full_path(emd):
+    torch.manual_seed(0)
+    model = perturb(DebertaForMaskedLM(tiny(type_vocab_size=2, enhanced_mask_decoder=emd)))
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(5, VOCAB, (3, 40), generator=g)
+    types = (torch.arange(40) >= 20).long().expand_as(ids)
+    mask = packed_mask([17, 23], [5, 30, 5], [40])
+    positions = torch.tensor([[0, 16, 17, 39], [4, 5, 34, 35], [0, 9, 20, 39]])  # both sides of each boundary
+    selected = torch.rand(ids.shape, generator=g) < 0.2
+    selected[0, [16, 17]] = True
+    selected[2] = False  # a row with nothing selected
+    targets = torch.randint(0, VOCAB, (int(selected.sum()),), generator=g)
+    with torch.no_grad():
+        full = model.deberta(ids, types, mask)
+        at = model.deberta(ids, types, mask, positions=positions)
+        assert (at - full.gather(1, positions[:, :, None].expand(-1, -1, 64))).abs().max().item() <= 1e-5
+        logits = model(ids, types, mask).logits
+        assert (model(ids, types, mask, selected=selected).logits - logits[selected]).abs().max().item() <= 1e-5
+        out = model(ids, types, mask, selected=selected, targets=targets)
+        expected = F.cross_entropy(logits[selected], targets, reduction="sum")
+        assert abs(out.loss_sum.item() - expected.item()) <= 1e-4 * expected.item()
+        hl = model(ids, types, mask, selected=selected, head_loss=lambda x, w, b: F.linear(x, w, b))
+        assert (hl.head - logits[selected]).abs().max().item() <= 1e-5
+        assert (hl.hidden - full).abs().max().item() <= 1e-6
+        # the test can tell: the padding mask's rows are not the pairwise mask's
+        assert (model(ids, types, selected=selected).logits - logits[selected]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("emd", [False, True])
+def test_an_all_true_pairwise_mask_equals_no_mask(emd):
+    torch.manual_seed(0)
+    model = perturb(DebertaForMaskedLM(tiny(enhanced_mask_decoder=emd)))
+    ids, _, _ = padded_batch((40, 40))
+    everything = torch.ones(2, 40, 40, dtype=torch.bool)
+    positions = torch.tensor([[0, 7, 39], [1, 8, 22]])
+    selected = torch.zeros(ids.shape, dtype=torch.bool)
+    selected[0, [3, 30]] = selected[1, 11] = True
+    with torch.no_grad():
+        assert (model.deberta(ids, attention_mask=everything) - model.deberta(ids)).abs().max().item() <= 1e-6
+        assert (model.deberta(ids, attention_mask=everything, positions=positions)
+                - model.deberta(ids, positions=positions)).abs().max().item() <= 1e-6
+        assert (model(ids, attention_mask=everything).logits - model(ids).logits).abs().max().item() <= 1e-5
+        assert (model(ids, attention_mask=everything, selected=selected).logits
+                - model(ids, selected=selected).logits).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="pairwise"):
+        model.deberta(ids, attention_mask=everything[:, :, :39])
 
 
 # -- enhanced mask decoder, training -----------------------------------------------------------

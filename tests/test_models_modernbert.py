@@ -8,6 +8,7 @@ and the LayerNorm weights and the decoder bias are perturbed, so that a swapped 
 RoPE base or a window one token too wide or narrow moves the logits by far more than 1e-4.
 """
 
+import copy
 import dataclasses
 
 import pytest
@@ -146,7 +147,8 @@ def test_config_maps_read_old_and_new_spellings_and_refuse_what_is_not_implement
 
 def _reference_logits(model: ModernBertForMaskedLM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The padded computation written out plainly from the model's weights, with an independent
-    RoPE (complex numbers) and attention whose masks `naive_attention` builds itself."""
+    RoPE (complex numbers) and attention whose masks `naive_attention` builds itself. mask:
+    (batch, seq) padding or (batch, seq, seq) pairwise."""
     cfg, enc, head = model.cfg, model.model, model.mlm_head
     b, t = ids.shape
     h, heads = cfg.hidden_size, cfg.num_heads
@@ -167,7 +169,8 @@ def _reference_logits(model: ModernBertForMaskedLM, ids: torch.Tensor, mask: tor
         x = x + (F.gelu(value) * gate) @ layer.mlp.down.weight.T
         # a padded query with no real token in its window is NaN here; as a key it is masked out,
         # but its NaN value would still reach the next layer's sums (0 * NaN): zero it
-        x = x.masked_fill(~mask.bool()[..., None], 0.0)
+        if mask.dim() == 2:  # a pairwise (batch, seq, seq) mask pads nothing
+            x = x.masked_fill(~mask.bool()[..., None], 0.0)
     x = norm(x, enc.final_norm.weight)
     return norm(F.gelu(x @ head.dense.weight.T), head.norm.weight) @ enc.embeddings.token.weight.T + head.bias
 
@@ -279,3 +282,109 @@ def test_initialisation_matches_transformers_and_a_few_steps_learn():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# Packed windows: a pairwise (batch, seq, seq) attention_mask, documents side by side in one row.
+# Each row of DOCS lists its documents' lengths; documents of 10 to 14 tokens are wider than the
+# local window (4 each side), so the window cuts inside them too; row 3 holds a one-token document.
+DOCS = [(10, 14), (3, 12, 9), (24,), (1, 1, 6, 16)]
+
+
+def _packed():
+    """(ids, doc, pairs): doc (batch, seq) int64, the document of each position; pairs (batch, seq,
+    seq) bool, True where both positions are in the same document (block-diagonal)."""
+    ids, _ = _batch(seed=2)
+    doc = torch.stack([torch.repeat_interleave(torch.arange(len(d)), torch.tensor(d)) for d in DOCS])
+    return ids, doc, doc[:, :, None] == doc[:, None, :]
+
+
+def test_a_pairwise_mask_keeps_packed_documents_apart():
+    model = _model()
+    ids, doc, pairs = _packed()
+    with torch.no_grad():
+        packed = model(ids, attention_mask=pairs).logits
+        assert (packed - _reference_logits(model, ids, pairs)).abs().max().item() <= 1e-4
+        # each document equals its row with every other document as padding (the unpadded path,
+        # itself tested against transformers): same RoPE positions, same window, only its own keys
+        for row, lengths in enumerate(DOCS):
+            for d in range(len(lengths)):
+                mine = doc[row] == d
+                alone = model(ids[row:row + 1], attention_mask=mine[None].long()).logits[0]
+                assert (packed[row, mine] - alone[mine]).abs().max().item() <= 1e-4, (row, d)
+        # a document at the start of its row is the row cut to its length
+        for row in (0, 1):
+            n = DOCS[row][0]
+            assert (packed[row, :n] - model(ids[row:row + 1, :n]).logits[0]).abs().max().item() <= 1e-4
+        # the mask matters: without it the documents see each other (the single-document row not)
+        leak = (packed - model(ids).logits).abs().amax(-1)
+        assert leak[[0, 1, 3]].amax(-1).min().item() > 1e-2 and leak[2].max().item() <= 1e-4
+        # the encoder's states too, and a mask of 0/1 integers reads as bool
+        hidden = model.model(ids, attention_mask=pairs)
+        assert torch.equal(model.model(ids, attention_mask=pairs.long()), hidden)
+    with pytest.raises(ValueError, match="pairwise"):
+        model(ids, attention_mask=pairs[:, :, :-1])
+    with pytest.raises(ValueError, match=r"\(batch, seq\)"):
+        model(ids, attention_mask=torch.ones(1, SEQ))
+
+
+def test_a_pairwise_mask_in_a_local_layer_is_the_window_and_the_documents():
+    cfg = dataclasses.replace(CFG, num_layers=2, global_every=2)
+    torch.manual_seed(0)
+    encoder = _perturb(ModernBertModel(cfg)).eval()
+    ids, doc, pairs = _packed()
+    for layers in (encoder.layers[:1], encoder.layers[1:]):  # the global layer alone, the local one alone
+        single = copy.deepcopy(encoder)
+        single.layers = layers
+        changed_ids = ids.clone()
+        changed_ids[:, 10] = 7
+        with torch.no_grad():
+            moved = (single(ids, attention_mask=pairs) - single(changed_ids, attention_mask=pairs)).abs().amax(-1) > 1e-6
+        near = (torch.arange(SEQ) - 10).abs() <= (SEQ if layers[0].is_global else 4)
+        assert torch.equal(moved, near & (doc == doc[:, 10:11])), layers[0].is_global
+
+
+def test_a_pairwise_mask_with_selected_positions_equals_the_full_path():
+    torch.manual_seed(3)
+    model = _model()
+    ids, doc, pairs = _packed()
+    selected = torch.rand(ids.shape) < 0.3
+    selected[3, :2] = True  # the one-token documents
+    selected[2] = False  # a row with nothing selected: filler positions only
+    targets = torch.randint(0, CFG.vocab_size, (int(selected.sum()),))
+    with torch.no_grad():
+        full = model(ids, attention_mask=pairs).logits
+        at = model(ids, attention_mask=pairs, selected=selected).logits
+        assert (at - full[selected]).abs().max().item() <= 1e-4
+        out = model(ids, attention_mask=pairs, selected=selected, targets=targets)
+        expected = F.cross_entropy(full[selected], targets, reduction="sum")
+        assert abs(out.loss_sum.item() - expected.item()) <= 1e-3 * expected.item()
+        # the encoder's `positions`, including repeated ones, across document boundaries
+        hidden = model.model(ids, attention_mask=pairs)
+        positions = torch.tensor([[0, 23, 9, 10], [2, 3, 14, 15], [5, 5, 0, 23], [0, 1, 2, 8]])
+        some = model.model(ids, attention_mask=pairs, positions=positions)
+        wanted = hidden.gather(1, positions[:, :, None].expand(-1, -1, CFG.hidden_size))
+        assert (some - wanted).abs().max().item() <= 1e-5
+        # with the rows of the wrong queries (the mask not gathered at `positions`) it would differ
+        assert (some - model.model(ids, attention_mask=None, positions=positions)).abs().max().item() > 1e-2
+        out = model(ids, attention_mask=pairs, selected=selected, head_loss=lambda x, w, b: F.linear(x, w, b))
+        assert (out.head - full[selected]).abs().max().item() <= 1e-4 and torch.equal(out.hidden, hidden)
+
+
+def test_an_all_true_pairwise_mask_equals_no_mask_and_trains():
+    model = _model()
+    ids, _, pairs = _packed()
+    everything = torch.ones(ids.size(0), SEQ, SEQ, dtype=torch.bool)
+    with torch.no_grad():
+        assert (model(ids, attention_mask=everything).logits - model(ids).logits).abs().max().item() <= 1e-5
+        positions = torch.tensor([[0, 23, 11]] * ids.size(0))
+        assert (model.model(ids, attention_mask=everything, positions=positions)
+                - model.model(ids, positions=positions)).abs().max().item() <= 1e-5
+    # with attention dropout on (lmforge's CPU attention path) the gradients are finite and flow
+    cfg = dataclasses.replace(CFG, dropout=0.1)
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(cfg).train()
+    selected = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    loss = model(ids.masked_fill(selected, 3), attention_mask=pairs, selected=selected,
+                 targets=ids[selected]).loss_sum
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -12,6 +12,18 @@ import torch
 from lmforge.rng import generator_for
 
 
+def document_mask(ids: torch.Tensor, separator_id: int) -> torch.Tensor | None:
+    """Packing with document boundaries (data.packing=documents): for rows of the token stream
+    (batch, seq) int64, in which `separator_id` ends each document, (batch, seq, seq) bool, True
+    where position i may attend position j: both in the same document (a separator belongs to
+    the document it ends). None when no row holds more than one document: nothing to mask."""
+    ends = ids == separator_id
+    documents = torch.cumsum(ends, dim=1) - ends.long()  # the document of each position
+    if not bool((documents[:, -1] > documents[:, 0]).any()):
+        return None
+    return documents[:, :, None] == documents[:, None, :]
+
+
 class Windows:
     """Non-overlapping windows of `length` tokens over a split's memmapped shards (a window never
     spans two shards; the tail of each shard shorter than `length` is not used)."""

@@ -133,8 +133,10 @@ class BertModel(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
-        real tokens, 0/False for padding, or None when nothing is padded (the fast path).
-        Returns hidden states (batch, seq, hidden).
+        real tokens, 0/False for padding, or None when nothing is padded (the fast path); or
+        (batch, seq, seq) bool, True where query i may attend key j: packed windows whose
+        documents must not see each other (data.packing=documents). Returns hidden states
+        (batch, seq, hidden).
 
         With `positions` ((batch, k) int64): (batch, k, hidden), the outputs at those positions of
         each row only, e.g. the masked positions an MLM loss reads or the [CLS] position a
@@ -142,15 +144,19 @@ class BertModel(nn.Module):
         feed-forward and norms on those positions alone (its keys and values still see every
         position): equal to the full output there, for a fraction of the last layer's work."""
         attn_mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 3:  # pairwise: (batch, 1, seq, seq)
+            attn_mask = attention_mask.bool()[:, None]
+        elif attention_mask is not None:
             # (batch, 1, 1, seq) bool: every query may look at every real key, never at padding.
             attn_mask = attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)
         for i, layer in enumerate(self.layers):
-            queries = None
+            queries, mask = None, attn_mask
             if positions is not None and i == len(self.layers) - 1:
                 queries = x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
-            x = layer(x, attn_mask, queries)
+                if mask is not None and mask.size(2) > 1:  # pairwise: the rows of those queries
+                    mask = mask.gather(2, positions[:, None, :, None].expand(-1, -1, -1, mask.size(3)))
+            x = layer(x, mask, queries)
         return x
 
 
@@ -249,7 +255,8 @@ class BertForMaskedLM(nn.Module):
                 head_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]] = None
                 ) -> MaskedLMOutput:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
-        real tokens, or None when nothing is padded. Returns a MaskedLMOutput:
+        real tokens, or None when nothing is padded, or pairwise (batch, seq, seq) as
+        BertModel.forward takes it. Returns a MaskedLMOutput:
 
         - nothing else: `logits` (batch, seq, vocab).
         - `selected` ((batch, seq) bool): `logits` at those positions only, (n_selected, vocab),

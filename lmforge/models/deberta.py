@@ -28,6 +28,12 @@ real positions of a padded batch it computes the same numbers; at padded positio
 (transformers also masks padded *queries*, giving them uniform attention; here, as in lmforge's
 BERT, only padded keys are masked, and padded outputs are never read).
 
+Packed windows (as lmforge's BERT): `attention_mask` may also be pairwise, (batch, seq, seq) bool,
+True where query i may attend key j, so that the documents packed into one window do not see each
+other. Every layer masks with it. As the model has no absolute positions, only distances, a
+document anywhere in a window gets exactly the hidden states it would get alone (the enhanced mask
+decoder's absolute positions are the window's, so there only a document at the window's start does).
+
 Token types: `cfg.type_vocab_size` is transformers' `type_vocab_size` one to one: 0 means no
 token-type embedding at all (DeBERTa-v3's released models), n >= 1 an n-row table (lmforge's
 default 2, as BERT, so segment ids from the data pipeline are used).
@@ -164,14 +170,24 @@ class Embeddings(nn.Module):
 class Shared:
     """What every layer of one forward shares (made by `DebertaModel.shared`).
 
-    key_mask: (b, 1, 1, t) bool, True for real keys; None when nothing is padded.
+    mask: None when nothing is masked; (b, 1, 1, t) bool, True for real keys (a padding mask); or
+        (b, 1, tq, t) bool, True where query i may attend key j (a pairwise mask: packed documents),
+        tq = t, or k where the last layer's queries are `positions` only (`Shared.rows`).
     relative: (2 span, hidden), the relative-position embeddings after their LayerNorm.
     index: (t, t) int64, the row of `relative` for query position i and key position j.
     """
 
-    key_mask: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
     relative: torch.Tensor
     index: torch.Tensor
+
+    def rows(self, positions: torch.Tensor) -> "Shared":
+        """For queries at `positions` ((b, k) int64) only: a pairwise mask's rows of those queries,
+        (b, 1, k, t); a padding mask (or none) serves every query as it is."""
+        if self.mask is None or self.mask.size(2) == 1:
+            return self
+        rows = self.mask.gather(2, positions[:, None, :, None].expand(-1, -1, -1, self.mask.size(3)))
+        return dataclasses.replace(self, mask=rows)
 
 
 class RelativePositions(nn.Module):
@@ -230,8 +246,8 @@ class DisentangledSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, shared: Shared, queries: Optional[torch.Tensor] = None,
                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (b, t, h), the positions attended to; queries: (b, tq, h), the positions that attend
-        (default: x itself), with `index` ((b, tq, t), default shared.index) their table rows.
-        Returns (b, tq, h)."""
+        (default: x itself), with `index` ((b, tq, t), default shared.index) their table rows;
+        a pairwise shared.mask has tq rows (`Shared.rows`). Returns (b, tq, h)."""
         queries = x if queries is None else queries
         index = shared.index if index is None else index
 
@@ -242,9 +258,9 @@ class DisentangledSelfAttention(nn.Module):
         # share_att_key: the position vectors go through this layer's own query and key projections
         relative = self.position_dropout(shared.relative)
         bias = disentangled_bias(q, k, heads(self.query, relative), heads(self.key, relative), index) * self.scale
-        if shared.key_mask is not None:
+        if shared.mask is not None:
             # the dtype's minimum rather than -inf (as transformers): a row with no real key stays finite
-            bias = bias.masked_fill(~shared.key_mask, torch.finfo(bias.dtype).min)
+            bias = bias.masked_fill(~shared.mask, torch.finfo(bias.dtype).min)
         y = _attend(q, k, v, bias, self.scale, self.attn_dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(queries.shape))
 
@@ -285,21 +301,32 @@ class DebertaModel(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
-        real tokens, 0/False for padding, or None when nothing is padded (the fast path).
+        real tokens, 0/False for padding, or None when nothing is padded (the fast path); or
+        (batch, seq, seq) bool, True where query i may attend key j: packed windows whose
+        documents must not see each other (data.packing=documents; every layer uses it).
         Returns hidden states (batch, seq, hidden).
 
         With `positions` ((batch, k) int64): (batch, k, hidden), the outputs at those positions of
         each row only (e.g. the masked positions an MLM loss reads, or [CLS] for a classifier).
         The last layer then runs its queries, attention output, feed-forward and norms on those
-        positions alone, with their own relative positions to every key: equal to the full output
-        there, for a fraction of the last layer's work."""
+        positions alone, with their own relative positions to every key (and, with a pairwise
+        mask, its rows at those positions): equal to the full output there, for a fraction of
+        the last layer's work."""
         x, shared = self.lower_layers(input_ids, token_type_ids, attention_mask)
         return self.last_layer(x, shared, positions=positions)
 
     def shared(self, seq: int, attention_mask: Optional[torch.Tensor], device: torch.device) -> Shared:
-        """The masks, relative embeddings and table rows every layer of this batch uses."""
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        return Shared(key_mask, self.relative(), self.relative.index(seq, device))
+        """The mask, relative embeddings and table rows every layer of this batch uses.
+        attention_mask: None, (batch, seq) key padding or (batch, seq, seq) pairwise (`forward`)."""
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 3:  # pairwise: (batch, 1, seq, seq)
+            if attention_mask.shape[1:] != (seq, seq):
+                raise ValueError(f"a pairwise attention_mask is (batch, seq, seq) = (batch, {seq}, {seq}), "
+                                 f"not {tuple(attention_mask.shape)}")
+            mask = attention_mask.bool()[:, None]
+        elif attention_mask is not None:  # padding: (batch, 1, 1, seq), every query sees every real key
+            mask = attention_mask.bool()[:, None, None, :]
+        return Shared(mask, self.relative(), self.relative.index(seq, device))
 
     def lower_layers(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                      attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Shared]:
@@ -315,10 +342,12 @@ class DebertaModel(nn.Module):
                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The last layer over x ((batch, seq, hidden), its input), computed for the queries at
         `positions` ((batch, k) int64; default every position) only; `queries` ((batch, k or seq,
-        hidden)) default to x there. Returns (batch, k or seq, hidden)."""
+        hidden)) default to x there; a pairwise mask is read at the rows of those queries.
+        Returns (batch, k or seq, hidden)."""
         index = None
         if positions is not None:
             index = shared.index[positions]  # (batch, k, seq): each query's own relative positions
+            shared = shared.rows(positions)  # a pairwise mask: (batch, 1, k, seq), those queries' rows
             if queries is None:
                 queries = x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
         return self.layers[-1](x, shared, queries, index)
@@ -373,8 +402,10 @@ class DebertaForMaskedLM(nn.Module):
                 head_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]] = None
                 ) -> MaskedLMOutput:
         """input_ids, token_type_ids: (batch, seq) int64; attention_mask: (batch, seq), 1/True for
-        real tokens, or None when nothing is padded. Returns a MaskedLMOutput
-        (next_sentence_logits always None):
+        real tokens, or None when nothing is padded; or (batch, seq, seq) bool, True where query i
+        may attend key j: packed windows whose documents must not see each other (as
+        `DebertaModel.forward`; the last layer and the enhanced mask decoder read its rows at the
+        queries they compute). Returns a MaskedLMOutput (next_sentence_logits always None):
 
         - nothing else: `logits` (batch, seq, vocab).
         - `selected` ((batch, seq) bool): `logits` at those positions only, (n_selected, vocab),

@@ -50,6 +50,11 @@ def naive_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
+def causal_mask(t: int, device: torch.device) -> torch.Tensor:
+    """(t, t) bool, True where query i may see key j <= i."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,14 +64,17 @@ class CausalSelfAttention(nn.Module):
         self.out.residual_projection = True
         self.attn_dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                documents: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """documents: (b, 1, t, t) bool, True where query i may see key j (packed documents), or None."""
         b, t, h = x.shape
         q, k, v = (z.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for z in self.qkv(x).split(h, dim=2))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         dropout = self.attn_dropout if self.training else 0.0
-        if past is None or t == k.size(2):
+        if documents is not None:  # causal within each document: an explicit mask (no fused causal kernel)
+            y = attention(q, k, v, attn_mask=documents & causal_mask(t, x.device), dropout_p=dropout)
+        elif past is None or t == k.size(2):
             y = attention(q, k, v, is_causal=True, dropout_p=dropout)
         elif t == 1:  # one new token: it may look at everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -96,8 +104,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, past=None):
-        a, present = self.attn(self.attn_norm(x), past)
+    def forward(self, x: torch.Tensor, past=None, documents: Optional[torch.Tensor] = None):
+        a, present = self.attn(self.attn_norm(x), past, documents)
         x = x + self.dropout(a)
         return x + self.dropout(self.mlp(self.mlp_norm(x))), present
 
@@ -150,9 +158,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, past: Optional[KVCache] = None,
-                return_cache: bool = False, targets: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                return_cache: bool = False, targets: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids: (batch, seq) int64, continuing `past` (a KVCache of earlier positions) if
-        given. Returns a CausalLMOutput:
+        given; attention_mask: None, or (batch, seq, seq) bool, True where position i may see
+        position j (besides causality): packed windows whose documents must not see each other
+        (data.packing=documents; not with `past`). Returns a CausalLMOutput:
 
         - nothing else: `logits` (batch, seq, padded_vocab).
         - `targets` ((batch, seq) int64, the next tokens): `loss_sum` and `correct` instead of
@@ -165,9 +176,10 @@ class GPT(nn.Module):
         if start + t > self.cfg.max_position_embeddings:
             raise ValueError(f"sequence of {start + t} tokens exceeds {self.cfg.max_position_embeddings} positions")
         x = self.dropout(self.token(input_ids) + self.position.weight[start:start + t])
+        documents = None if attention_mask is None else attention_mask.bool()[:, None]
         cache = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, past[i] if past else None)
+            x, present = block(x, past[i] if past else None, documents)
             cache.append(present)
         x = self.final_norm(x)
         cache = cache if return_cache else None

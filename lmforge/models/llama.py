@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.models.family import Family, SpecialIds, Tensors
-from lmforge.models.gpt import CausalLMOutput, KVCache, naive_causal_attention, padded_vocab_size
+from lmforge.models.gpt import CausalLMOutput, KVCache, causal_mask, naive_causal_attention, padded_vocab_size
 from lmforge.models.hf import NameMap, require_keys
 from lmforge.ops.attention import attention
 from lmforge.ops.dropout import Dropout
@@ -70,10 +70,11 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                past: Optional[tuple[torch.Tensor, torch.Tensor]] = None, documents: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x (b, t, h); cos, sin (t, head_dim): the rotations of these t positions. Returns the
-        output (b, t, h) and this layer's keys and values so far (b, kv_heads, past + t, head_dim)."""
+        """x (b, t, h); cos, sin (t, head_dim): the rotations of these t positions; documents:
+        (b, 1, t, t) bool, True where query i may see key j (packed documents), or None. Returns
+        the output (b, t, h) and this layer's keys and values so far (b, kv_heads, past + t, head_dim)."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -88,7 +89,9 @@ class Attention(nn.Module):
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         dropout = self.attn_dropout if self.training else 0.0
-        if past is None or t == k.size(2):
+        if documents is not None:  # causal within each document: an explicit mask (no fused causal kernel)
+            y = attention(q, k, v, attn_mask=documents & causal_mask(t, x.device), dropout_p=dropout)
+        elif past is None or t == k.size(2):
             y = attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:  # new tokens after a cache: causal, offset by the cache length (one token sees everything)
             allowed = torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - t)
@@ -121,8 +124,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past=None):
-        a, present = self.attn(self.attn_norm(x), cos, sin, past)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past=None,
+                documents: Optional[torch.Tensor] = None):
+        a, present = self.attn(self.attn_norm(x), cos, sin, past, documents)
         x = x + self.dropout(a)
         return x + self.dropout(self.mlp(self.mlp_norm(x))), present
 
@@ -162,9 +166,11 @@ class Llama(nn.Module):
         return self.token.weight if self.cfg.tie_embeddings else self.head.weight
 
     def forward(self, input_ids: torch.Tensor, past: Optional[KVCache] = None,
-                return_cache: bool = False, targets: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                return_cache: bool = False, targets: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids: (batch, seq) int64, continuing `past` (a KVCache of earlier positions) if
-        given. Returns a CausalLMOutput, exactly as GPT.forward documents: `logits` (batch, seq,
+        given; attention_mask: None or pairwise (batch, seq, seq), as GPT.forward takes it (packed
+        documents). Returns a CausalLMOutput, exactly as GPT.forward documents: `logits` (batch, seq,
         padded_vocab); with `targets` ((batch, seq) next tokens) `loss_sum` and `correct` from the
         fused chunked projection + loss instead; with `return_cache` every layer's keys and values."""
         start = past[0][0].size(2) if past else 0
@@ -173,9 +179,10 @@ class Llama(nn.Module):
             raise ValueError(f"sequence of {start + t} tokens exceeds {self.cfg.max_position_embeddings} positions")
         cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
         x = self.dropout(self.token(input_ids))
+        documents = None if attention_mask is None else attention_mask.bool()[:, None]
         cache = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, cos, sin, past[i] if past else None)
+            x, present = block(x, cos, sin, past[i] if past else None, documents)
             cache.append(present)
         x = self.final_norm(x)
         cache = cache if return_cache else None

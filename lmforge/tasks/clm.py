@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from lmforge.config import Config
 from lmforge.data.shards import PreparedData
+from lmforge.data.windows import document_mask
 from lmforge.eval.generate import generate
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
 from lmforge.tasks.corpus import CorpusTask
@@ -27,7 +28,7 @@ def clm_loss(model: nn.Module, tensors: dict[str, torch.Tensor]) -> LossOutput:
     """Summed next-token cross-entropy and correct-prediction count of one batch.
     tensors: "input_ids" and "targets", both (batch, seq) int64. The model fuses its vocabulary
     projection with the loss (lmforge/ops/linear_cross_entropy.py): no logits are kept."""
-    out = model(tensors["input_ids"], targets=tensors["targets"])
+    out = model(tensors["input_ids"], targets=tensors["targets"], attention_mask=tensors.get("attention_mask"))
     return LossOutput(out.loss_sum, {"accuracy": out.correct})
 
 
@@ -46,8 +47,12 @@ class CausalLMTask(CorpusTask):
 
     def _batch(self, windows) -> Batch:
         w = torch.from_numpy(windows)
-        return Batch({"input_ids": w[:, :-1], "targets": w[:, 1:]}, num_targets=w[:, 1:].numel(),
-                     num_tokens=w[:, 1:].numel())
+        tensors = {"input_ids": w[:, :-1], "targets": w[:, 1:]}
+        if self.cfg.data.packing == "documents":  # attention within each document (data.packing)
+            documents = document_mask(tensors["input_ids"], self.tokenizer.doc_separator_id)
+            if documents is not None:
+                tensors["attention_mask"] = documents
+        return Batch(tensors, num_targets=w[:, 1:].numel(), num_tokens=w[:, 1:].numel())
 
     def train_batch(self, step: int, micro: int) -> Batch:
         shape = self.step_shape(step)
@@ -70,7 +75,7 @@ class CausalLMTask(CorpusTask):
         logp = self.unigram_logp.to(device)
         for start in range(0, len(self._eval_windows), b):
             t = {k: v.to(device) for k, v in self._batch(self._eval_windows[start:start + b]).tensors.items()}
-            out = model(t["input_ids"], targets=t["targets"])  # fused: no logits kept
+            out = model(t["input_ids"], targets=t["targets"], attention_mask=t.get("attention_mask"))  # fused
             targets = t["targets"].reshape(-1)
             loss_sum += out.loss_sum.item()
             correct += out.correct.item()

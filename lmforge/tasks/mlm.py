@@ -28,6 +28,7 @@ from lmforge.config import Config
 from lmforge.data.mlm import cross_entropy_selected, random_mask
 from lmforge.data.nsp import Documents, PairBatches
 from lmforge.data.shards import PreparedData
+from lmforge.data.windows import document_mask
 from lmforge.errors import LmforgeError
 from lmforge.rng import generator_for
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table
@@ -85,6 +86,11 @@ class MaskedLMTask(CorpusTask):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
+        if cfg.data.packing == "documents" and cfg.mlm.nsp:
+            raise LmforgeError("data.packing=documents masks attention inside windows of the token stream; "
+                               "mlm.nsp's sentence pairs are cut from whole documents already: drop one of the two")
+        if cfg.data.packing == "documents" and cls.name != "mlm":
+            raise LmforgeError(f"data.packing=documents is for task.name=mlm and clm, not task.name={cls.name}")
         if cfg.mlm.nsp and cfg.model.arch != "bert":
             raise LmforgeError(f"mlm.nsp (next-sentence prediction) is BERT's; model.arch={cfg.model.arch} has no "
                                f"NSP head (ModernBERT and DeBERTa drop it: it does not help)")
@@ -146,6 +152,10 @@ class MaskedLMTask(CorpusTask):
                                        generator=generators, **recipe,
                                        word_continuation=None if validation else self.word_continuation)
         tensors = {"input_ids": input_ids, "masked_ids": masked, "selected": selected}
+        if self.cfg.data.packing == "documents" and pairs is None:  # attention within each document
+            documents = document_mask(input_ids, self.tokenizer.doc_separator_id)
+            if documents is not None:
+                tensors["attention_mask"] = documents
         num_tokens = input_ids.numel()
         if pairs is not None:
             tensors.update(token_type_ids=pairs["token_type_ids"], next_sentence_label=pairs["next_sentence_label"])
