@@ -139,13 +139,20 @@ def resume(run: Union[Run, str, Path], overrides: Optional[list[str]] = None, *,
     return Run(run_dir, summary, load_config(run_dir / "config.yaml", migrate_run=True))
 
 
-def _kind(model: torch.nn.Module) -> str:
-    """How a model is named in an error: 'a bert model', 'a gpt model', 'a MajorityModel'."""
-    from lmforge.models.bert import BertForMaskedLM
-    from lmforge.models.gpt import GPT
+def _lm_kind(loaded) -> Optional[str]:
+    """"encoder" or "decoder" when `loaded.model` is its family's masked or causal LM (not a
+    classifier, not a plug-in objective's own model), else None."""
+    from lmforge.models.registry import ARCHS, family
 
-    known = {BertForMaskedLM: "a bert model", GPT: "a gpt model"}
-    return next((v for k, v in known.items() if isinstance(model, k)), f"a {type(model).__name__}")
+    if loaded.config.arch not in ARCHS:
+        return None
+    fam = family(loaded.config.arch)
+    return fam.kind if isinstance(loaded.model, fam.lm) else None
+
+
+def _kind(loaded) -> str:
+    """How a loaded model is named in an error: 'a bert model', 'a llama model', 'a MajorityModel'."""
+    return f"a {loaded.config.arch} model" if _lm_kind(loaded) else f"a {type(loaded.model).__name__}"
 
 
 def _path(run: Union[Run, str, Path]) -> Path:
@@ -164,18 +171,17 @@ def load(run: Union[Run, str, Path]) -> tuple[torch.nn.Module, Any, Any]:
 
 
 def predict(run: Union[Run, str, Path], texts: Union[str, list[str]], top_k: int = 5) -> list[list[list[dict]]]:
-    """Fill-mask with a BERT run or transformers directory: for each text, for each [MASK], the
+    """Fill-mask with a masked-LM run (BERT, ModernBERT, DeBERTa) or transformers directory: for
+    each text, for each [MASK], the
     top_k {"token", "id", "prob"} candidates. Same as `lmforge predict RUN TEXT...`."""
     from lmforge.eval.predict import fill_mask
     from lmforge.tasks.loading import load_model
 
     texts = [texts] if isinstance(texts, str) else list(texts)
-    from lmforge.models.bert import BertForMaskedLM
-
     loaded = load_model(_path(run))
-    if not isinstance(loaded.model, BertForMaskedLM):
-        raise LmforgeError(f"{_path(run)} is {_kind(loaded.model)}; `predict` fills in [MASK] with a BERT run (use "
-                           f"`lmforge generate` to continue text)")
+    if _lm_kind(loaded) != "encoder":
+        raise LmforgeError(f"{_path(run)} is {_kind(loaded)}; `predict` fills in [MASK] with a masked-LM run (BERT, "
+                           f"ModernBERT, DeBERTa; use `lmforge generate` to continue text)")
     return fill_mask(loaded.model, loaded.tokenizer, texts, top_k=top_k)
 
 
@@ -190,12 +196,10 @@ def generate(run: Union[Run, str, Path], prompt: str, *, max_new_tokens: int = 1
     from lmforge.tasks.loading import load_model
 
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
-    from lmforge.models.gpt import GPT
-
     loaded = load_model(_path(run))
-    if not isinstance(loaded.model, GPT):
-        raise LmforgeError(f"{_path(run)} is {_kind(loaded.model)}; `generate` needs a GPT run (use `lmforge "
-                           f"predict` for fill-mask)")
+    if _lm_kind(loaded) != "decoder":
+        raise LmforgeError(f"{_path(run)} is {_kind(loaded)}; `generate` needs a causal-LM run (GPT, Llama; use "
+                           f"`lmforge predict` for fill-mask)")
     tok = loaded.tokenizer
     samples = sample(loaded.model, tok.encode(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed, eot_id=tok.eot_id)

@@ -342,7 +342,7 @@ CASES = [
     Case("predict-top-k-negative", ["predict", "{bert}", "a [MASK]", "--top-k", "-1"], "--top-k must be at least 1"),
     Case("predict-missing-run", ["predict", "{tmp}/nope", "a [MASK]"], "is neither an lmforge run directory"),
     Case("predict-a-classifier", ["predict", "{clf}", "a [MASK]"], "use `lmforge classify` with it"),
-    Case("predict-with-gpt", ["predict", "{gpt}", "a [MASK]"], "`predict` fills in [MASK] with a BERT run"),
+    Case("predict-with-gpt", ["predict", "{gpt}", "a [MASK]"], "`predict` fills in [MASK] with a masked-LM run"),
     Case("predict-tokenizer-does-not-match-checkpoint", ["predict", "{tmp}/bert", "a [MASK]"],
          "is not the tokenizer this run was trained with", run_copy("bert", swap_tokenizer)),
     Case("predict-tokenizer-of-the-same-size-edited", ["predict", "{tmp}/bert", "a [MASK]"],
@@ -356,7 +356,7 @@ CASES = [
     Case("predict-hf-config-without-a-size", ["predict", "{tmp}/hf", "a [MASK]"],
          "config.json lacks hidden_size", exported_hf(hidden_size=None)),
     # -- generate
-    Case("generate-with-bert", ["generate", "{bert}", "the"], "`generate` needs a GPT run"),
+    Case("generate-with-bert", ["generate", "{bert}", "the"], "`generate` needs a causal-LM run"),
     Case("generate-with-a-classifier", ["generate", "{clf}", "the"], "is a fine-tuning run"),
     Case("generate-missing-run", ["generate", "{tmp}/nope", "the"], "is neither an lmforge run directory"),
     Case("generate-top-k-negative", ["generate", "{gpt}", "the", "--top-k", "-1"], "--top-k=-1 must be at least 1"),
