@@ -20,6 +20,7 @@ reference is.
     python experiments/recipes.py                           # every variant, seeds 0 1 (hours on 2 cores)
     python experiments/recipes.py --group encoder --only bert modernbert --seeds 0 1 2
     python experiments/recipes.py --no-finetune --json      # pretraining only
+    python experiments/recipes.py --as-shipped --only modernbert llama   # each config's own steps
     python experiments/recipes.py --smoke                   # a tiny check that the script runs
 
 Run it on an otherwise idle machine: another process on the same cores changes every wall time.
@@ -55,12 +56,17 @@ VARIANTS: dict[str, Variant] = {
     "bert-warmup10": Variant("encoder", "bert-tiny.yaml", ("optim.warmup_frac=0.1",), "10% warmup"),
     "bert-batch64": Variant("encoder", "bert-tiny.yaml", ("train.batch_size=64",), "2x the batch"),
     "bert-muon": Variant("encoder", "bert-tiny.yaml", ("optim.name=muon",), "Muon on the hidden matrices"),
+    "bert-packed": Variant("encoder", "bert-tiny.yaml", ("data.packing=documents",),
+                           "attention within each document of a window"),
     "modernbert": Variant("encoder", "modernbert-tiny.yaml", (), "ModernBERT, the shipped recipe"),
+    "modernbert-mask15": Variant("encoder", "modernbert-tiny.yaml", ("mlm.mask_prob=0.15",),
+                                 "ModernBERT masking 15%"),
     "deberta": Variant("encoder", "deberta-tiny.yaml", (), "DeBERTa-v3, the shipped recipe"),
     # -- decoders ---------------------------------------------------------------------------------
     "gpt": Variant("decoder", "gpt-tiny.yaml", (), "GPT-2 as shipped (the reference)"),
     "gpt-muon": Variant("decoder", "gpt-tiny.yaml", ("optim.name=muon",), "Muon on the hidden matrices"),
     "llama": Variant("decoder", "llama-tiny.yaml", (), "Llama-style, the shipped recipe"),
+    "llama-adamw": Variant("decoder", "llama-tiny.yaml", ("optim.name=adamw",), "Llama-style with AdamW"),
 }
 REFERENCE = {"encoder": "bert", "decoder": "gpt"}
 
@@ -136,6 +142,9 @@ def main() -> int:
                    help=f"these variants only (the group's reference always runs): {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1)")
     p.add_argument("--no-finetune", action="store_true", help="pretraining only")
+    p.add_argument("--as-shipped", action="store_true",
+                   help="no calibration: every variant trains its config's own steps (what the shipped configs "
+                        "cost and reach, one after the other; time/budget then says how equal the times were)")
     common.add_run_options(p, smoke="a few steps of two variants per group: checks the script runs",
                            overrides="every pretraining run")
     args = p.parse_args()
@@ -164,9 +173,10 @@ def main() -> int:
             for name in members:
                 if name == reference:
                     continue
-                per_step = None if args.smoke else seconds_per_step(name, out, extra)  # --smoke: 6 steps each
+                calibrate = not (args.smoke or args.as_shipped)  # --smoke: 6 steps each
+                per_step = seconds_per_step(name, out, extra) if calibrate else None
                 for seed in seeds:
-                    steps = 6 if per_step is None else max(2, round(budgets[seed] / per_step))
+                    steps = max(2, round(budgets[seed] / per_step)) if per_step else 6 if args.smoke else None
                     run_dir, s = pretrain_variant(name, seed, steps, out / "pretrain", extra)
                     rows.append(_row(name, seed, s, budgets[seed], run_dir, seconds_per_step=per_step))
         if not args.no_finetune:

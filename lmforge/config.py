@@ -69,6 +69,9 @@ class ModelConfig:
     local_rope_theta: float = 10000.0  # modernbert: RoPE base of the sliding-window layers
     local_window: int = 128  # modernbert: a local layer sees the tokens within local_window/2 on each side
     global_every: int = 3  # modernbert: layers 0, n, 2n, ... attend globally, the others locally
+    # modernbert: with padding, run every per-token step (norms, projections, MLP) on the real
+    # tokens only; false = on the padded positions too (to measure what unpadding saves)
+    unpad: bool = True
     mlp: str = "swiglu"  # llama: swiglu (Llama) or relu2 (modded-nanogpt's ReLU squared)
     qk_norm: bool = False  # llama: RMSNorm on each head's queries and keys (modded-nanogpt)
     tie_embeddings: bool = True  # llama: the LM head is the token embedding (false: a matrix of its own)

@@ -55,7 +55,8 @@ SCHEDULES = ("data.long_seq_len=64", "data.short_seq_frac=0.67", "train.batch_ra
     ("bert", "deepspeed distributed.zero_stage=1", "deepspeed", ()),  # DeepSpeed's own launcher (--local_rank=N)
     ("bert", "deepspeed distributed.zero_stage=2", "torchrun", SCHEDULES),
     ("distill-mlm", "fsdp", "torchrun", ()),  # the fused distillation loss runs inside the sharded forward
-    ("modernbert", "fsdp", "torchrun", ()), ("deberta", "ddp", "torchrun", ()), ("llama", "fsdp", "torchrun", ()),
+    pytest.param("modernbert", "fsdp", "torchrun", (), marks=pytest.mark.slow),  # slow: CI runs them (.ci/run)
+    pytest.param("deberta", "ddp", "torchrun", (), marks=pytest.mark.slow), ("llama", "fsdp", "torchrun", ()),
     ("llama-muon", "ddp", "torchrun", ()),  # Muon's orthogonalised update of the all-reduced gradient
 ], ids=["bert-ddp", "gpt-ddp", "bert-fsdp", "gpt-fsdp", "bert-zero2", "gpt-zero3-offload", "bert-zero1-launcher",
         "bert-zero2-seq-schedule-and-ramp", "distill-mlm-fsdp", "modernbert-fsdp", "deberta-ddp", "llama-fsdp",

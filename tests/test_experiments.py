@@ -83,6 +83,7 @@ def test_general_distillation_experiment_trains_teacher_distilled_and_scratch_st
         report["distilled"]["tokens_per_s"] / report["teacher"]["tokens_per_s"], rel=1e-9)
 
 
+@pytest.mark.slow  # ~70 s: four families' runs and fine-tunings (CI runs the slow tests)
 def test_recipes_experiment_runs_each_group_against_its_reference_and_summarises_the_rows():
     report = run_experiment("recipes.py")
     names = {(r["variant"], r["seed"]) for r in report["rows"]}

@@ -192,6 +192,22 @@ def test_unpadded_path_equals_the_plain_padded_reference_and_each_row_alone():
     assert torch.all(hidden[~real] == 0)
 
 
+def test_model_unpad_false_computes_the_padded_positions_too_with_equal_results_at_the_real_ones():
+    import dataclasses
+
+    unpadded, padded = _model(), _model(dataclasses.replace(CFG, unpad=False))
+    padded.load_state_dict(unpadded.state_dict())
+    ids, mask = _batch()
+    real = mask.bool()
+    with torch.no_grad():
+        a, b = unpadded.model(ids, attention_mask=mask), padded.model(ids, attention_mask=mask)
+        assert (a - b)[real].abs().max().item() <= 1e-5
+        assert torch.all(a[~real] == 0) and b[~real].abs().sum() > 0  # padded: the padding was computed
+        selected = real & (torch.arange(SEQ) % 3 == 0)
+        assert (unpadded(ids, attention_mask=mask, selected=selected).logits
+                - padded(ids, attention_mask=mask, selected=selected).logits).abs().max().item() <= 1e-5
+
+
 def test_a_local_layer_sees_exactly_local_window_over_2_tokens_each_side():
     cfg = dataclasses.replace(CFG, num_layers=2, global_every=2)
     torch.manual_seed(0)

@@ -85,7 +85,10 @@ class Tokens:
     A pairwise (batch, seq, seq) attention_mask (packed documents) pads nothing either: the tensors
     stay (batch, seq, ...) and only `allowed` changes."""
 
-    def __init__(self, attention_mask: Optional[torch.Tensor], batch: int, seq: int, device: torch.device):
+    def __init__(self, attention_mask: Optional[torch.Tensor], batch: int, seq: int, device: torch.device,
+                 unpad: bool = True):
+        """unpad=False (model.unpad): the same masks, but every per-token step runs on every
+        position, padding included: the padded computation, to measure what unpadding saves."""
         self.batch, self.seq = batch, seq
         self.real: Optional[torch.Tensor] = None  # (batch, seq) bool; None: nothing is padded
         self.keys: Optional[torch.Tensor] = None  # (batch, seq) bool: the keys every query may see
@@ -103,7 +106,9 @@ class Tokens:
                                  f"got {tuple(attention_mask.shape)}")
             real = attention_mask.bool()
             index = real.flatten().nonzero().squeeze(1)
-            if index.numel() < batch * seq:
+            if index.numel() < batch * seq and not unpad:  # padded: "unpad" to every position
+                index = torch.arange(batch * seq, device=device)
+            if not bool(real.all()):
                 self.real, self.index = real, index
                 # a row of padding alone attends to its padding: finite numbers that nobody reads.
                 # Its fully masked rows would be NaN, and a NaN activation, even one whose output is
@@ -284,7 +289,7 @@ class ModernBertModel(nn.Module):
         every token; with a pairwise mask its queries use the mask's rows at `positions`): equal
         to the full output there, for a fraction of the last layer's work."""
         batch, seq = input_ids.shape
-        tokens = Tokens(attention_mask, batch, seq, input_ids.device)
+        tokens = Tokens(attention_mask, batch, seq, input_ids.device, unpad=self.cfg.unpad)
         x = self.embeddings(tokens.unpad(input_ids))  # (*T, hidden): (batch, seq, hidden) or (n_real, hidden)
         # made once a forward per kind of layer (global, local): RoPE tables and masks
         kinds = {layer.is_global: layer.attn.half_window for layer in self.layers}
