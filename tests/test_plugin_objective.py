@@ -142,7 +142,7 @@ def test_a_toy_objective_defined_in_a_test_file_trains_through_the_public_api(tm
     bits = torch.tensor([[1.0] * 6 + [0.0] * 5, [0.0] * 8 + [1.0] * 3])
     assert model(bits).argmax(-1).tolist() == [1, 0]
     # a verb for another kind of model says so in one line
-    with pytest.raises(lmforge.LmforgeError, match="fills in \\[MASK\\] with a BERT"):
+    with pytest.raises(lmforge.LmforgeError, match="fills in \\[MASK\\] with a masked-LM run"):
         lmforge.predict(run, ["the [MASK]"])
 
 

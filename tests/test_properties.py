@@ -124,7 +124,8 @@ CONSTRAINED = {
     "log.wandb_mode": st.sampled_from(["auto", "online", "offline"]),
     "optim.decay": st.sampled_from(["linear", "2d"]),
     "optim.max_grad_norm": st.none() | st.floats(1e-6, 1e6), "mlm.mask_prob": UNIT_OPEN,
-    "model.mlp": st.sampled_from(["swiglu", "relu2"]), "optim.muon_adjust_lr": st.sampled_from(["match_rms_adamw", "original"]),
+    "model.mlp": st.sampled_from(["swiglu", "relu2"]), "data.packing": st.sampled_from(["stream", "documents"]),
+    "optim.muon_adjust_lr": st.sampled_from(["match_rms_adamw", "original"]),
     "optim.muon_momentum": st.floats(0.0, 1.0, exclude_max=True),
 }
 
