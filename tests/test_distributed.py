@@ -97,8 +97,11 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_pat
     wa = load_file(one / "checkpoints" / "step_00000006" / "model.safetensors")
     wb = load_file(two / "checkpoints" / "step_00000006" / "model.safetensors")
     assert wa.keys() == wb.keys() and not any(k.startswith("module.") for k in wb)
+    # torch.optim.Muon orthogonalises in bfloat16 (torch/optim/_muon.py): gradients summed in another
+    # order can round to a neighbouring bf16 value there, a few 1e-5 in a weight after 6 steps
+    tolerance = 1e-4 if "muon" in arch else 1e-5
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wb[k], wa[k], rtol=tolerance, atol=tolerance)
 
 
 ZERO2 = ("deepspeed", 2, "distributed.zero_stage=2")
