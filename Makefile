@@ -1,5 +1,5 @@
 # The two commands of the README, and the set-up they share.
-#   make demo   set up, then pretrain the small BERT on the bundled corpus and show what it learned
+#   make demo   set up, then pretrain a small DeBERTa on the bundled corpus and show what it learned
 #   make test   set up, then check the package layers (import-linter) and run the test suite
 # Set-up creates (or reuses) .venv and installs pinned dependencies. torch is pinned to the CPU
 # build by default; on a GPU machine install your own torch into .venv first (it is kept), or
@@ -23,8 +23,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+# The demo trains the best encoder recipe measured here (experiments/recipes.py): DeBERTa-v3 at
+# 30% masking, 1,600 steps (deberta-tiny.yaml ships 1,000 to match bert-tiny.yaml's time).
 demo: setup
-	$(BIN)/lmforge pretrain --config configs/bert-tiny.yaml
+	$(BIN)/lmforge pretrain --config configs/deberta-tiny.yaml train.max_steps=1600 train.max_time_s=900
 	$(BIN)/lmforge predict "$$(ls -td runs/mlm.* | head -n 1)" --top-k 5 \
 		"The president shall from time to time give to the [MASK] information of the state of the union." \
 		"We must [MASK] our armed forces and our economy." \

@@ -62,6 +62,9 @@ class ModelConfig:
     # Fine-tuning (Zhang et al. 2021): re-initialise the top k encoder layers of the model.init_from
     # weights (BERT's init); the top layers are the most specific to pretraining and transfer least.
     reinit_layers: int = 0
+    # Fine-tuning: what the classifier heads read: cls (the final [CLS] state, BERT's) or mean (the
+    # mean of the final states of the real tokens; ModernBERT's classifier_pooling="mean").
+    classifier_pooling: str = "cls"
     # -- the modern families (model.arch modernbert, deberta, llama); bert and gpt ignore these --
     # RoPE base (llama, and modernbert's global layers); null = the family's own (llama 10,000,
     # modernbert 160,000).
@@ -102,6 +105,8 @@ class ModelConfig:
         _require(self.local_window >= 2 and self.local_window % 2 == 0,
                  f"model.local_window={self.local_window} must be an even number of at least 2")
         _require(self.global_every >= 1, f"model.global_every={self.global_every} must be at least 1")
+        _require(self.classifier_pooling in ("cls", "mean"),
+                 f"model.classifier_pooling={self.classifier_pooling!r} is not known; known: cls, mean")
         _require(self.mlp in ("swiglu", "relu2"), f"model.mlp={self.mlp!r} is not known; known: swiglu, relu2")
         kv = self.num_kv_heads
         _require(kv is None or (kv >= 1 and self.num_heads % kv == 0),

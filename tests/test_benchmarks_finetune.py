@@ -56,3 +56,19 @@ def test_inference_benchmark_rows_are_consistent_with_their_measurements():
     row = {r["variant"]: r for r in report["results"]}
     # transformers' fill-mask pipeline runs the vocabulary head on every position, lmforge on the [MASK]s only
     assert row["lmforge-fill-mask"]["flops_per_pass"] < row["hf-fill-mask"]["flops_per_pass"]
+
+
+def test_unpad_benchmark_changes_the_speed_and_never_the_losses():
+    report = run_benchmark("bench_unpad.py")
+    row = {r["variant"]: r for r in report["results"]}
+    assert list(row) == ["unpad-bucketed", "padded-bucketed", "unpad-random", "padded-random"]
+    for order in ("bucketed", "random"):
+        unpad, padded = row[f"unpad-{order}"], row[f"padded-{order}"]
+        assert unpad["max_loss_diff"] == 0.0  # compared with itself
+        assert padded["max_loss_diff"] < 1e-4  # the padded computation gives the same losses, step by step
+        assert padded["padding"] == unpad["padding"]
+        assert padded["unpad_speedup_over_this"] == pytest.approx(
+            unpad["examples_per_s"] / padded["examples_per_s"], rel=1e-9)
+    # the same examples: sorting by length can only remove padding
+    assert 0 <= row["unpad-bucketed"]["padding"] <= row["unpad-random"]["padding"] < 1
+    assert report["examples_per_round"] == report["config"]["batch"] * report["config"]["batches_per_round"]

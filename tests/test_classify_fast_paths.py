@@ -1,6 +1,9 @@
 """Fine-tuning and inference fast paths give the plain path's results (llm.c's habit): the [CLS]-only
 last layer, no attention mask on unpadded batches, length-sorted batching in classify and fill-mask."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from lmforge.config import ModelConfig
@@ -94,3 +97,31 @@ def test_fill_mask_gives_the_same_results_in_any_batching():
             for m, m_ref in zip(r, ref):
                 assert all(abs(c["prob"] - c_ref["prob"]) < 1e-5 for c, c_ref in zip(m, m_ref))
     assert [len(r) for r in sorted_batches] == [1] * len(TEXTS) + [2]
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert", "deberta"])
+def test_mean_pooling_reads_the_real_tokens_only(arch):
+    """model.classifier_pooling=mean: the heads read the mean of the real tokens' final states;
+    a padded row gives what it gives alone, and the result is the mean computed by hand."""
+    from lmforge.config import ModelConfig
+    from lmforge.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                      max_position_embeddings=32, dropout=0.0, classifier_pooling="mean",
+                      type_vocab_size=0 if arch == "deberta" else 2)
+    model = Classifier(cfg, 3).eval()
+    short = torch.tensor([[1, 7, 8, 9, 2]])
+    padded = torch.tensor([[1, 7, 8, 9, 2, 0, 0], [1, 5, 6, 7, 8, 9, 2]])
+    mask = torch.tensor([[1] * 5 + [0, 0], [1] * 7])
+    with torch.no_grad():
+        alone = model(short).logits
+        both = model(padded, attention_mask=mask).logits
+        states = model.encoder(short, None, None)
+        by_hand = model.polarity(states.mean(1))
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, by_hand, atol=1e-6, rtol=1e-6)
+    cls_model = Classifier(dataclasses.replace(cfg, classifier_pooling="cls"), 3).eval()
+    cls_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(cls_model(short).logits, alone)  # the pooling is what changed

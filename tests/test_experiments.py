@@ -2,6 +2,7 @@
 their reports hold together: every summary is computed from the runs it summarises, every ratio
 from the two numbers it compares."""
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -84,8 +85,10 @@ def test_general_distillation_experiment_trains_teacher_distilled_and_scratch_st
 
 
 @pytest.mark.slow  # ~70 s: four families' runs and fine-tunings (CI runs the slow tests)
-def test_recipes_experiment_runs_each_group_against_its_reference_and_summarises_the_rows():
-    report = run_experiment("recipes.py")
+def test_recipes_experiment_runs_each_group_against_its_reference_and_summarises_the_rows(tmp_path):
+    report = run_smoke(ROOT / "experiments" / "recipes.py", "--out", str(tmp_path / "runs"))
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert "model.classifier_pooling=mean" in report["finetune_overrides"]
     names = {(r["variant"], r["seed"]) for r in report["rows"]}
     assert names == {(v, s) for v in ("bert", "modernbert", "gpt", "llama") for s in (0, 1)}  # what --smoke runs
     for name, s in report["summary"].items():
@@ -104,3 +107,12 @@ def test_recipes_experiment_runs_each_group_against_its_reference_and_summarises
         else:
             assert s["test_accuracy"] is None and all(Path(r["run_dir"]).name.startswith("clm.") for r in rows)
     assert report["scratch_test_accuracy"]["max"] <= 1.0
+    # --pretrained: the same pretrained encoders fine-tuned again, another way; no pretraining run
+    again = run_smoke(ROOT / "experiments" / "recipes.py", "--pretrained", str(tmp_path / "report.json"),
+                      "--group", "encoder", "--out", str(tmp_path / "again"), "--finetune", "model.classifier_pooling=cls")
+    assert [(r["variant"], r["seed"], r["run_dir"], r["val_loss"]) for r in again["rows"]] == [
+        (r["variant"], r["seed"], r["run_dir"], r["val_loss"]) for r in report["rows"] if r["variant"] in ("bert", "modernbert")]
+    assert again["finetune_overrides"][-1] == "model.classifier_pooling=cls"
+    assert not (tmp_path / "again" / "pretrain").exists() and (tmp_path / "again" / "finetune" / "modernbert").is_dir()
+    assert_summarises(again["summary"]["modernbert"]["test_accuracy"],
+                      [r["test_accuracy"] for r in again["rows"] if r["variant"] == "modernbert"])

@@ -1,7 +1,8 @@
 """A sentence classifier with two heads on any encoder family (seed MLAB W2D2 part 2).
 
     encoder -> hidden state at [CLS] -> dropout -> polarity head  Linear(hidden, labels)
-                                                -> rating head    Linear(hidden, 1)
+               (model.classifier_pooling: cls;     -> rating head    Linear(hidden, 1)
+               mean: the mean of the real tokens' states)
 
 The rating head predicts a real-valued score (movie-reviews: the mean human rating on -4..+4).
 Its raw output starts near 0 with a spread of about 1, so it is mapped to
@@ -73,10 +74,18 @@ class Classifier(nn.Module):
         """input_ids: (batch, seq) int64 starting with [CLS]; attention_mask: (batch, seq), or None
         when nothing is padded. Returns a ClassifierOutput: polarity logits, rating (None without
         a rating head) and the final [CLS] state."""
-        # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
-        first = input_ids.new_zeros(input_ids.size(0), 1)
-        state = self.encoder(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
-        cls = self.dropout(state)
+        if self.cfg.classifier_pooling == "mean":  # the mean of the real tokens' final states
+            hidden = self.encoder(input_ids, token_type_ids, attention_mask)
+            state = hidden[:, 0]
+            if attention_mask is None:
+                pooled = hidden.mean(1)
+            else:
+                real = attention_mask.bool().unsqueeze(-1)  # where, not a product: a pad's state is never read
+                pooled = hidden.where(real, 0).sum(1) / real.sum(1).clamp_min(1).to(hidden.dtype)
+        else:  # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
+            first = input_ids.new_zeros(input_ids.size(0), 1)
+            state = pooled = self.encoder(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
+        cls = self.dropout(pooled)
         rating = None
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)

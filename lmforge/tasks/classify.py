@@ -378,7 +378,8 @@ def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Te
                                f"data.tokenizer: a model is fine-tuned with the tokenizer it was trained with")
     src = loaded.config
     for f in dataclasses.fields(ModelConfig):  # the source's family and shape; dropout and the fine-tuning keys stay
-        if f.name not in ("dropout", "init_from", "reinit_layers", "next_sentence_head", "init_std"):
+        if f.name not in ("dropout", "init_from", "reinit_layers", "next_sentence_head", "init_std",
+                          "classifier_pooling"):
             setattr(cfg.model, f.name, getattr(src, f.name))
     if cfg.data.seq_len > src.max_position_embeddings:
         raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
