@@ -125,6 +125,7 @@ CONSTRAINED = {
     "optim.decay": st.sampled_from(["linear", "2d"]),
     "optim.max_grad_norm": st.none() | st.floats(1e-6, 1e6), "mlm.mask_prob": UNIT_OPEN,
     "model.mlp": st.sampled_from(["swiglu", "relu2"]), "data.packing": st.sampled_from(["stream", "documents"]),
+    "model.classifier_pooling": st.sampled_from(["cls", "mean"]),
     "optim.muon_adjust_lr": st.sampled_from(["match_rms_adamw", "original"]),
     "optim.muon_momentum": st.floats(0.0, 1.0, exclude_max=True),
 }
