@@ -74,10 +74,9 @@ VARIANTS: dict[str, Variant] = {
 REFERENCE = {"encoder": "bert", "decoder": "gpt"}
 
 # Fine-tuning each pretrained encoder, the same way for all: 3 epochs of the movie-review train
-# split (configs/mr-scratch.yaml's schedule) with the encoder's own shape and tokenizer; the
-# scratch baseline is BERT of the reference's shape, randomly initialised.
-# The fine-tuning recipe every encoder (and the from-scratch baseline) gets: configs/mr-scratch.yaml
-# with these. Mean pooling, not [CLS]: measured on validation here (2026-12-01, 2 seeds, the
+# split (configs/mr-scratch.yaml's schedule and these overrides) with the encoder's own shape and
+# tokenizer; the scratch baseline is BERT of the reference's shape, randomly initialised, fine-tuned
+# the same way. Mean pooling, not [CLS]: measured on validation here (2026-12-01, 2 seeds, the
 # as-shipped encoders) it gave bert-tiny's 0.774 against 0.757 and modernbert-tiny's 0.775
 # against 0.729 ([CLS] alone is trained by nothing in masked-LM pretraining); lr 1e-3 with [CLS]
 # gave 0.767 and 0.760.
