@@ -64,7 +64,6 @@ def test_unpad_benchmark_changes_the_speed_and_never_the_losses():
     assert list(row) == ["unpad-bucketed", "padded-bucketed", "unpad-random", "padded-random"]
     for order in ("bucketed", "random"):
         unpad, padded = row[f"unpad-{order}"], row[f"padded-{order}"]
-        assert unpad["max_loss_diff"] == 0.0  # compared with itself
         assert padded["max_loss_diff"] < 1e-4  # the padded computation gives the same losses, step by step
         assert padded["padding"] == unpad["padding"]
         assert padded["unpad_speedup_over_this"] == pytest.approx(

@@ -66,7 +66,7 @@ def accuracy_by_length(correct: torch.Tensor, lengths: Sequence[int],
     bounds = [0, *edges, None]
     out = []
     for low, high in zip(bounds[:-1], bounds[1:]):
-        members = (lengths >= low) & (lengths < high if high is not None else torch.ones_like(lengths, dtype=torch.bool))
+        members = (lengths >= low) & (lengths < high) if high is not None else lengths >= low
         n = int(members.sum())
         if n:
             out.append({"tokens": f"{low}-{high - 1}" if high is not None else f"{low}+", "count": n,

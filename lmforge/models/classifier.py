@@ -1,8 +1,10 @@
 """A sentence classifier with two heads on any encoder family (seed MLAB W2D2 part 2).
 
-    encoder -> hidden state at [CLS] -> dropout -> polarity head  Linear(hidden, labels)
-               (model.classifier_pooling: cls;     -> rating head    Linear(hidden, 1)
-               mean: the mean of the real tokens' states)
+    encoder -> pooled state -> dropout -> polarity head  Linear(hidden, labels)
+                                       -> rating head    Linear(hidden, 1)
+
+The pooled state (model.classifier_pooling) is the final hidden state at [CLS] (cls) or the mean
+of the real tokens' final states (mean).
 
 The rating head predicts a real-valued score (movie-reviews: the mean human rating on -4..+4).
 Its raw output starts near 0 with a spread of about 1, so it is mapped to
