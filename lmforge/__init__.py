@@ -23,7 +23,8 @@ contracts check this in `make test`):
 
 __version__ = "0.1.0"
 
-_API = ("pretrain", "finetune", "resume", "load", "predict", "generate", "classify", "report", "make_config", "Run")
+_API = ("pretrain", "finetune", "resume", "load", "predict", "generate", "classify", "evaluate", "report", "make_config",
+        "Run")
 
 
 def __getattr__(name: str):

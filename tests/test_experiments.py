@@ -42,6 +42,31 @@ def test_finetune_fixes_experiment_runs_both_settings_over_the_seeds_and_summari
     assert len({r["run_dir"] for r in report["results"]}) == 4  # a run directory each
 
 
+def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp_path):
+    report = run_smoke(ROOT / "experiments" / "finetune_levers.py", "--out", str(tmp_path))
+    assert [(r["variant"], r["seed"]) for r in report["rows"]] == [("shipped", 0), ("pooler", 0)]  # what --smoke runs
+    assert report["variants"]["pooler"]["overrides"] == ["model.classifier_pooling=pooler"]
+    for name, s in report["summary"].items():
+        rows = [r for r in report["rows"] if r["variant"] == name]
+        for key in ("val", "test", "vader-tweets", "vader-nyt"):
+            assert_summarises(s[key], [r[key] for r in rows])
+        summary = json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text())
+        assert summary["vader_nyt_accuracy"] == rows[0]["vader-nyt"]  # read from the run, not made up
+        assert summary["test_accuracy"] == rows[0]["test"]
+
+
+def test_finetune_vs_transformers_runs_both_sides_in_both_precisions():
+    report = run_experiment("finetune_vs_transformers.py")
+    assert [(r["side"], r["precision"]) for r in report["rows"]] == [
+        ("lmforge", "fp32"), ("transformers", "fp32"), ("lmforge", "bf16"), ("transformers", "bf16")]
+    for key, s in report["summary"].items():
+        side, precision = key.split()
+        rows = [r for r in report["rows"] if r["side"] == side and r["precision"] == precision]
+        for name in ("test", "vader-tweets", "vader-nyt"):
+            assert_summarises(s[name], [r[name] for r in rows])
+    assert 0.5 <= report["majority"]["vader-tweets"] <= 1 and report["hf_max_len"] == 64
+
+
 def test_electra_vs_bert_experiment_pretrains_both_and_fine_tunes_each():
     report = run_experiment("electra_vs_bert.py")
     assert [(r["model"], r["seed"]) for r in report["results"]] == [("bert", 0), ("electra", 0)]  # --smoke: 1 seed

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import interrupt_during_step, tiny_config
+from conftest import interrupt_during_step, tiny_config, tiny_finetune_config as _cfg
 from lmforge.cli import main
-from lmforge.config import ModelConfig, load_config
+from lmforge.config import ModelConfig
 from lmforge.data.sentiment import load_labeled, load_movie_reviews, stratified_split, stratified_subset
 from lmforge.errors import LmforgeError
 from lmforge.jobs import finetune
@@ -34,15 +34,6 @@ def tiny_reviews(tmp_path):
         lines.append(f"{text}\t{label}\t{(2.5 if label else -2.5) + rng.uniform(-1, 1):.2f}")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _cfg(tiny_prepared, tmp_path, data_path, *overrides):
-    return load_config(None, [
-        "task.name=classify", f"data.dataset={data_path}", f"data.tokenizer={tiny_prepared.folder / 'tokenizer.json'}",
-        "data.seq_len=32", f"out_dir={tmp_path / 'runs'}", "model.hidden_size=32", "model.num_layers=2",
-        "model.num_heads=2", "model.intermediate_size=64", "model.max_position_embeddings=64", "model.dropout=0",
-        "train.batch_size=16", "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
-        "train.log_every=5", "train.progress=false", "optim.lr=3e-3", "optim.warmup_frac=0.1", *overrides])
 
 
 def test_stratified_split_is_80_10_10_per_label_disjoint_and_seeded():
@@ -75,8 +66,11 @@ def test_local_file_errors_name_the_problem(tmp_path):
     bad.write_text("review,label\nfine,1\n")
     with pytest.raises(LmforgeError, match="has no column 'text'"):
         load_labeled(str(bad))
-    bad.write_text("text,label\nfine,maybe\n")
-    with pytest.raises(LmforgeError, match="label 'maybe' is not 0/1"):
+    bad.write_text("text,label\nfine,positive\ndull,maybe\n")  # a typo among sentiment names
+    with pytest.raises(LmforgeError, match="label 'maybe' is not a sentiment class, but 'positive' is"):
+        load_labeled(str(bad))
+    bad.write_text("text,label\nfine,1\ndull,\n")
+    with pytest.raises(LmforgeError, match="row 2: the label is empty"):
         load_labeled(str(bad))
     jl = tmp_path / "x.jsonl"
     jl.write_text('{"text": "fine", "label": "positive"}\n')

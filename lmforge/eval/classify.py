@@ -6,14 +6,15 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.sentiment import LABELS
 from lmforge.data.text import READ_ARGS, invalid_utf8_warning, repair
 from lmforge.data.tokenizers import TextTokenizer
 from lmforge.errors import LmforgeError
+from lmforge.eval.evaluate import predict_ids
 
 
 def read_inputs(path: Path) -> list[str]:
@@ -49,11 +50,12 @@ def read_inputs(path: Path) -> list[str]:
     return texts
 
 
-@torch.inference_mode()
 def classify_texts(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list[str], max_len: int,
-                   batch_size: int = 64) -> list[dict]:
+                   batch_size: int = 64, labels: Sequence[str] = LABELS, temperature: float = 1.0) -> list[dict]:
     """One dict per text: {"text", "label", "probability", "rating"} — or {"text", "error"} for an
-    empty line. Texts longer than max_len tokens are truncated with a warning on stderr."""
+    empty line. `labels` names the classifier's outputs; probabilities are softmax(logits /
+    temperature), the run's calibration. Texts longer than max_len tokens are truncated with a
+    warning on stderr."""
     results: list[dict] = [{} for _ in texts]
     todo = []
     for i, text in enumerate(texts):
@@ -62,23 +64,15 @@ def classify_texts(model: torch.nn.Module, tokenizer: TextTokenizer, texts: list
             print(f"warning: input {i + 1} is empty; skipped", file=sys.stderr)
         else:
             todo.append(i)
-    encoded = dict(zip(todo, tokenizer.encode_batch([texts[i] for i in todo])))
-    for i, ids in encoded.items():
+    encoded = tokenizer.encode_batch([texts[i] for i in todo])
+    for i, ids in zip(todo, encoded):
         if len(ids) > max_len - 2:
             print(f"warning: input {i + 1} has {len(ids)} tokens; truncated to {max_len - 2}", file=sys.stderr)
-    todo.sort(key=lambda i: len(encoded[i]))  # similar lengths together: little padding
-    device = next(model.parameters()).device
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        rows = [[tokenizer.cls_id, *encoded[i][: max_len - 2], tokenizer.sep_id] for i in chunk]
-        ids, mask = pad_rows(rows, tokenizer.pad_id)
-        mask = mask_if_padded(mask, sum(map(len, rows)))
-        out = model(ids.to(device), attention_mask=None if mask is None else mask.to(device))
-        logits, rating = out.logits, out.rating
-        probs = logits.float().softmax(-1).cpu()
-        for r, i in enumerate(chunk):
-            label = int(probs[r].argmax())
-            value = None if rating is None else float(rating[r])
-            results[i] = {"text": texts[i], "label": LABELS[label], "probability": float(probs[r, label]),
-                          "rating": None if value is None or math.isnan(value) else round(value, 4)}
+    logits, ratings = predict_ids(model, tokenizer, encoded, max_len, batch_size)
+    probs = (logits / temperature).softmax(-1)
+    for r, i in enumerate(todo):
+        label = int(probs[r].argmax())
+        value = float(ratings[r])
+        results[i] = {"text": texts[i], "label": labels[label], "probability": float(probs[r, label]),
+                      "rating": None if math.isnan(value) else round(value, 4)}
     return results

@@ -1,10 +1,12 @@
 """A sentence classifier with two heads on any encoder family (seed MLAB W2D2 part 2).
 
     encoder -> pooled state -> dropout -> polarity head  Linear(hidden, labels)
-                                       -> rating head    Linear(hidden, 1)
+                                       -> rating head    Linear(hidden, 1)    (optional)
 
-The pooled state (model.classifier_pooling) is the final hidden state at [CLS] (cls) or the mean
-of the real tokens' final states (mean).
+The pooled state (model.classifier_pooling) is the final hidden state at [CLS] (cls), the mean
+of the real tokens' final states (mean), or BERT's pooler on the [CLS] state, tanh(Linear(hidden,
+hidden)) (pooler): with it, a BERT classifier is exactly transformers' BertForSequenceClassification
+(plus the rating head) and exports as one.
 
 The rating head predicts a real-valued score (movie-reviews: the mean human rating on -4..+4).
 Its raw output starts near 0 with a spread of about 1, so it is mapped to
@@ -57,6 +59,7 @@ class Classifier(nn.Module):
         lm = model_class(cfg.arch)  # the family's masked LM, which says what its encoder is and is called
         self.encoder_attr = lm.encoder_attr
         setattr(self, lm.encoder_attr, lm.encoder_class(cfg))
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.classifier_pooling == "pooler" else None
         self.dropout = Dropout(cfg.dropout)
         self.polarity = nn.Linear(cfg.hidden_size, num_labels)
         self.rating = nn.Linear(cfg.hidden_size, 1) if rating_range is not None else None
@@ -87,6 +90,8 @@ class Classifier(nn.Module):
         else:  # the last encoder layer computes the [CLS] position alone (BertModel.forward says why)
             first = input_ids.new_zeros(input_ids.size(0), 1)
             state = pooled = self.encoder(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
+            if self.pooler is not None:
+                pooled = torch.tanh(self.pooler(state))
         cls = self.dropout(pooled)
         rating = None
         if self.rating is not None:

@@ -34,14 +34,19 @@ import torch.nn.functional as F
 from lmforge.config import Config, DataConfig, ModelConfig, load_config
 from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.prepared import fill_vocab_size
-from lmforge.data.sentiment import LABELS, LabeledData, load_labeled, stratified_split, stratified_subset
+from lmforge.data.sentiment import (EVALUATION_ONLY, LABELS, LabeledData, load_labeled, stratified_split,
+                                    stratified_subset)
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
+from lmforge.eval.evaluate import evaluate_examples, plot_confusion, write_evaluation
+from lmforge.eval.metrics import confusion_matrix, expected_calibration_error, f1_per_class, fit_temperature
+from lmforge.files import write_text_atomic
 from lmforge.models.classifier import Classifier
 from lmforge.models.registry import check_family, family, model_class
 from lmforge.rng import derive_seed
+from lmforge.runs.checkpoint import checkpoints_newest_first
 from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkpoint_weights, load_run_tokenizer,
-                                  run_weights)
+                                  read_hf_dir, run_weights)
 from lmforge.tasks import registry
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
 from lmforge.tasks.loading import load_model
@@ -62,6 +67,7 @@ class ClassifyTask(Task):
     # -- a run of it ------------------------------------------------------------------------------
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        check_trainable(cfg)
         if cfg.model.init_from is None:  # else the family is the source's, read when the run starts
             check_family(cls.name, cfg.model.arch, "encoder")
         if cfg.data.long_seq_len is not None:  # examples are padded to data.seq_len; no windows to lengthen
@@ -70,11 +76,11 @@ class ClassifyTask(Task):
 
     @classmethod
     def create(cls, cfg: Config) -> "ClassifyTask":
-        data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)  # every rank; the cache's file lock fetches once
+        data = load_training_data(cfg)
         split = split_examples(cfg, data)
         torch.manual_seed(cfg.train.seed)  # head (and, without init_from, encoder) initialisation
         tokenizer, encoder = init_source(cfg)
-        model = Classifier(cfg.model, len(LABELS), data.rating_range)
+        model = Classifier(cfg.model, len(data.labels), rating_head_range(cfg, data))
         if encoder is not None:
             missing, unexpected = model.load_state_dict(encoder, strict=False)
             lacking = [k for k in missing if k.startswith(model.encoder_attr + ".")]
@@ -93,18 +99,20 @@ class ClassifyTask(Task):
             raise LmforgeError(f"dataset {cfg.data.dataset} changed since {run_dir} started; cannot resume")
         split = json.loads((run_dir / "split.json").read_text())
         tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
-        return cls(cfg, data, split, tokenizer, Classifier(cfg.model, len(LABELS), data.rating_range), **extra)
+        model = Classifier(cfg.model, len(data.labels), rating_head_range(cfg, data))
+        return cls(cfg, data, split, tokenizer, model, **extra)
 
     def fresh_model(self) -> nn.Module:
-        return Classifier(self.cfg.model, len(LABELS), self.data.rating_range)
+        return Classifier(self.cfg.model, len(self.data.labels), rating_head_range(self.cfg, self.data))
 
     def write_run_files(self, run_dir: Path) -> None:
         """The run's tokenizer, dataset identity and split."""
         cfg, data, split, tokenizer = self.cfg, self.data, self.split, self.tokenizer
         tokenizer.save(run_dir / "tokenizer.json")
         (run_dir / "dataset.json").write_text(json.dumps({
-            "dataset": data.name, "identity": data.identity, "examples": len(data.examples), "labels": list(LABELS),
-            "rating_range": data.rating_range, "split_seed": cfg.data.split_seed,
+            "dataset": data.name, "identity": data.identity, "examples": len(data.examples),
+            "labels": list(data.labels), "rating_range": data.rating_range,
+            "rating_head": rating_head_range(cfg, data) is not None, "split_seed": cfg.data.split_seed,
             "tokenizer_sha256": tokenizer.sha256, "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
         (run_dir / "split.json").write_text(json.dumps(split) + "\n")
         if self.truncated:
@@ -117,8 +125,8 @@ class ClassifyTask(Task):
     def describe(self) -> str:
         s = self.split
         return (f"{self.data.name}: {len(s['train']):,} train / {len(s['validation']):,} validation / "
-                f"{len(s['test']):,} test examples; {sum(p.numel() for p in self.model.parameters()):,} parameters "
-                f"(init: {self.initialised_from()})")
+                f"{len(s['test']):,} test examples of {len(self.data.labels)} classes ({', '.join(self.data.labels)}); "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters (init: {self.initialised_from()})")
 
     @classmethod
     def load_run(cls, run_dir: Path, cfg: Config, *, mlm_head_required: bool = True) -> LoadedModel:
@@ -126,6 +134,8 @@ class ClassifyTask(Task):
         try:
             info = json.loads((run_dir / "dataset.json").read_text())
             rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
+            if not info.get("rating_head", True):  # a run before 0.3 always had the head where the data had ratings
+                rating_range = None
             num_labels = len(info["labels"])
         except FileNotFoundError:
             raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json); give a "
@@ -156,7 +166,7 @@ class ClassifyTask(Task):
         self.truncated = sum(len(ids) > max_len - 2 for ids in encoded)
         self.ids = [[tokenizer.cls_id, *ids[: max_len - 2], tokenizer.sep_id] for ids in encoded]
         self.labels = torch.tensor([e.label for e in data.examples])
-        self.has_rating = data.rating_range is not None
+        self.has_rating = rating_head_range(cfg, data) is not None
         self.ratings = torch.tensor([e.rating if e.rating is not None else math.nan for e in data.examples],
                                     dtype=torch.float32)
         self.consumed = 0  # train examples handed out so far, in epoch order
@@ -237,13 +247,31 @@ class ClassifyTask(Task):
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        """Cross-entropy (classify.label_smoothing), summed over the batch's examples; with
+        classify.rdrop, the mean over two passes (their own dropout masks) plus rdrop x the
+        symmetric KL divergence of their predictions; then the rating term (finish_loss)."""
         t = batch.tensors
         mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
+        c = self.cfg.classify
         out = model(t["input_ids"], attention_mask=mask)
         logits, rating = out.logits, out.rating
-        ce = F.cross_entropy(logits.float(), t["labels"], reduction="sum")
-        return self.finish_loss(batch, rating, ce, {"accuracy": (logits.argmax(-1) == t["labels"]).sum(),
-                                                    "ce": ce.detach()})
+        ce = F.cross_entropy(logits.float(), t["labels"], reduction="sum", label_smoothing=c.label_smoothing)
+        sums = {"accuracy": (logits.argmax(-1) == t["labels"]).sum()}
+        if c.rdrop > 0:
+            again = model(t["input_ids"], attention_mask=mask)
+            ce_again = F.cross_entropy(again.logits.float(), t["labels"], reduction="sum",
+                                       label_smoothing=c.label_smoothing)
+            log_p, log_q = logits.float().log_softmax(-1), again.logits.float().log_softmax(-1)
+            kl = 0.5 * (F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+                        + F.kl_div(log_p, log_q, log_target=True, reduction="sum"))
+            ce = (ce + ce_again) / 2
+            sums["rdrop_kl"] = kl.detach()
+            if rating is not None:
+                rating = (rating + again.rating) / 2
+            sums["ce"] = ce.detach()
+            return self.finish_loss(batch, rating, ce + c.rdrop * kl, sums)
+        sums["ce"] = ce.detach()
+        return self.finish_loss(batch, rating, ce, sums)
 
     def finish_loss(self, batch: Batch, rating, loss: torch.Tensor, sums: dict) -> LossOutput:
         """The polarity loss and its metrics, plus the rating head's L1 term; a stand-in example
@@ -259,36 +287,38 @@ class ClassifyTask(Task):
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()  # not inference_mode: sharded engines (ZeRO-3) keep tensors gathered here for training
     def predict_split(self, model: nn.Module, split: str, device: torch.device) -> dict[str, torch.Tensor]:
-        """Probabilities (n, labels), ratings (n,) and labels (n,) for a split, in split order."""
+        """Logits and probabilities (n, classes), ratings (n,), labels (n,) and the examples'
+        indices (n,) for a split, in split order."""
         was_training = model.training
         model.eval()
         indices = sorted(self.split[split], key=lambda i: len(self.ids[i]))  # little padding
         size = self.cfg.train.eval_batch_size or 4 * self.cfg.train.batch_size
-        probs, ratings, order = [], [], []
+        all_logits, ratings, order = [], [], []
         for start in range(0, len(indices), size):
             batch = self.collate(indices[start:start + size])
             t = {k: v.to(device) for k, v in batch.tensors.items()}
             mask = mask_if_padded(t["attention_mask"], batch.num_tokens)
             out = model(t["input_ids"], attention_mask=mask)
             logits, rating = out.logits, out.rating
-            probs.append(logits.float().softmax(-1).cpu())
+            all_logits.append(logits.float().cpu())
             ratings.append(rating.float().cpu() if rating is not None else torch.full((len(logits),), math.nan))
             order += indices[start:start + size]
         model.train(was_training)
         back = torch.tensor(order).argsort()  # sorted-by-length order -> split order
         index = torch.tensor(order)[back]
-        return {"index": index, "probs": torch.cat(probs)[back], "ratings": torch.cat(ratings)[back],
+        logits = torch.cat(all_logits)[back]
+        return {"index": index, "logits": logits, "probs": logits.softmax(-1), "ratings": torch.cat(ratings)[back],
                 "labels": self.labels[index]}
 
     def metrics(self, pred: dict[str, torch.Tensor]) -> dict[str, float]:
-        predicted = pred["probs"].argmax(-1)
+        """accuracy, loss (NLL), f1 (the positive class's with the two sentiment classes, else
+        macro), macro_f1, ece, examples, and rating_mae with a rating head."""
         labels = pred["labels"]
-        tp = int(((predicted == 1) & (labels == 1)).sum())
-        fp = int(((predicted == 1) & (labels == 0)).sum())
-        fn = int(((predicted == 0) & (labels == 1)).sum())
-        out = {"accuracy": float((predicted == labels).float().mean()),
-               "loss": float(F.nll_loss(pred["probs"].clamp_min(1e-12).log(), labels)),
-               "f1": 2 * tp / max(1, 2 * tp + fp + fn), "examples": len(labels)}
+        f1 = f1_per_class(confusion_matrix(pred["logits"].argmax(-1), labels, len(self.data.labels)))
+        out = {"accuracy": float((pred["logits"].argmax(-1) == labels).float().mean()),
+               "loss": float(F.cross_entropy(pred["logits"], labels)),
+               "f1": f1[1] if tuple(self.data.labels) == LABELS else sum(f1) / len(f1), "macro_f1": sum(f1) / len(f1),
+               "ece": expected_calibration_error(pred["probs"], labels), "examples": len(labels)}
         if self.has_rating:
             out["rating_mae"] = float((pred["ratings"] - self.ratings[pred["index"]]).abs().mean())
         return out
@@ -309,7 +339,8 @@ class ClassifyTask(Task):
             true_rating = self.data.examples[i].rating
             rating = (f"{true_rating:+.2f} / {float(pred['ratings'][k]):+.2f}"
                       if self.has_rating and true_rating is not None else "-")
-            table.rows.append([self.data.examples[i].text, LABELS[int(pred["labels"][k])], LABELS[guess],
+            names = self.data.labels
+            table.rows.append([self.data.examples[i].text, names[int(pred["labels"][k])], names[guess],
                                f"{float(p[guess]):.3f}", rating])
         return table
 
@@ -318,9 +349,22 @@ class ClassifyTask(Task):
                 **({"val_rating_mae": last_eval["rating_mae"]} if "rating_mae" in last_eval else {})}
 
     def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, float]:
-        """Evaluate the test split once; write errors.md and confusion.png. Returns test_* metrics."""
+        """Fit the temperature on validation (calibration.json), evaluate the test split once,
+        write errors.md, confusion.png and test_predictions.json, and, for a sentiment classifier,
+        evaluate the out-of-domain sets (classify.evaluate_ood). Returns the summary's test_*,
+        calibration and out-of-domain entries."""
+        val = self.predict_split(model, "validation", device)
+        temperature = fit_temperature(val["logits"], val["labels"])
         pred = self.predict_split(model, "test", device)
         m = self.metrics(pred)
+        calibrated = (pred["logits"] / temperature).softmax(-1)
+        calibration = {"temperature": temperature, "fitted_on": "validation",
+                       "val_ece": expected_calibration_error(val["probs"], val["labels"]),
+                       "val_ece_calibrated": expected_calibration_error((val["logits"] / temperature).softmax(-1),
+                                                                        val["labels"]),
+                       "test_ece": m["ece"], "test_ece_calibrated": expected_calibration_error(calibrated,
+                                                                                              pred["labels"])}
+        write_text_atomic(run_dir / CALIBRATION, json.dumps(calibration, indent=1) + "\n")
         wrong = (pred["probs"].argmax(-1) != pred["labels"]).nonzero().squeeze(1)
         confidence = pred["probs"].max(-1).values[wrong]
         worst = wrong[confidence.argsort(descending=True)][:20]
@@ -328,17 +372,75 @@ class ClassifyTask(Task):
         (run_dir / "errors.md").write_text(
             f"# The {len(worst)} test examples predicted wrong with the highest confidence\n\n"
             f"Test accuracy {m['accuracy']:.4f} on {m['examples']} examples.\n\n" + table.markdown())
-        confusion = np.zeros((2, 2), dtype=np.int64)
-        for y, p in zip(pred["labels"].tolist(), pred["probs"].argmax(-1).tolist()):
-            confusion[y, p] += 1
-        _plot_confusion(confusion, run_dir / "confusion.png", f"test accuracy {m['accuracy']:.3f}")
+        confusion = confusion_matrix(pred["logits"].argmax(-1), pred["labels"], len(self.data.labels))
+        plot_confusion(confusion.numpy(), self.data.labels, run_dir / "confusion.png",
+                       f"test accuracy {m['accuracy']:.3f}")
         (run_dir / "test_predictions.json").write_text(json.dumps({
-            "index": pred["index"].tolist(), "probability_positive": pred["probs"][:, 1].tolist(),
+            "index": pred["index"].tolist(), "labels": list(self.data.labels),
+            "probabilities": calibrated.tolist(), "temperature": temperature,
             "rating": [None if math.isnan(r) else r for r in pred["ratings"].tolist()]}) + "\n")
-        out = {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_examples": m["examples"]}
+        out = {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_macro_f1": m["macro_f1"],
+               "test_examples": m["examples"], **{k: v for k, v in calibration.items() if k != "fitted_on"}}
         if "rating_mae" in m:
             out["test_rating_mae"] = m["rating_mae"]
+        if tuple(self.data.labels) == LABELS and self.cfg.classify.evaluate_ood:  # how it does out of its domain
+            for name in EVALUATION_ONLY:
+                ood = evaluate_examples(model, self.tokenizer, load_labeled(name, self.cfg.data.cache_dir),
+                                        self.data.labels, self.cfg.data.seq_len, temperature,
+                                        self.cfg.train.eval_batch_size or 4 * self.cfg.train.batch_size)
+                key = name.replace("-", "_")
+                out.update({f"{key}_accuracy": ood["accuracy"], f"{key}_macro_f1": ood["macro_f1"],
+                            f"{key}_majority_accuracy": ood["majority_accuracy"], f"{key}_ece": ood["ece"]})
         return out
+
+
+CALIBRATION = "calibration.json"  # in a fine-tuning run: the temperature, fitted on validation at the end
+
+
+def read_labels(run_dir: Path) -> tuple[str, ...]:
+    """The class names of a fine-tuning run, in the order of its classifier's outputs."""
+    return tuple(json.loads((Path(run_dir) / "dataset.json").read_text())["labels"])
+
+
+def read_temperature(run_dir: Path) -> float:
+    """The run's fitted temperature (calibration.json), or 1.0 for a run that has none (one still
+    training, or made before 0.3)."""
+    path = Path(run_dir) / CALIBRATION
+    if not path.is_file():
+        return 1.0
+    try:
+        temperature = float(json.loads(path.read_text())["temperature"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise LmforgeError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to use the uncalibrated "
+                           f"probabilities") from None
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise LmforgeError(f"{path} holds temperature {temperature}, not a positive number; delete it to use the "
+                           f"uncalibrated probabilities")
+    return temperature
+
+
+def rating_head_range(cfg: Config, data: LabeledData) -> Optional[tuple[float, float]]:
+    """The rating range the classifier's rating head maps to, or None for no rating head: the
+    data has no ratings, or classify.rating_weight is 0 (the head would learn nothing)."""
+    return data.rating_range if cfg.classify.rating_weight > 0 else None
+
+
+def check_trainable(cfg: Config) -> None:
+    """data.dataset is not one of the out-of-domain evaluation sets."""
+    if cfg.data.dataset in EVALUATION_ONLY:
+        raise LmforgeError(f"data.dataset={cfg.data.dataset} is an out-of-domain evaluation set, never trained on; "
+                           f"train on movie-reviews (or your own file) and measure it with `lmforge evaluate RUN_DIR "
+                           f"--dataset {cfg.data.dataset}`")
+
+
+def load_training_data(cfg: Config) -> LabeledData:
+    """data.dataset, checked to be trainable: two classes or more, and not an evaluation-only set."""
+    check_trainable(cfg)
+    data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)  # every rank; the cache's file lock fetches once
+    if len({e.label for e in data.examples}) < 2:
+        raise LmforgeError(f"dataset {data.name} has examples of one class only ({data.labels[data.examples[0].label]!r}"
+                           f"); a classifier needs two classes or more")
+    return data
 
 
 BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
@@ -353,6 +455,42 @@ def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, nn.Modu
     cfg = load_config(run_dir / "config.yaml", migrate_run=True)
     loaded = registry.objective(cfg.task.name).load_run(run_dir, cfg)
     return cfg, loaded.tokenizer, loaded.model
+
+
+def evaluation_data(run_dir: Path, cfg: Config, spec: str) -> tuple[LabeledData, str]:
+    """The examples `lmforge evaluate RUN --dataset SPEC` measures and which part they are: of the
+    dataset the run was trained on (the same file, by sha256), its test split, never trained on;
+    of movie-reviews for a run trained on something else, the test split of data.split_seed's
+    default split (comparable between runs); of anything else, every example."""
+    data = load_labeled(spec, cfg.data.cache_dir)
+    recorded = json.loads((run_dir / "dataset.json").read_text())
+    if data.identity == recorded.get("identity"):
+        test = json.loads((run_dir / "split.json").read_text())["test"]
+        part = "the run's test split"
+    elif spec == "movie-reviews":
+        test = stratified_split([e.label for e in data.examples], DataConfig().split_seed)["test"]
+        part = f"its test split (data.split_seed={DataConfig().split_seed})"
+    else:
+        return data, "all of it"
+    return dataclasses.replace(data, examples=[data.examples[i] for i in test]), part
+
+
+def evaluate_run(run_dir: str | Path, spec: str, out_dir: Optional[str | Path] = None, write: bool = True) -> dict:
+    """`lmforge evaluate`: the fine-tuning run's classifier (newest checkpoint, the run's fitted
+    temperature) on dataset `spec` (evaluation_data says which examples); the result of
+    eval/evaluate.py's evaluate_examples plus `part`, `checkpoint` and, with `write`, `files`:
+    OUT_DIR (default RUN_DIR/evaluations)/NAME.CHECKPOINT.json, -reliability.png, -confusion.png."""
+    run_dir = Path(run_dir)
+    cfg, tokenizer, model = load_classifier(run_dir)
+    data, part = evaluation_data(run_dir, cfg, spec)
+    result = evaluate_examples(model, tokenizer, data, read_labels(run_dir), cfg.data.seq_len,
+                               read_temperature(run_dir), cfg.train.eval_batch_size or 4 * cfg.train.batch_size)
+    checkpoint = checkpoints_newest_first(run_dir / "checkpoints")[0].name
+    result.update(part=part, checkpoint=checkpoint)
+    if write:
+        stem = f"{Path(spec).stem if Path(spec).suffix else spec.replace(':', '_').replace('/', '_')}.{checkpoint}"
+        result["files"] = write_evaluation(result, Path(out_dir) if out_dir else run_dir / "evaluations", stem)
+    return result
 
 
 def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Tensor]]]:
@@ -385,7 +523,25 @@ def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Te
         raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
                            f"of {spec}; set data.seq_len={src.max_position_embeddings} or lower")
     encoder = {k: v for k, v in loaded.model.state_dict().items() if k.startswith(source_family.encoder_attr + ".")}
+    if cfg.model.classifier_pooling == "pooler":
+        encoder.update(source_pooler(path, loaded))
     return loaded.tokenizer, encoder
+
+
+def source_pooler(path: Path, loaded: LoadedModel) -> dict[str, torch.Tensor]:
+    """{"pooler.weight", "pooler.bias"} of a source that has BERT's pooler (a transformers BERT
+    directory: minilm has one; an lmforge run pretrained with mlm.nsp), else {} and a note on
+    stderr: the pooler then starts from the family's init."""
+    if loaded.source == "hf":
+        tensors = read_hf_dir(path)[1]
+        for prefix in ("pooler.dense.", "bert.pooler.dense."):
+            if prefix + "weight" in tensors:
+                return {f"pooler.{p}": tensors[prefix + p] for p in ("weight", "bias")}
+    elif getattr(loaded.model, "pooler", None) is not None:  # an mlm.nsp run's pooler (BertForMaskedLM)
+        return {f"pooler.{k}": v for k, v in loaded.model.pooler.state_dict().items()}
+    print(f"note: model.classifier_pooling=pooler: {path} has no pooler; it starts from the family's init",
+          file=sys.stderr)
+    return {}
 
 
 def reinit_top_layers(model: Classifier, cfg: Config) -> None:
@@ -415,21 +571,3 @@ def split_examples(cfg: Config, data: LabeledData) -> dict[str, list[int]]:
         if not idx:
             raise LmforgeError(f"dataset {data.name} is too small: its {name} split is empty")
     return split
-
-
-
-def _plot_confusion(matrix: np.ndarray, path: Path, title: Optional[str] = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(matrix, cmap="Blues")
-    for (y, x), n in np.ndenumerate(matrix):
-        ax.text(x, y, str(n), ha="center", va="center", color="black" if n < matrix.max() / 2 else "white")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABELS, yticklabels=LABELS, xlabel="predicted", ylabel="true",
-           title=title or "confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

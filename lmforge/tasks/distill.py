@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from lmforge.config import Config, DataConfig, ModelConfig
 from lmforge.data.padding import mask_if_padded
 from lmforge.data.prepared import fill_vocab_size, prepared_data
-from lmforge.data.sentiment import LABELS, load_labeled
+from lmforge.data.sentiment import LABELS
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import BertForMaskedLM
@@ -49,7 +49,8 @@ from lmforge.models.registry import check_family
 from lmforge.ops.linear_distill import linear_distill
 from lmforge.runs.readers import LoadedModel, is_hf_classifier_dir, is_hf_dir, load_hf_classifier
 from lmforge.tasks.base import Batch, EvalResult, LossOutput
-from lmforge.tasks.classify import ClassifyTask, load_classifier, split_examples
+from lmforge.tasks.classify import (ClassifyTask, load_classifier, load_training_data, rating_head_range,
+                                    split_examples)
 from lmforge.tasks.loading import load_model
 from lmforge.tasks.mlm import MaskedLMTask
 from lmforge.tasks.registry import register
@@ -148,10 +149,13 @@ class DistillClassifyTask(ClassifyTask):
     @classmethod
     def create(cls, cfg: Config) -> "DistillClassifyTask":
         tokenizer, teacher = load_teacher(cfg)  # sets the student's data and shape
-        data = load_labeled(cfg.data.dataset, cfg.data.cache_dir)  # every rank; the cache's file lock fetches once
+        data = load_training_data(cfg)
+        if teacher.polarity.out_features != len(data.labels):
+            raise LmforgeError(f"the teacher has {teacher.polarity.out_features} classes and {data.name} has "
+                               f"{len(data.labels)} ({', '.join(data.labels)}); distil on the teacher's own task")
         split = split_examples(cfg, data)
         torch.manual_seed(cfg.train.seed)  # the rating head's initialisation
-        model = student_from_teacher(teacher, cfg.model, data.rating_range)  # every other layer of the teacher
+        model = student_from_teacher(teacher, cfg.model, rating_head_range(cfg, data))  # every other teacher layer
         return cls(cfg, data, split, tokenizer, model, teacher=teacher)
 
     @classmethod

@@ -44,6 +44,44 @@ def param_groups(model: nn.Module, weight_decay: float, rule: str = "linear") ->
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
+def layer_lr_scales(model: nn.Module, decay: float) -> dict[int, float]:
+    """id(parameter) -> its learning-rate scale under layer-wise lr decay (optim.layer_lr_decay;
+    Howard & Ruder 2018, Clark et al. 2020): in the model's stack of L layers (its largest
+    nn.ModuleList), layer i (0 at the bottom) gets decay^(L - i); what comes before the stack
+    (embeddings) decay^(L + 1); what comes after it (a final norm, the heads) 1. The layers near
+    the input, the most general, move the least."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not stacks:
+        raise LmforgeError("optim.layer_lr_decay needs a model with a stack of layers (an nn.ModuleList)")
+    stack = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+    depth = len(stack)
+    layer_of = {id(p): i for i, layer in enumerate(stack) for p in layer.parameters()}
+    scales, past_stack = {}, False
+    for p in model.parameters():
+        if id(p) in layer_of:
+            past_stack = True
+            scales[id(p)] = decay ** (depth - layer_of[id(p)])
+        else:
+            scales[id(p)] = 1.0 if past_stack else decay ** (depth + 1)
+    return scales
+
+
+def with_layer_lr_decay(groups: list[dict], model: nn.Module, decay: float) -> list[dict]:
+    """`groups` split by layer_lr_scales, each part carrying its "lr_scale" (the schedule
+    multiplies it in: set_lr), in order of first appearance; unchanged for decay 1."""
+    if decay == 1.0:
+        return groups
+    scales = layer_lr_scales(model, decay)
+    out = []
+    for group in groups:
+        parts: dict[float, list] = {}
+        for p in group["params"]:
+            parts.setdefault(scales[id(p)], []).append(p)
+        out += [{**group, "params": params, "lr_scale": scale, "name": f"{group['name']}@{scale:.4g}"}
+                for scale, params in parts.items()]
+    return out
+
+
 def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """optim.name's optimizer: AdamW, or Muon with AdamW (MuonWithAdamW)."""
     if cfg.name == "muon":
@@ -53,13 +91,15 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> 
 
 def make_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device,
                exclude: frozenset[int] = frozenset()) -> torch.optim.AdamW:
-    """AdamW over `param_groups` (without the parameters whose id is in `exclude`), with torch's fused kernel on CUDA and on the CPU: one pass over
+    """AdamW over `param_groups` (without the parameters whose id is in `exclude`; split by
+    optim.layer_lr_decay), with torch's fused kernel on CUDA and on the CPU: one pass over
     each tensor and no temporaries (measured here on a 12M-parameter BERT: 4 ms a step against
     16 ms for the multi-tensor and 40 ms for the per-tensor implementation). With
     optim.bias_correction=false, the original BERT optimizer (`AdamWithoutBiasCorrection`)."""
     cls = torch.optim.AdamW if cfg.bias_correction else AdamWithoutBiasCorrection
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in exclude]}
               for g in param_groups(model, cfg.weight_decay, cfg.decay)]
+    groups = with_layer_lr_decay(groups, model, cfg.layer_lr_decay)
     return cls([g for g in groups if g["params"] or not exclude], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
 
