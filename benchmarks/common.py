@@ -146,6 +146,10 @@ def setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed when accelerate is installed, and DeepSpeed's accelerator
+        # probe warns on stdout (the report's) unless told it is on a CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:  # no config chatter or load reports (new heads are new on purpose) from transformers in the tables
         import transformers
 

@@ -22,6 +22,7 @@ max over the seeds. --json output of separate invocations can be merged by conca
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -58,6 +59,8 @@ def transformers_run(seed: int, precision: str, out: Path, max_len: int, smoke: 
     import torch
     import transformers
 
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):  # one process: Trainer joins no job
+        os.environ.pop(var, None)
     data = load_labeled("movie-reviews")
     split = stratified_split([e.label for e in data.examples], SPLIT_SEED)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_model_dir())

