@@ -223,7 +223,8 @@ def test_deepspeed_config_is_lmforges_settings_with_the_file_merged_in_and_contr
 def test_deepspeed_launcher_local_rank_argument_is_taken_into_the_environment(monkeypatch):
     from lmforge.cli import _launcher_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "")  # recorded, so the LOCAL_RANK the call sets is undone afterwards
+    monkeypatch.delenv("LOCAL_RANK")
     assert _launcher_local_rank(["--local_rank=1", "pretrain", "--config", "x.yaml"]) == ["pretrain", "--config", "x.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _launcher_local_rank(["pretrain", "--local_rank", "0", "a=b"]) == ["pretrain", "a=b"]
