@@ -67,8 +67,9 @@ def export_hf(model_path: str | Path, out: str | Path, force: bool = False) -> P
     LlamaForCausalLM, ...); an ELECTRA run its discriminator (ElectraForPreTraining); a fine-tuning
     run its encoder (BertModel, ...: load it with `AutoModel`; the classifier heads are lmforge's
     own and stay in the run), or, for a BERT classifier with BERT's pooler
-    (model.classifier_pooling=pooler), a BertForSequenceClassification with the run's id2label. Refuses to overwrite an existing `out` unless `force`, and a model
-    transformers cannot express, in one line; writes a temporary folder first."""
+    (model.classifier_pooling=pooler), a BertForSequenceClassification with the run's id2label.
+    Refuses to overwrite an existing `out` unless `force`, and a model transformers cannot
+    express, in one line; writes a temporary folder first."""
     out = Path(out)
     check_out_dir(out, force)
     labels = None

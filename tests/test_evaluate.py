@@ -119,8 +119,13 @@ def test_a_sentiment_run_is_calibrated_reports_out_of_domain_and_evaluate_measur
     temperature = calibration["temperature"]
     assert temperature > 0 and temperature == read_temperature(run_dir) == summary["temperature"]
     assert summary["test_ece_calibrated"] == calibration["test_ece_calibrated"]
-    for name in ("vader_tweets", "vader_nyt"):  # a movie-words model knows nothing of tweets: near chance
-        assert 0 <= summary[f"{name}_accuracy"] <= 1 and 0 < summary[f"{name}_majority_accuracy"] < 1
+    # the out-of-domain entries are the evaluation of those sets at the run's temperature
+    for name, majority in (("vader-tweets", 0.690), ("vader-nyt", 1 - 0.446)):
+        key = name.replace("-", "_")
+        assert summary[f"{key}_majority_accuracy"] == pytest.approx(majority, abs=5e-4)
+        again = evaluate_run(run_dir, name, write=False)
+        assert summary[f"{key}_accuracy"] == pytest.approx(again["accuracy"], abs=1e-9)
+        assert summary[f"{key}_ece"] == pytest.approx(again["ece"], abs=1e-6)
     # `classify` prints the calibrated probability: softmax(logits / T)
     _, tokenizer, model = load_classifier(run_dir)
     text = "the cat is bright and red ."
