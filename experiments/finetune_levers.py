@@ -8,6 +8,11 @@ chosen on), with the time each run took.
     python experiments/finetune_levers.py --only shipped mean pooler --seeds 0 1 2 --json
     python experiments/finetune_levers.py --smoke                  # tiny models: checks the script runs
 
+`dapt` first continues MiniLM's masked-LM pretraining on the train split's texts (the corpus
+`train-texts:movie-reviews`: never the validation or test texts; MiniLM has no MLM head, so the
+head starts from BERT's init with its decoder tied to MiniLM's embeddings), then fine-tunes that
+run as `shipped` does; its seconds are both stages'.
+
 The seed changes the heads' initialisation, the dropout masks and the batch order; the split
 (data.split_seed) stays the same for every run.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 import common
 from lmforge.config import load_config
 from lmforge.data.sentiment import EVALUATION_ONLY
-from lmforge.jobs import finetune
+from lmforge.jobs import finetune, pretrain
 
 # name -> (overrides of configs/mr-minilm.yaml, what the lever is)
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -30,27 +35,46 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "pooler": (("model.classifier_pooling=pooler",), "BERT's pretrained pooler on [CLS] (transformers')"),
     "llrd0.8": (("optim.layer_lr_decay=0.8",), "layer-wise lr decay 0.8"),
     "llrd0.9": (("optim.layer_lr_decay=0.9",), "layer-wise lr decay 0.9"),
+    "ema0.99": (("optim.ema_decay=0.99",), "evaluate and keep an exponential moving average of the weights, 0.99"),
+    "ema0.998": (("optim.ema_decay=0.998",), "the same, 0.998 (over the run's ~800 steps: mostly the warm-up term)"),
     "smooth0.1": (("classify.label_smoothing=0.1",), "label smoothing 0.1"),
     "rdrop1": (("classify.rdrop=1.0",), "R-Drop, weight 1 (two passes a step)"),
     "rating0": (("classify.rating_weight=0",), "no rating head"),
     "rating0.2": (("classify.rating_weight=0.2",), "rating weight 0.2"),
     "lr1e-4": (("optim.lr=1e-4",), "2x the learning rate"),
     "epochs5": (("train.max_steps=1320", "train.eval_every=1320", "train.checkpoint_every=1320"), "5 epochs"),
+    "dapt": ((), "continued masked-LM pretraining on the train split's texts first (400 steps)"),
     "fp32": (("train.precision=fp32",), "fp32 instead of bf16 autocast"),
+    "nobuckets": (("classify.length_buckets=false",), "batches of the plain shuffle, not of similar lengths"),
     "len64": (("data.seq_len=64",), "inputs cut to 64 tokens"),
 }
+# the continued pretraining of `dapt` (Gururangan et al. 2020): ~3.4 passes over the train texts
+# (~240k tokens, in windows of 64: two or three snippets each), at BERT's continued-pretraining lr
+DAPT = ["task.name=mlm", "model.init_from=minilm", "data.corpus=train-texts:movie-reviews", "data.seq_len=64",
+        "train.batch_size=32", "train.max_steps=400", "train.eval_every=400", "train.checkpoint_every=400",
+        "optim.lr=1e-4", "optim.warmup_frac=0.06", "optim.min_lr_frac=0", "optim.max_grad_norm=1.0",
+        "optim.weight_decay=0.01"]
+PRETRAINED = {"dapt": DAPT}
+# --smoke: a tiny encoder pretrained from scratch on the train texts stands in for MiniLM's continuation
+SMOKE_DAPT = ["model.init_from=null", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+              "model.intermediate_size=64", "train.max_steps=1", "train.eval_every=1", "train.checkpoint_every=1", "data.seq_len=32",
+              "train.batch_size=4", "train.eval_batches=1"]
 SMOKE = ["model.init_from=null", "data.tokenizer=bert-base-uncased", "model.hidden_size=32", "model.num_layers=1",
          "model.num_heads=2", "model.intermediate_size=64", "data.train_examples=64", "train.max_steps=2",
          "train.eval_every=2", "train.checkpoint_every=2", "train.eval_batch_size=256"]
 SETS = ("val", "test", *EVALUATION_ONLY)
 
 
-def run(name: str, seed: int, out: Path, extra: list[str]) -> dict:
+def run(name: str, seed: int, out: Path, extra: list[str], smoke: bool = False) -> dict:
     overrides, _ = VARIANTS[name]
-    cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [
-        *overrides, f"train.seed={seed}", "train.progress=false", "train.keep_checkpoints=1",
-        f"out_dir={out / name}", *extra])
+    common_keys = [f"train.seed={seed}", "train.progress=false", "train.keep_checkpoints=1"]
     started = time.time()
+    if name in PRETRAINED:
+        pretrained, _ = pretrain(load_config(None, [*PRETRAINED[name], *common_keys, f"out_dir={out / name / 'pretrain'}",
+                                                    *(SMOKE_DAPT if smoke else [])]))
+        # the fine-tuning starts from it: its shape is the pretrained run's, not the smoke's tiny one
+        extra = [k for k in extra if not k.startswith("model.")] + [f"model.init_from={pretrained}"]
+    cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [*overrides, *common_keys, f"out_dir={out / name}", *extra])
     run_dir, s = finetune(cfg)
     return {"variant": name, "seed": seed, "seconds": round(time.time() - started, 1),
             "val": s["val_accuracy"], "test": s["test_accuracy"],
@@ -87,12 +111,12 @@ def main() -> int:
     extra = list(args.overrides)
     seeds = args.seeds
     if args.smoke:
-        names, seeds, extra = [n for n in names if n in ("shipped", "pooler")] or names[:1], seeds[:1], extra + SMOKE
+        names, seeds, extra = [n for n in names if n in ("shipped", "pooler", "dapt")] or names[:1], seeds[:1], extra + SMOKE
     rows = []
     with common.runs_folder(args, "lmforge-finetune-levers-") as (out, _):
         for name in names:
             for seed in seeds:
-                rows.append(run(name, seed, out, extra))
+                rows.append(run(name, seed, out, extra, args.smoke))
     report = {"seeds": seeds, "overrides": extra, "rows": rows, "summary": summarise(rows),
               "variants": {n: {"overrides": list(VARIANTS[n][0]), "why": VARIANTS[n][1]} for n in names}}
     return common.print_report(report, args.json, print_text)

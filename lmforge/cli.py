@@ -229,6 +229,14 @@ def _plan(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from lmforge.doctor import as_json, can_run, diagnose, format_checks
+
+    checks = diagnose(args.cache_dir, args.out_dir)
+    print(json.dumps(as_json(checks), indent=1) if args.json else format_checks(checks))
+    return 0 if can_run(checks) else 1
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
     """The arguments every training verb takes (see `_start_or_resume`)."""
     p.add_argument("--config", help=f"YAML config file, e.g. {example_config}")
@@ -410,6 +418,21 @@ def _verb_plan(verbs) -> None:
     p.set_defaults(func=_plan)
 
 
+def _verb_doctor(verbs) -> None:
+    p = verbs.add_parser("doctor", help="check what this machine gives a run (torch, devices, precision, disk, "
+                                        "packages, bundled data)",
+                         description="One line per check, ok / warning / error with the fix: torch and its build "
+                                     "(CUDA, NCCL), devices and their bf16 / fp16 support, the precision "
+                                     "train.precision=auto picks and why, threads, free disk in the cache and "
+                                     "out_dir, required and optional packages, and whether the bundled data are "
+                                     "cached. Exits 0 when a default run can start here, 1 when not.")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="the lmforge cache to check, as data.cache_dir (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
+    p.add_argument("--out-dir", default="runs/", metavar="DIR", help="where runs go, as out_dir (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=_doctor)
+
+
 def _verb_export(verbs) -> None:
     p = verbs.add_parser("export", help="write a model as a Hugging Face transformers directory",
                          description="Write config.json, model.safetensors and tokenizer files that transformers "
@@ -444,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verb_plot_schedule(verbs)
     _verb_plan(verbs)
     _verb_export(verbs)
+    _verb_doctor(verbs)
     return parser
 
 

@@ -56,8 +56,10 @@ class ModelConfig:
     # (set it through mlm.nsp, not here).
     next_sentence_head: bool = False
     # Start from these weights: `minilm` (the bundled MiniLM-L6-H384 encoder), an lmforge run
-    # directory or a Hugging Face BERT directory; null = random. The shape keys above are then
-    # taken from the source (dropout stays as configured).
+    # directory or a Hugging Face model directory; null = random. The shape keys above are then
+    # taken from the source (dropout stays as configured). Fine-tuning (classify) starts from its
+    # encoder; task.name=mlm or clm continues its pretraining (domain-adaptive pretraining:
+    # lmforge/tasks/corpus.py), with its tokenizer.
     init_from: Optional[str] = None
     # Fine-tuning (Zhang et al. 2021): re-initialise the top k encoder layers of the model.init_from
     # weights (BERT's init); the top layers are the most specific to pretraining and transfer least.
@@ -295,6 +297,9 @@ class ClassifyConfig:
     # R-Drop (Liang et al. 2021): two forward passes with their own dropout masks, loss = the mean
     # of their losses + rdrop x their symmetric KL divergence; 0 = off (one pass). Costs 2x per step
     rdrop: float = 0.0
+    # batches of similar lengths (chunks of 50 global batches sorted by length, the batches
+    # shuffled: less padding, lmforge/tasks/classify.py); false = the plain seeded shuffle
+    length_buckets: bool = True
 
     def check(self, cfg: Config) -> None:
         _require(0.0 <= self.label_smoothing < 1.0, f"classify.label_smoothing={self.label_smoothing} must be in [0, 1)")
@@ -330,8 +335,13 @@ class OptimConfig:
     # layer-wise learning-rate decay (fine-tuning; ULMFiT, ELECTRA): layer i of L gets
     # lr * decay^(L - i), the embeddings decay^(L + 1), the heads lr; 1 = off (train/optim.py)
     layer_lr_decay: float = 1.0
+    # an exponential moving average of the weights, the model the run evaluates and hands out
+    # (train/ema.py); null = off, 0.99-0.9999 usual (the longer the run, the closer to 1)
+    ema_decay: Optional[float] = None
 
     def check(self, cfg: Config) -> None:
+        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+                 f"optim.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999, or null to turn it off")
         _require(0.0 < self.layer_lr_decay <= 1.0, f"optim.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]; "
                                                    f"1 turns it off, 0.8-0.95 is usual")
         _require(self.name != "muon" or self.layer_lr_decay == 1.0,
@@ -388,6 +398,9 @@ class TrainConfig:
     # loss scaling on an older CUDA GPU; else fp32. Or force one: fp32 | bf16 | fp16
     precision: str = "auto"
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    # recompute each transformer block's activations in the backward instead of keeping them
+    # (lmforge/train/recompute.py): less memory for ~1/3 more compute a step
+    activation_checkpointing: bool = False
     num_threads: Optional[int] = None  # torch CPU threads; null = torch's default
     # A step whose loss or gradient is NaN/Inf is skipped (no update; counted and logged); this
     # many in a row stop the run with an error naming the step.

@@ -400,13 +400,14 @@ CASES = [
     Case("report-same-run-twice", ["report", "{bert}", "{bert}", "--out", "{tmp}/r"], "is given twice"),
     Case("report-out-exists", ["report", "{bert}", "--out", "{tmp}/r"], "exists; choose another --out",
          files_at({"r.html": "mine"})),
+    Case("doctor-unknown-option", ["doctor", "--gpu", "A100"], "unrecognized arguments: --gpu A100"),
 ]
 
 
 def test_the_table_covers_every_verb_with_at_least_30_cases():
     verbs = {c.argv[0] for c in CASES}
     assert {"prepare", "pretrain", "finetune", "classify", "predict", "generate", "export", "plan",
-            "plot-schedule", "report"} <= verbs
+            "plot-schedule", "report", "doctor"} <= verbs
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
 
 

@@ -44,8 +44,13 @@ def test_finetune_fixes_experiment_runs_both_settings_over_the_seeds_and_summari
 
 def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp_path):
     report = run_smoke(ROOT / "experiments" / "finetune_levers.py", "--out", str(tmp_path))
-    assert [(r["variant"], r["seed"]) for r in report["rows"]] == [("shipped", 0), ("pooler", 0)]  # what --smoke runs
+    assert [(r["variant"], r["seed"]) for r in report["rows"]] == [("shipped", 0), ("pooler", 0), ("dapt", 0)]
     assert report["variants"]["pooler"]["overrides"] == ["model.classifier_pooling=pooler"]
+    # dapt fine-tunes from its own continued-pretraining run, made on the train split's texts
+    dapt_cfg = (Path(report["rows"][2]["run_dir"]) / "config.yaml").read_text()
+    pretrained = next(Path(tmp_path / "dapt" / "pretrain").glob("mlm.*"))
+    assert f"init_from: {pretrained}" in dapt_cfg
+    assert "train-texts:movie-reviews" in (pretrained / "config.yaml").read_text()
     for name, s in report["summary"].items():
         rows = [r for r in report["rows"] if r["variant"] == name]
         for key in ("val", "test", "vader-tweets", "vader-nyt"):

@@ -94,3 +94,33 @@ def test_pooler_pooling_is_tanh_of_a_dense_layer_on_the_cls_state():
         expected = model.polarity(torch.tanh(model.pooler(cls)))
     assert torch.allclose(out.logits, expected, atol=1e-6) and out.logits.shape == (2, 3) and out.rating is None
     assert not math.isnan(float(out.logits.sum()))
+
+
+def _varied_task(tmp_path, *overrides):
+    """A ClassifyTask on texts of many lengths (1 to 12 words)."""
+    path = tmp_path / "lengths.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{' '.join(['good'] * (1 + i % 12))} film\t{i % 2}\n"
+                                              for i in range(400)))
+    cfg = load_config(None, ["task.name=classify", f"data.dataset={path}", "data.tokenizer=bert-base-uncased",
+                             "data.seq_len=16", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
+                             "model.intermediate_size=32", "model.max_position_embeddings=16",
+                             "train.batch_size=8", *overrides])
+    return ClassifyTask.create(cfg)
+
+
+def test_length_buckets_off_is_the_plain_seeded_shuffle_and_pads_more(tmp_path):
+    import random
+
+    from lmforge.rng import derive_seed
+
+    bucketed, plain = _varied_task(tmp_path), _varied_task(tmp_path, "classify.length_buckets=false")
+    order = list(plain.split["train"])
+    random.Random(derive_seed(0, "classify-epoch", 0)).shuffle(order)
+    assert plain._order_of_epoch(0) == order
+    assert sorted(bucketed._order_of_epoch(0)) == sorted(order) != bucketed._order_of_epoch(0)
+
+    def padding(task):
+        batches = [task.train_batch(step, 0) for step in range(task.steps_per_epoch())]
+        return 1 - sum(b.num_tokens for b in batches) / sum(b.tensors["input_ids"].numel() for b in batches)
+
+    assert padding(bucketed) < 0.5 * padding(plain)

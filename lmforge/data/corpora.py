@@ -6,7 +6,11 @@ Sources, in the order `open_corpus` tries them:
   - a local path: a folder (every *.txt / *.md file below it is one document), a `.jsonl` file
     (one document per line, its "text" field), or a text file (documents separated by blank lines);
   - `hf:NAME[:CONFIG]`: a Hugging Face `datasets` dataset's train split, streamed (online
-    users), e.g. `hf:wikitext:wikitext-2-raw-v1`.
+    users), e.g. `hf:wikitext:wikitext-2-raw-v1`;
+  - `train-texts:DATASET[:SEED]`: the texts of the train split `lmforge finetune` trains on for
+    a labelled dataset (a bundled name or a file, split by data.split_seed SEED, default 1234),
+    one document each, for domain-adaptive pretraining (model.init_from) before fine-tuning. The
+    validation and test texts are never in it.
 Documents are yielded one at a time so that memory stays bounded whatever the corpus size.
 Bytes of a local file that are not UTF-8 become U+FFFD, and the first complete pass over the
 corpus says how many in one warning line: a few bad bytes should not cost a whole corpus.
@@ -23,7 +27,9 @@ from typing import Callable, Iterator, Optional
 
 from tqdm.auto import tqdm
 
+from lmforge.config import DataConfig
 from lmforge.data.packages import fetch_package
+from lmforge.data.sentiment import EVALUATION_ONLY, load_labeled, stratified_split
 from lmforge.data.text import READ_ARGS, invalid_utf8_warning, repair
 from lmforge.errors import LmforgeError
 
@@ -134,6 +140,28 @@ def _hf(spec: str) -> Corpus:
     return Corpus(spec, f"hf:{name}/{config}:{split}", docs)
 
 
+TRAIN_TEXTS = "train-texts:"
+
+
+def _train_texts(spec: str, cache_dir: Optional[str]) -> Corpus:
+    """`train-texts:DATASET[:SEED]` (see the module docstring)."""
+    dataset, seed = spec[len(TRAIN_TEXTS):], DataConfig().split_seed  # a fine-tuning run's default split
+    head, _, tail = dataset.rpartition(":")
+    if head and tail.isdigit():
+        dataset, seed = head, int(tail)
+    if dataset in EVALUATION_ONLY:
+        raise LmforgeError(f"corpus {spec}: {dataset} is for evaluation only (out of the training domain); "
+                           f"pretraining on it would leak it into what it measures")
+    data = load_labeled(dataset, cache_dir)
+    train = stratified_split([e.label for e in data.examples], seed)["train"]
+
+    def docs() -> Documents:
+        for i in train:
+            yield str(i), data.examples[i].text
+
+    return Corpus(spec, f"train-texts:{data.identity}:{seed}", docs)
+
+
 def _warn_once(warned: list[bool], bad_bytes: int, where: str) -> None:
     """At the end of a pass over a local corpus: one warning line if it had invalid UTF-8, only
     after its first pass (a corpus is read twice when a tokenizer is trained on it)."""
@@ -167,13 +195,15 @@ def open_corpus(spec: str, cache_dir: Optional[str] = None) -> Corpus:
         return REGISTRY[spec](cache_dir)
     if spec.startswith("hf:"):
         return _hf(spec)
+    if spec.startswith(TRAIN_TEXTS):
+        return _require_text(_train_texts(spec, cache_dir))
     path = Path(spec).expanduser()
     if path.is_dir():
         return _require_text(_folder(path))
     if path.is_file():
         return _require_text(_jsonl(path) if path.suffix == ".jsonl" else _text_file(path))
     raise LmforgeError(f"unknown corpus '{spec}': not a registry name ({', '.join(REGISTRY)}), "
-                       f"not an existing file or folder, and not 'hf:NAME[:CONFIG]'")
+                       f"not an existing file or folder, and not 'hf:NAME[:CONFIG]' or 'train-texts:DATASET[:SEED]'")
 
 
 def is_validation_doc(doc_id: str, split_seed: int, val_frac: float) -> bool:

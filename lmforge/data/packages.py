@@ -73,6 +73,18 @@ def _installed_location(module: str, dist: str, version: str) -> Optional[Path]:
     return Path(list(spec.submodule_search_locations)[0]).parent
 
 
+def package_location(dist: str, version: str, *, module: Optional[str] = None, source: bool = False,
+                     cache_dir: Optional[str] = None) -> Optional[Path]:
+    """Where `fetch_package` would find `dist==version` without fetching it, or None (not yet
+    installed or cached: the first run that needs it downloads it)."""
+    if module and not source:
+        here = _installed_location(module, dist, version)
+        if here is not None:
+            return here
+    target = cache_root(cache_dir) / "packages" / f"{dist}-{version}{'-src' if source else ''}"
+    return target if (target / ".complete").exists() else None
+
+
 def fetch_package(dist: str, version: str, *, module: Optional[str] = None, source: bool = False,
                   cache_dir: Optional[str] = None) -> Path:
     """Return a folder holding the unpacked release `dist==version`.

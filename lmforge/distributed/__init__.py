@@ -56,6 +56,9 @@ def make_engine(model: torch.nn.Module, cfg, par: Parallel, device: torch.device
     if cfg.optim.name == "muon":  # Newton-Schulz orthogonalises a whole matrix; a shard is not one
         raise LmforgeError(f"optim.name=muon needs every rank to hold whole matrices, and distributed.strategy="
                            f"{strategy} shards them; use distributed.strategy=ddp, or optim.name=adamw")
+    if cfg.optim.ema_decay is not None:  # the average is kept beside whole parameters (train/ema.py)
+        raise LmforgeError(f"optim.ema_decay averages whole parameters on each rank, and distributed.strategy="
+                           f"{strategy} shards them; use distributed.strategy=ddp, or optim.ema_decay=null")
     if strategy == "fsdp":
         from lmforge.distributed.fsdp import FSDPEngine
         return FSDPEngine(model, cfg, par, device, precision, make_optimizer)

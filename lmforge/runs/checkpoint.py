@@ -3,6 +3,8 @@
 One checkpoint is a folder `checkpoints/step_00001234/`:
     model.safetensors       model weights, names free of wrapper prefixes (_orig_mod., module.)
     optimizer.safetensors   AdamW moments and step counts, keyed `<param index>.<name>`
+    ema.safetensors         only with optim.ema_decay: the averaged model (lmforge/train/ema.py),
+                            named as model.safetensors; readers of the run prefer it
     state.json              step, data position, optimizer hyper-parameters, metrics needed to
                             continue, the sha256 of both tensor files, and `state_sha256`: the
                             sha256 of state.json's own content without that key (all checked
@@ -33,6 +35,7 @@ from lmforge.errors import LmforgeError
 from lmforge.files import write_text_atomic
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+AVERAGE_FILE = "ema.safetensors"
 
 
 def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,15 +95,17 @@ def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, dict],
-                    state: dict[str, Any], keep: int = 3) -> Path:
+                    state: dict[str, Any], keep: int = 3,
+                    average: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`.
     `full_state` is (model tensors, optimizer tensors, optimizer meta) as an Engine's full_state
-    gives them (lmforge/distributed/engine.py).
+    gives them (lmforge/distributed/engine.py); `average`, the weight average's state dict
+    (optim.ema_decay), goes into ema.safetensors.
 
     A write that fails (full disk, read-only or vanished directory) removes its temporary folder
     and raises LmforgeError; the previous checkpoint and `latest` are left as they were."""
     try:
-        return _save_checkpoint(ckpt_root, step, full_state, state, keep)
+        return _save_checkpoint(ckpt_root, step, full_state, state, keep, average)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
         shutil.rmtree(ckpt_root / f".step_{step:08d}.tmp", ignore_errors=True)
         previous = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
@@ -112,7 +117,7 @@ def save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, di
 
 
 def _save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, dict],
-                     state: dict[str, Any], keep: int) -> Path:
+                     state: dict[str, Any], keep: int, average: Optional[dict[str, torch.Tensor]]) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".step_{step:08d}.tmp"
@@ -122,11 +127,15 @@ def _save_checkpoint(ckpt_root: Path, step: int, full_state: tuple[dict, dict, d
     weights, opt_tensors, opt_meta = full_state
     save_file(weights, tmp / "model.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    files = {name: _sha256(tmp / name) for name in ("model.safetensors", "optimizer.safetensors")}
+    names = ["model.safetensors", "optimizer.safetensors"]
+    if average is not None:
+        save_file(average, tmp / AVERAGE_FILE)
+        names.append(AVERAGE_FILE)
+    files = {name: _sha256(tmp / name) for name in names}
     payload = {"step": step, "optimizer": opt_meta, "files": files, **state}
     payload["state_sha256"] = state_checksum(payload)  # a changed step or data position is damage too
     (tmp / "state.json").write_text(json.dumps(payload, indent=1))
-    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+    for name in (*names, "state.json"):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     replaced = None
@@ -154,10 +163,12 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, with_optimizer: bool = True
+def load_checkpoint(path: Path, with_optimizer: bool = True, average: bool = False
                     ) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]], dict]:
     """(model tensors, optimizer tensors or None, state) from a checkpoint folder, after checking
-    the recorded sha256 of each tensor file read. Nothing here can execute code from the files."""
+    the recorded sha256 of each tensor file read. Nothing here can execute code from the files.
+    With `average`, the model tensors are the weight average's (ema.safetensors) where the
+    checkpoint has one; on resume the loop reads it with `load_average`."""
     state_path = path / "state.json"
     if not state_path.is_file():
         raise LmforgeError(f"{path} is not a checkpoint (no state.json)")
@@ -170,9 +181,12 @@ def load_checkpoint(path: Path, with_optimizer: bool = True
     recorded = state.pop("state_sha256", None)  # None: written before lmforge recorded it
     if recorded is not None and recorded != state_checksum(state):
         raise LmforgeError(f"checkpoint {path} is damaged: state.json does not match its recorded sha256")
-    names = ["model.safetensors"] + (["optimizer.safetensors"] if with_optimizer else [])
     files = state.get("files", {})
-    for name in names:
+    model_file = AVERAGE_FILE if average and AVERAGE_FILE in files else "model.safetensors"
+    names = [model_file] + (["optimizer.safetensors"] if with_optimizer else [])
+    # resuming needs the average too: checked here with the rest, read by load_average
+    checked = names + ([AVERAGE_FILE] if with_optimizer and AVERAGE_FILE in files else [])
+    for name in checked:
         digest = files.get(name)
         if digest is None or not (path / name).is_file() or _sha256(path / name) != digest:
             raise LmforgeError(f"checkpoint {path} is damaged: {name} is missing or does not match its recorded sha256")
@@ -190,24 +204,37 @@ def checkpoints_newest_first(ckpt_root: Path) -> list[Path]:
     return ([latest] if latest else []) + [p for p in steps if p != latest]
 
 
-def load_newest_good(ckpt_root: Path, with_optimizer: bool = True):
+def load_newest_good(ckpt_root: Path, with_optimizer: bool = True, average: bool = False):
     """(path, model tensors, optimizer tensors, state) of the newest checkpoint that is whole,
     or None if there is none. A damaged one (truncated, altered, half-deleted) is named in a
-    one-line warning and the one before it is used."""
+    one-line warning and the one before it is used. `average`: as for load_checkpoint."""
     for path in checkpoints_newest_first(ckpt_root):
         try:
-            return (path, *load_checkpoint(path, with_optimizer))
+            return (path, *load_checkpoint(path, with_optimizer, average))
         except LmforgeError as e:
             print(f"lmforge: warning: {e}; trying the checkpoint before it", file=sys.stderr)
     return None
 
 
 def load_model_weights(ckpt_root: Path, run_dir: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of the newest whole checkpoint under `ckpt_root` (of run `run_dir`)."""
-    found = load_newest_good(ckpt_root, with_optimizer=False)
+    """The model of the newest whole checkpoint under `ckpt_root` (of run `run_dir`): the weight
+    average where the run kept one (optim.ema_decay), else the trained weights."""
+    found = load_newest_good(ckpt_root, with_optimizer=False, average=True)
     if found is None:
         raise LmforgeError(f"{run_dir} has no usable checkpoint")
     return found[1]
+
+
+def load_average(path: Path, state: dict) -> Optional[dict[str, torch.Tensor]]:
+    """The weight average (ema.safetensors) of the checkpoint `path`, whose state `state` came from
+    load_checkpoint(path, with_optimizer=True), which has checked the file's sha256; None where
+    the checkpoint has none."""
+    if AVERAGE_FILE not in state.get("files", {}):
+        return None
+    try:
+        return load_file(path / AVERAGE_FILE)
+    except Exception as e:  # safetensors refuses a malformed file
+        raise LmforgeError(f"checkpoint {path} is damaged: {e}") from None
 
 
 def indexed_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:

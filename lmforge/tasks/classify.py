@@ -4,7 +4,7 @@ Examples are tokenized once as [CLS] text [SEP] (truncated to data.seq_len). Bat
 only to their longest member, and members have similar lengths: each epoch's seeded shuffle is
 cut into chunks of 50 global batches (one optimizer step's examples: train.batch_size x
 grad_accum_steps x processes), each chunk sorted by length and cut into global batches, and the
-batch order shuffled again. A step's examples, and so its loss, therefore depend only on the
+batch order shuffled again (classify.length_buckets=false: the shuffle alone). A step's examples, and so its loss, therefore depend only on the
 global batch size, not on how it is cut into micro-batches and processes. On short texts like
 movie-review snippets (~28 tokens, max ~90) this does several times less work than padding every
 example to 128. A batch with no padding at all goes
@@ -36,7 +36,7 @@ from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.prepared import fill_vocab_size
 from lmforge.data.sentiment import (EVALUATION_ONLY, LABELS, LabeledData, load_labeled, stratified_split,
                                     stratified_subset)
-from lmforge.data.tokenizers import TextTokenizer, load_tokenizer, minilm_model_dir
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.evaluate import evaluate_examples, plot_confusion, write_evaluation
 from lmforge.eval.metrics import confusion_matrix, expected_calibration_error, f1_per_class, fit_temperature
@@ -49,7 +49,7 @@ from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkp
                                   read_hf_dir, run_weights)
 from lmforge.tasks import registry
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
-from lmforge.tasks.loading import load_model
+from lmforge.tasks.loading import load_model, source_path
 from lmforge.tasks.registry import register
 
 CHUNK_BATCHES = 50  # batches per length-sorted chunk
@@ -194,12 +194,14 @@ class ClassifyTask(Task):
             rng = random.Random(derive_seed(self.cfg.train.seed, "classify-epoch", epoch))
             order = list(self.split["train"])
             rng.shuffle(order)
-            batches = []
-            for start in range(0, len(order), b * CHUNK_BATCHES):
-                chunk = sorted(order[start:start + b * CHUNK_BATCHES], key=lambda i: len(self.ids[i]))
-                batches += [chunk[k:k + b] for k in range(0, len(chunk), b)]
-            rng.shuffle(batches)
-            self._epoch, self._epoch_order = epoch, [i for batch in batches for i in batch]
+            if self.cfg.classify.length_buckets:
+                batches = []
+                for start in range(0, len(order), b * CHUNK_BATCHES):
+                    chunk = sorted(order[start:start + b * CHUNK_BATCHES], key=lambda i: len(self.ids[i]))
+                    batches += [chunk[k:k + b] for k in range(0, len(chunk), b)]
+                rng.shuffle(batches)
+                order = [i for batch in batches for i in batch]
+            self._epoch, self._epoch_order = epoch, order
         return self._epoch_order
 
     def steps_per_epoch(self) -> int:
@@ -443,9 +445,6 @@ def load_training_data(cfg: Config) -> LabeledData:
     return data
 
 
-BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
-
-
 def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, nn.Module]:
     """(config, tokenizer, classifier with the latest weights, in eval mode) of a fine-tuning run."""
     run_dir = Path(run_dir)
@@ -501,7 +500,7 @@ def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Te
         tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
         fill_vocab_size(cfg, tokenizer)
         return tokenizer, None
-    path = BUNDLED_MODELS[spec](cfg.data.cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
+    path = source_path(spec, cfg.data.cache_dir)
     loaded = load_model(path, mlm_head_required=False)
     source_family = family(loaded.config.arch)
     if source_family.kind != "encoder":

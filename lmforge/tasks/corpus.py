@@ -5,24 +5,36 @@ shards it started on (recorded in data.json), writes tokenizer.json and data.jso
 and cuts the token stream into windows visited in a seeded order, one sampler per sequence length
 of the schedule (data.long_seq_len). MLM, ELECTRA, distill-mlm and CLM differ only in the window
 length they read (`window_extra`), their model and their loss.
+
+With model.init_from a run continues pretraining a trained model (domain-adaptive pretraining,
+Gururangan et al. 2020) instead of starting from random weights: the source's family, shape and
+tokenizer are taken over, its weights loaded, and a head the source lacks (MiniLM is an encoder
+only: no MLM head) starts from the family's seeded init, its decoder tied to the loaded embeddings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from lmforge.config import Config
+from lmforge.config import Config, DataConfig, ModelConfig
 from lmforge.data.prepared import fill_vocab_size, prepared_data
 from lmforge.data.shards import PreparedData
-from lmforge.data.tokenizers import load_tokenizer
+from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
 from lmforge.errors import LmforgeError
-from lmforge.models.registry import build_model, check_family
+from lmforge.models.registry import build_model, check_family, family
+from lmforge.runs.readers import LoadedModel
 from lmforge.tasks.base import Task
+from lmforge.tasks.loading import load_model, source_path
+
+# ModelConfig keys a continued run keeps as configured; every other one is the source's
+KEPT_FROM_CONFIG = ("dropout", "init_from", "init_std", "reinit_layers", "next_sentence_head", "classifier_pooling")
 
 
 class CorpusTask(Task):
@@ -36,8 +48,21 @@ class CorpusTask(Task):
     loss_name: ClassVar[str] = ""  # how its loss is named in the headline: MLM, causal-LM
     data: PreparedData
 
+    continues: ClassVar[bool] = True  # model.init_from is taken (False: refused, e.g. ELECTRA's two models)
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        if cfg.model.init_from is not None:
+            if not cls.continues:
+                raise LmforgeError(f"task.name={cls.name} starts from random weights; model.init_from is for "
+                                   f"task.name=mlm and clm (set it to null)")
+            if cfg.model.reinit_layers:
+                raise LmforgeError("model.reinit_layers is for fine-tuning (task.name=classify); continued "
+                                   "pretraining keeps every layer of model.init_from")
+            if cfg.data.train_tokenizer_vocab is not None:
+                raise LmforgeError(f"model.init_from={cfg.model.init_from} continues with its own tokenizer; "
+                                   f"data.train_tokenizer_vocab would train another (set it to null)")
+            return  # the family is the source's, read when the run starts
         check_family(cls.name, cfg.model.arch, cls.kind, cls.archs)
 
     @classmethod
@@ -60,10 +85,33 @@ class CorpusTask(Task):
         # Every rank, no collective: the first to take the cache's file lock tokenizes the corpus
         # (and shows the progress bar), the others wait on the lock, then read it (a collective
         # here would time out on a large corpus).
+        source = cls.continued_source(cfg) if cfg.model.init_from is not None else None
         data = prepared_data(cfg, progress=cfg.train.progress, trained_kind=cls.trained_tokenizer())
         fill_vocab_size(cfg, data.tokenizer)
-        torch.manual_seed(cfg.train.seed)  # model initialisation
-        return cls(cfg, data, cls.build_model(cfg))
+        torch.manual_seed(cfg.train.seed)  # model initialisation (with init_from: the heads the source lacks)
+        model = cls.build_model(cfg)
+        if source is not None:
+            load_source_weights(model, source, cfg.model.init_from)
+        return cls(cfg, data, model)
+
+    @classmethod
+    def continued_source(cls, cfg: Config) -> LoadedModel:
+        """model.init_from's model, of this objective's kind; cfg.model takes its family and shape
+        (but KEPT_FROM_CONFIG), data.tokenizer its tokenizer."""
+        spec = cfg.model.init_from
+        path = source_path(spec, cfg.data.cache_dir)
+        loaded = load_model(path, mlm_head_required=False)
+        arch = loaded.config.arch
+        check_family(cls.name, arch, cls.kind, cls.archs)
+        cfg.data.tokenizer = source_tokenizer(cfg, spec, path, loaded)
+        for f in dataclasses.fields(ModelConfig):
+            if f.name not in KEPT_FROM_CONFIG:
+                setattr(cfg.model, f.name, getattr(loaded.config, f.name))
+        longest = cfg.data.long_seq_len or cfg.data.seq_len
+        if longest > loaded.config.max_position_embeddings:
+            raise LmforgeError(f"data.seq_len={longest} exceeds the {loaded.config.max_position_embeddings} positions "
+                               f"of {spec}; set data.seq_len={loaded.config.max_position_embeddings} or lower")
+        return loaded
 
     @classmethod
     def reopen(cls, cfg: Config, run_dir: Path) -> "CorpusTask":
@@ -134,3 +182,43 @@ class CorpusTask(Task):
 
     def load_data_state(self, state: dict) -> None:
         load_sampler_states(self.samplers, self.cfg.data.seq_len, state)
+
+
+def same_vocabulary(a: TextTokenizer, b: TextTokenizer) -> bool:
+    return a.tok.get_vocab(with_added_tokens=True) == b.tok.get_vocab(with_added_tokens=True)
+
+
+def source_tokenizer(cfg: Config, spec: str, path: Path, loaded: LoadedModel) -> str:
+    """The data.tokenizer a run continuing `spec` prepares its corpus with: the configured one
+    when it is the source's vocabulary (the default bert-base-uncased is MiniLM's), the source's
+    own file when data.tokenizer was left at its default, else a one-line error."""
+    given = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
+    if same_vocabulary(given, loaded.tokenizer):
+        return cfg.data.tokenizer
+    if cfg.data.tokenizer == DataConfig().tokenizer:
+        return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else str(path)
+    raise LmforgeError(f"data.tokenizer={cfg.data.tokenizer} ({given.vocab_size} tokens) does not match the tokenizer "
+                       f"of model.init_from={spec} ({loaded.tokenizer.vocab_size} tokens); drop data.tokenizer: a "
+                       f"model continues with the tokenizer it was trained with")
+
+
+def load_source_weights(model: torch.nn.Module, source: LoadedModel, spec: str) -> None:
+    """The source's weights into the run's freshly initialised `model`: all of them, but a head the
+    source lacks (its fresh MLM head, an NSP head), which keeps its seeded init. A tied decoder
+    stays tied, so it starts as the loaded embeddings. Anything else that does not fit is an error."""
+    state = source.model.state_dict()
+    if source.fresh_mlm_head:  # initialised by the reader, not trained: the run's own seeded head instead
+        state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k not in expected or expected[k].shape != v.shape]
+    encoder = getattr(family(source.config.arch).lm, "encoder_attr", None)  # None: a decoder has no heads to add
+    missing = [k for k in expected if k not in state]
+    if wrong or any(encoder is None or k.startswith(encoder + ".") for k in missing):
+        raise LmforgeError(f"model.init_from={spec} does not fit this {source.config.arch} model "
+                           f"({', '.join((wrong + missing)[:4])}); start from a pretraining run or a transformers "
+                           f"model of the same family")
+    model.load_state_dict(state, strict=False)
+    fresh = sorted({k.split(".")[0] for k in missing})
+    if fresh:
+        print(f"note: model.init_from={spec} has no trained {', '.join(fresh)}: "
+              f"{'they start' if len(fresh) > 1 else 'it starts'} from the family's init", file=sys.stderr)

@@ -53,6 +53,7 @@ def electra_loss(model: nn.Module, tensors: dict[str, torch.Tensor], rtd_weight:
 class ElectraTask(MaskedLMTask):
     name = "electra"
     archs = ("bert",)  # the generator and discriminator are BERT encoders (lmforge/models/electra.py)
+    continues = False  # two models of their own shapes: model.init_from is refused
 
     @classmethod
     def build_model(cls, cfg: Config) -> nn.Module:

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Optional
+
 from lmforge.config import Config, load_config
+from lmforge.data.tokenizers import minilm_model_dir
 from lmforge.errors import LmforgeError
 from lmforge.runs.readers import LoadedModel, is_hf_dir, load_hf_model
 from lmforge.tasks import registry
+
+BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
+
+
+def source_path(spec: str, cache_dir: Optional[str] = None) -> Path:
+    """Where model.init_from=`spec` is: a bundled model by name (minilm), else the path given."""
+    return BUNDLED_MODELS[spec](cache_dir) if spec in BUNDLED_MODELS else Path(spec).expanduser()
 
 
 def run_config(path: str | Path) -> Config | None:

@@ -12,8 +12,8 @@ the step-0 checkpoint, then per step `should_stop`, `train_step`, `maybe_log`, `
 in one `RunState`.
 
 Exact resume: every random draw is a function of (seed, step, ...) — masks by the task, dropout by
-re-seeding torch at the start of each step — and the checkpoint holds weights, optimizer moments
-and the data position. A resumed run therefore computes bit-for-bit the same losses on CPU as a
+re-seeding torch at the start of each step — and the checkpoint holds weights, optimizer moments,
+the data position and, with optim.ema_decay, the weight average (train/ema.py) the run evaluates. A resumed run therefore computes bit-for-bit the same losses on CPU as a
 run that was never interrupted.
 """
 
@@ -38,7 +38,9 @@ from lmforge.errors import LmforgeError
 from lmforge.files import write_text_atomic
 from lmforge.rng import derive_seed
 from lmforge.train.interface import TrainableTask as Task
-from lmforge.runs.checkpoint import load_newest_good, save_checkpoint
+from lmforge.runs.checkpoint import load_average, load_newest_good, save_checkpoint
+from lmforge.train.ema import WeightAverage
+from lmforge.train.recompute import checkpoint_blocks
 from lmforge.train.log import MetricsLogger, NullLogger
 from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
 from lmforge.train.optim import lr_at, make_optimizer
@@ -206,6 +208,11 @@ class Trainer:
         sharded_start = par.world > 1 and cfg.distributed.strategy == "fsdp"
         self.model = task.model if sharded_start else task.model.to(device)
         self.model.train()
+        if t_cfg.activation_checkpointing:  # before any wrapping: DDP, FSDP2 and compile see the checkpointed blocks
+            blocks = checkpoint_blocks(self.model)
+            if blocks == 0:
+                raise LmforgeError("train.activation_checkpointing=true found no transformer blocks in this model "
+                                   "(no nn.ModuleList of layers); set it to false")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls
             torch.backends.cudnn.allow_tf32 = True
@@ -224,6 +231,7 @@ class Trainer:
         if self.schedule.varies:
             self.say(f"lmforge: {self.schedule.describe()}")
         self.engine, self.scaler = self.build_engine(restored)
+        self.average = self.make_average(restored)
         del restored
         engine = self.engine
         self.forward_model = torch.compile(engine.forward_model) if t_cfg.compile else engine.forward_model
@@ -242,13 +250,15 @@ class Trainer:
 
     def read_checkpoint(self) -> tuple[dict, dict, dict]:
         """Restore what must be in place before the engine wraps the model: weights, data position, counters.
-        Returns (weights, optimizer tensors, state.json) for the engine to load."""
+        Returns (weights, optimizer tensors, state.json with the weight average or None under
+        "average") for the engine and make_average to load."""
         t_cfg, run_dir, s = self.t_cfg, self.run_dir, self.state
         found = load_newest_good(self.ckpt_root)
         if found is None:
             raise LmforgeError(f"{run_dir} has no usable checkpoint to resume from (it stopped before its first "
                                f"checkpoint was written, or every checkpoint is damaged); start the run again")
         path, weights, opt_tensors, saved = found
+        saved["average"] = load_average(path, saved)  # None without optim.ema_decay
         check_global_batch(run_dir, saved.get("global_batch"), self.cfg, self.par.world)
         self.model.load_state_dict(weights)  # every rank, before any wrapping (DeepSpeed copies it at start)
         self.task.load_data_state(saved["data"])
@@ -284,6 +294,20 @@ class Trainer:
             # the loss scale is restored by the engine that really scales the loss
             engine.load_loss_scale_state(scaler, saved.get("loss_scaler"))
         return engine, scaler
+
+    def make_average(self, restored: Optional[tuple[dict, dict, dict]]) -> Optional[WeightAverage]:
+        """optim.ema_decay: the weight average (train/ema.py), restored with its update count on resume."""
+        decay = self.cfg.optim.ema_decay
+        if decay is None:
+            return None
+        average = WeightAverage(self.model, decay)
+        saved = restored[2] if restored is not None else {}
+        if saved.get("average") is not None:
+            average.load_state_dict(saved["average"], saved["ema_updates"])
+        elif restored is not None:
+            self.say(f"lmforge: the checkpoint has no weight average; optim.ema_decay={decay} averages from step "
+                     f"{self.state.step} on")
+        return average
 
     def make_logger(self) -> MetricsLogger | NullLogger:
         """One writer (rank 0); on resume it drops what an interrupted process logged after the checkpoint."""
@@ -326,6 +350,8 @@ class Trainer:
             self.evaluate()
         if s.last_ckpt_step != s.step:
             self.checkpoint()
+        if self.average is not None:  # the run's model is the average from here on (finish, the reports)
+            self.average.copy_to_model()
         self.logger.close()
         return TrainResult(steps=s.step, tokens_seen=s.tokens_seen, wall_time_s=self.elapsed(),
                            stopped_by=s.stopped_by, last_eval=s.last_eval)
@@ -379,6 +405,8 @@ class Trainer:
         grad_norm, updated = engine.step(self.max_norm, loss_mean, self.scaler)
         if updated:
             s.nonfinite_in_a_row = 0
+            if self.average is not None:
+                self.average.update()
         else:
             self.skip_nonfinite(loss_mean)
         if self.scaler is not None:
@@ -454,7 +482,7 @@ class Trainer:
         s.last_eval_step = s.step
         if not self.evaluates:
             return
-        with self.amp:
+        with self.amp, (self.average.swapped_in() if self.average is not None else contextlib.nullcontext()):
             result = self.task.evaluate(self.eval_model, self.device)
         s.last_eval, s.last_eval_step = result.metrics, s.step
         if not self.par.main:
@@ -479,7 +507,12 @@ class Trainer:
                  "nonfinite_steps": s.nonfinite_steps, "global_batch": self.global_batch}
         if (scale := engine.loss_scale_state(self.scaler)) is not None:
             saved["loss_scaler"] = scale
-        save_checkpoint(self.ckpt_root, s.step, full_state, saved, keep=self.t_cfg.keep_checkpoints)
+        average = None
+        if self.average is not None:
+            saved["ema_updates"] = self.average.updates
+            average = self.average.state_dict()
+        save_checkpoint(self.ckpt_root, s.step, full_state, saved, keep=self.t_cfg.keep_checkpoints,
+                        average=average)
 
 
 def train(cfg: Config, task: Task, run_dir: Path, device: torch.device, resume: bool = False) -> TrainResult:
