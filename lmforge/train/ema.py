@@ -15,7 +15,7 @@ averaged parameters and the model's buffers), and leaves it in the model when tr
 Resume restores it and its update count, so a resumed run's average is the uninterrupted one's.
 
 It needs every parameter whole on each process (one process or DDP); sharded strategies are
-refused in one line by the loop.
+refused in one line where the engine is made (lmforge/distributed/__init__.py make_engine).
 """
 
 from __future__ import annotations

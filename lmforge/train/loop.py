@@ -13,7 +13,8 @@ in one `RunState`.
 
 Exact resume: every random draw is a function of (seed, step, ...) — masks by the task, dropout by
 re-seeding torch at the start of each step — and the checkpoint holds weights, optimizer moments,
-the data position and, with optim.ema_decay, the weight average (train/ema.py) the run evaluates. A resumed run therefore computes bit-for-bit the same losses on CPU as a
+the data position and, with optim.ema_decay, the weight average (train/ema.py) the run
+evaluates. A resumed run therefore computes bit-for-bit the same losses on CPU as a
 run that was never interrupted.
 """
 
