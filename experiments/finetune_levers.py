@@ -19,6 +19,7 @@ The seed changes the heads' initialisation, the dropout masks and the batch orde
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -47,6 +48,11 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "fp32": (("train.precision=fp32",), "fp32 instead of bf16 autocast"),
     "nobuckets": (("classify.length_buckets=false",), "batches of the plain shuffle, not of similar lengths"),
     "len64": (("data.seq_len=64",), "inputs cut to 64 tokens"),
+    # the levers that helped one at a time, together
+    "mean+lr1e-4": (("model.classifier_pooling=mean", "optim.lr=1e-4"), "mean pooling and 2x the learning rate"),
+    "mean+lr1e-4+epochs5": (("model.classifier_pooling=mean", "optim.lr=1e-4", "train.max_steps=1320",
+                             "train.eval_every=1320", "train.checkpoint_every=1320"),
+                            "mean pooling, 2x the learning rate, 5 epochs"),
 }
 # the continued pretraining of `dapt` (Gururangan et al. 2020): ~3.4 passes over the train texts
 # (~240k tokens, in windows of 64: two or three snippets each), at BERT's continued-pretraining lr
@@ -76,10 +82,28 @@ def run(name: str, seed: int, out: Path, extra: list[str], smoke: bool = False) 
         extra = [k for k in extra if not k.startswith("model.")] + [f"model.init_from={pretrained}"]
     cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [*overrides, *common_keys, f"out_dir={out / name}", *extra])
     run_dir, s = finetune(cfg)
+    if s.get("stopped_by") != "max_steps":  # a signal or a time budget: not a run to compare, nor to keep
+        raise SystemExit(f"finetune_levers: {name} seed {seed} stopped by {s.get('stopped_by')} at step {s['steps']} "
+                         f"({run_dir}); not recorded")
     return {"variant": name, "seed": seed, "seconds": round(time.time() - started, 1),
             "val": s["val_accuracy"], "test": s["test_accuracy"],
             **{n: s[f"{n.replace('-', '_')}_accuracy"] for n in EVALUATION_ONLY},
             "test_ece": s["test_ece"], "test_ece_calibrated": s["test_ece_calibrated"], "run_dir": str(run_dir)}
+
+
+def _finished_rows(path: Path, extra: list[str]) -> dict[tuple[str, int], dict]:
+    """{(variant, seed): row} of the runs in `path` (rows.jsonl) made with the same overrides."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["variant"], r["seed"]): {k: v for k, v in r.items() if k != "overrides"}
+            for r in rows if r.get("overrides") == extra}
+
+
+def _append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -114,9 +138,18 @@ def main() -> int:
         names, seeds, extra = [n for n in names if n in ("shipped", "pooler", "dapt")] or names[:1], seeds[:1], extra + SMOKE
     rows = []
     with common.runs_folder(args, "lmforge-finetune-levers-") as (out, _):
+        # each finished run is appended to OUT/rows.jsonl at once: an interrupted sweep run again
+        # with the same --out and overrides skips what it finished (hours of CPU are not lost)
+        done = _finished_rows(out / "rows.jsonl", extra)
         for name in names:
             for seed in seeds:
-                rows.append(run(name, seed, out, extra, args.smoke))
+                row = done.get((name, seed))
+                if row is None:
+                    row = run(name, seed, out, extra, args.smoke)
+                    _append_row(out / "rows.jsonl", {**row, "overrides": extra})
+                else:
+                    print(f"finetune_levers: {name} seed {seed} was finished before: {row['run_dir']}")
+                rows.append(row)
     report = {"seeds": seeds, "overrides": extra, "rows": rows, "summary": summarise(rows),
               "variants": {n: {"overrides": list(VARIANTS[n][0]), "why": VARIANTS[n][1]} for n in names}}
     return common.print_report(report, args.json, print_text)

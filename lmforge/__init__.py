@@ -9,7 +9,7 @@ The functions (lmforge/api.py) are imported on first use, so `import lmforge` st
 
 Packages, from the top down (each may import only those below it; pyproject.toml's import-linter
 contracts check this in `make test`):
-    cli, api, jobs, pretrain, finetune, export, plan   the verbs and the Python API
+    cli, api, jobs, export, plan, doctor, lrfind   the verbs and the Python API
     tasks        objectives: model + batches + loss + metrics, and the registry of them
     eval         baselines, predictions, generation, reports
     train        the one loop, optimizer, schedules, logging, the machine
@@ -23,8 +23,8 @@ contracts check this in `make test`):
 
 __version__ = "0.1.0"
 
-_API = ("pretrain", "finetune", "resume", "load", "predict", "generate", "classify", "evaluate", "report", "make_config",
-        "Run")
+_API = ("pretrain", "finetune", "resume", "load", "predict", "generate", "classify", "evaluate", "report", "lr_find",
+        "make_config", "Run")
 
 
 def __getattr__(name: str):

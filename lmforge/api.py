@@ -231,6 +231,18 @@ def evaluate(run: Union[Run, str, Path], dataset: str, out: Optional[str | Path]
     return evaluate_run(_path(run), dataset, out, write)
 
 
+def lr_find(config: ConfigLike = None, overrides: Optional[list[str]] = None, *, out: str | Path = "lr-find.png",
+            steps: int = 200, start: float = 1e-7, end: float = 10.0, **keywords: Any):
+    """The learning-rate range test on the config's own data and objective (lmforge/lrfind.py):
+    a RangeTest with .lrs, .losses, .smoothed, .suggested_lr (the steepest-descent point),
+    .minimum_lr and .picture (OUT, or the next free name beside it). No run directory is made.
+    Same as `lmforge lr-find --config FILE key=value ...`."""
+    from lmforge.lrfind import lr_find as find
+
+    cfg = make_config(config, overrides, **keywords)
+    return find(cfg, str(config) if isinstance(config, (str, Path)) else "", out, steps=steps, start=start, end=end)
+
+
 def report(runs: Union[Run, str, Path, list], out: str | Path = "lmforge-report") -> tuple[Path, Path]:
     """One picture and an HTML page comparing runs: (OUT.png, OUT.html). Same as `lmforge report`."""
     from lmforge.eval.report import compare_runs

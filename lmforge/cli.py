@@ -237,6 +237,23 @@ def _doctor(args) -> int:
     return 0 if can_run(checks) else 1
 
 
+def _lr_find(args) -> int:
+    from lmforge.config import load_config
+    from lmforge.lrfind import lr_find
+
+    cfg = load_config(args.config, args.overrides)
+    test = lr_find(cfg, args.config or "", args.out, steps=args.steps, start=args.start, end=args.end)
+    if args.json:
+        print(json.dumps({k: v for k, v in vars(test).items() if k not in ("losses", "smoothed", "lrs")}, indent=1))
+    else:
+        print(f"lr-find: {len(test.lrs)} steps from {args.start:g}"
+              + {"end": f" to {args.end:g}", "diverged": ", stopped: the loss diverged",
+                 "non-finite": ", stopped: the loss was not finite"}[test.stopped])
+        print(test.suggestion_line())
+        print(f"wrote {test.picture} and {Path(test.picture).with_suffix('.json')}")
+    return 0
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, example_config: str) -> None:
     """The arguments every training verb takes (see `_start_or_resume`)."""
     p.add_argument("--config", help=f"YAML config file, e.g. {example_config}")
@@ -433,6 +450,25 @@ def _verb_doctor(verbs) -> None:
     p.set_defaults(func=_doctor)
 
 
+def _verb_lr_find(verbs) -> None:
+    p = verbs.add_parser("lr-find", help="the learning-rate range test: a short run with the lr growing, a plot and a "
+                                         "suggested optim.lr",
+                         description="Train the config's objective from its fresh model on its own data, the learning "
+                                     "rate growing exponentially from --start to --end (Smith 2017), until the loss "
+                                     "diverges; draw the loss against the learning rate into --out (and the curve "
+                                     "as JSON beside it) and suggest optim.lr: the steepest-descent point (a tenth of "
+                                     "the lowest-loss point is printed as the cautious choice). No run directory is made; an "
+                                     "existing picture is never replaced (lr-find-2.png, ... instead).")
+    p.add_argument("--config", help="YAML config file, e.g. configs/bert-tiny.yaml (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--steps", type=int, default=200, help="steps at most (default: %(default)s)")
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default: %(default)g)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (default: %(default)g)")
+    p.add_argument("--out", default="lr-find.png", help="the picture (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_lr_find)
+
+
 def _verb_export(verbs) -> None:
     p = verbs.add_parser("export", help="write a model as a Hugging Face transformers directory",
                          description="Write config.json, model.safetensors and tokenizer files that transformers "
@@ -466,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verb_report(verbs)
     _verb_plot_schedule(verbs)
     _verb_plan(verbs)
+    _verb_lr_find(verbs)
     _verb_export(verbs)
     _verb_doctor(verbs)
     return parser

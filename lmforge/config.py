@@ -406,9 +406,19 @@ class TrainConfig:
     # many in a row stop the run with an error naming the step.
     max_nonfinite_steps: int = 10
     progress: bool = True
+    # Overfit test (lmforge/train/overfit.py): train on the same N global batches over and over
+    # (the first N, with their masks) and say at the end whether the loss fell to
+    # overfit_threshold x its first value, and at which step. 0 = off (a normal run).
+    overfit_batches: int = 0
+    overfit_threshold: float = 0.05
 
     def check(self, cfg: Config) -> None:
         seq_len = cfg.data.seq_len
+        _require(self.overfit_batches >= 0,
+                 f"train.overfit_batches={self.overfit_batches} must be 0 (off) or the number of batches to overfit")
+        _require(0 < self.overfit_threshold < 1,
+                 f"train.overfit_threshold={self.overfit_threshold} must be between 0 and 1 (a share of the first "
+                 f"step's loss)")
         _require(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be at least 1")
         _require(self.max_nonfinite_steps >= 1,
                  f"train.max_nonfinite_steps={self.max_nonfinite_steps} must be at least 1")
@@ -457,6 +467,10 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "lmforge"
     wandb_mode: str = "auto"  # auto | online | offline
+    # Per transformer block, at each logging step: gradient norm, update-to-weight ratio and
+    # output RMS (lmforge/train/layerstats.py), as records of split "layers" and a row of
+    # report.png; a non-finite loss then names the first block whose numbers left the finite range.
+    layer_stats: bool = False
 
     # (that the wandb package is installed is checked when a run starts: lmforge/train/machine.py)
     def check(self, cfg: Config) -> None:

@@ -105,3 +105,31 @@ def test_zero_memory_benchmark_reports_each_ranks_peak():
         base = max(report["results"][0]["per_rank_peak_mb"])
         assert r["vs_first"] == pytest.approx(max(r["per_rank_peak_mb"]) / base, abs=1e-3)
     assert report["results"][0]["vs_first"] == 1.0
+
+
+def test_layer_stats_benchmark_compares_the_same_runs_with_and_without_statistics():
+    report = run_benchmark("bench_layer_stats.py")
+    off, on = report["results"]
+    assert (off["variant"], on["variant"]) == ("layer_stats=false", "layer_stats=true")
+    assert off["records"] == on["records"] >= 1 and off["tokens_per_s"] > 0
+    assert on["cost"] == 1 - on["tokens_per_s"] / off["tokens_per_s"]  # the ratio of the two medians shown
+
+
+def test_prepare_benchmark_times_prepare_against_its_tokenizer_on_the_same_documents():
+    report = run_benchmark("bench_prepare.py")
+    raw, prep = report["results"]
+    assert (raw["variant"], prep["variant"]) == ("encode_batch", "lmforge prepare")
+    assert report["config"]["documents"] > 0 and report["config"]["tokens"] > 0
+    seconds = report["seconds"]
+    assert prep["tokens_per_s"] == report["config"]["tokens"] / min(seconds["prepare"])  # one round: its time
+    assert prep["ratio"] == prep["tokens_per_s"] / raw["tokens_per_s"] and prep["peak_added_mb"] >= 0
+
+
+def test_activation_checkpointing_benchmark_reports_the_ratios_of_its_own_rows():
+    report = run_benchmark("bench_activation_checkpointing.py")
+    for table in report["tables"]:
+        plain, ckpt = table["results"]
+        assert (plain["variant"], ckpt["variant"]) == ("plain", "checkpointed")
+        assert ckpt["time_vs_plain"] == ckpt["step_s"] / plain["step_s"]
+        # the recomputation is counted: the checkpointed step runs more matmul FLOPs than the plain one
+        assert ckpt["flops_per_step"] > plain["flops_per_step"]

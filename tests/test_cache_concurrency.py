@@ -110,7 +110,7 @@ def test_three_pretrain_runs_started_together_train_the_tokenizer_and_prepare_th
     _waited_at_most_once_each(done, "training a wordpiece vocabulary")
     prepared = list((tmp_path / "cache" / "prepared").glob("[!.]*"))
     assert len(prepared) == 1 and (prepared[0] / "manifest.json").is_file()  # no .old, no temporary left
-    assert [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if ".tmp-" in p.name or ".old" in p.name] == []
+    assert [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if ".partial" in p.name or ".tmp-" in p.name or ".old" in p.name] == []
     for i in range(PROCESSES):
         (run,) = (tmp_path / f"runs{i}").iterdir()
         assert (run / "summary.json").is_file()

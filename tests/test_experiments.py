@@ -58,6 +58,12 @@ def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp
         summary = json.loads((Path(rows[0]["run_dir"]) / "summary.json").read_text())
         assert summary["vader_nyt_accuracy"] == rows[0]["vader-nyt"]  # read from the run, not made up
         assert summary["test_accuracy"] == rows[0]["test"]
+    # each run was recorded as it finished; run again with the same --out, nothing is trained again
+    recorded = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in recorded] == [("shipped", 0), ("pooler", 0), ("dapt", 0)]
+    again = run_smoke(ROOT / "experiments" / "finetune_levers.py", "--out", str(tmp_path), "--only", "shipped")
+    assert again["rows"] == report["rows"][:1]
+    assert len(list((tmp_path / "shipped").glob("classify.*"))) == 1  # no second run directory
 
 
 def test_finetune_vs_transformers_runs_both_sides_in_both_precisions():
@@ -146,3 +152,20 @@ def test_recipes_experiment_runs_each_group_against_its_reference_and_summarises
     assert not (tmp_path / "again" / "pretrain").exists() and (tmp_path / "again" / "finetune" / "modernbert").is_dir()
     assert_summarises(again["summary"]["modernbert"]["test_accuracy"],
                       [r["test_accuracy"] for r in again["rows"] if r["variant"] == "modernbert"])
+
+
+def test_when_it_does_not_learn_reports_each_tool_on_both_learning_rates():
+    report = run_experiment("when_it_does_not_learn.py")
+    assert {name: r["lr"] for name, r in report["rates"].items()} == {"shipped": 1e-3, "broken": 0.3}
+    for r in report["rates"].values():
+        o = r["overfit"]
+        assert o["verdict"] in ("ok", "did not overfit") and (o["reached_step"] is None) == (o["verdict"] != "ok")
+        assert o["loss_ratio"] == pytest.approx(o["last_loss"] / o["first_loss"], rel=1e-12)
+        assert (o["hint"] == "") == (o["verdict"] == "ok")
+        ratios = r["layer_stats"]["median_update_ratio"]
+        assert set(ratios) == {"bert.layers.0", "bert.layers.1"} and all(v > 0 for v in ratios.values())
+        assert set(r["layer_stats"]["median_act_rms"]) == set(ratios)
+    # the same blocks move faster at first with a 300x higher learning rate
+    shipped, broken = (report["rates"][k]["layer_stats"]["first_update_ratio"] for k in ("shipped", "broken"))
+    assert all(broken[b] > shipped[b] for b in shipped)
+    assert report["lr_find"]["stopped"] in ("end", "diverged", "non-finite")

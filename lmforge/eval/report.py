@@ -37,8 +37,11 @@ def write_report(run_dir: Path) -> Path:
     val = [r for r in records if r["split"] == "validation"]
     diagnostics = [r for r in val if r.get("prediction_entropy") is not None]
     nsp = [r for r in val if r.get("nsp_accuracy") is not None]
+    layers = [r for r in records if r["split"] == "layers" and any(k.endswith("/grad_norm") for k in r)]
     panels = 3 + bool(diagnostics) + bool(nsp)
-    fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4.5))
+    # log.layer_stats: a second row, one panel per statistic, a line per block
+    fig, grid = plt.subplots(2 if layers else 1, panels, figsize=(5.3 * panels, 9 if layers else 4.5), squeeze=False)
+    axes = grid[0]
     ax_loss, ax_lr, ax_gn = axes[:3]
     fig.suptitle(f"{Path(run_dir).name}")
 
@@ -89,10 +92,33 @@ def write_report(run_dir: Path) -> Path:
         ax_nsp.legend(fontsize=8)
         ax_nsp.grid(alpha=0.3)
 
+    if layers:
+        _layer_panels(grid[1], layers)
+
     fig.tight_layout()
     path = Path(run_dir) / "report.png"
     _save(fig, path)
     return path
+
+
+def _layer_panels(axes, records: list[dict]) -> None:
+    """log.layer_stats (train/layerstats.py): each block's gradient norm, update-to-weight ratio
+    and output RMS against the step; unused panels of the row are hidden."""
+    blocks = list(dict.fromkeys(k.rsplit("/", 1)[0] for r in records for k in r if k.endswith("/grad_norm")))
+    steps = [r["step"] for r in records]
+    shown = (("grad_norm", "gradient norm", "Gradient norm per block"),
+             ("update_ratio", "|update| / |weights|", "Update-to-weight ratio per block (1e-3 is typical)"),
+             ("act_rms", "RMS of the block's output", "Activation RMS per block"))
+    cmap = plt.get_cmap("viridis")
+    for ax, (key, ylabel, title) in zip(axes, shown):
+        for i, block in enumerate(blocks):
+            ax.plot(steps, [r.get(f"{block}/{key}", float("nan")) for r in records], lw=0.9,
+                    color=cmap(i / max(1, len(blocks) - 1)), label=block)
+        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=1 + len(blocks) // 8)
+    for ax in axes[len(shown):]:
+        ax.axis("off")
 
 
 def plot_schedule(cfg, out: Path) -> tuple[Path, str]:

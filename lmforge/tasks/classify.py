@@ -346,6 +346,18 @@ class ClassifyTask(Task):
                                f"{float(p[guess]):.3f}", rating])
         return table
 
+    def decode_batch(self, model: nn.Module, batch: Batch, rows: int = 8) -> Table:
+        """A training batch as the overfit test shows it: text | true | predicted | p(predicted) |
+        rating, for its first rows."""
+        t = batch.tensors
+        out = model(t["input_ids"], attention_mask=mask_if_padded(t["attention_mask"], batch.num_tokens))
+        n = min(rows, len(t["labels"]))
+        logits = out.logits[:n].float().cpu()
+        ratings = out.rating[:n].float().cpu() if out.rating is not None else torch.full((n,), math.nan)
+        pred = {"index": t["index"][:n].cpu(), "logits": logits, "probs": logits.softmax(-1), "ratings": ratings,
+                "labels": t["labels"][:n].cpu()}
+        return self.examples_table(pred, range(n))
+
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         return {"val_accuracy": last_eval["accuracy"], "val_f1": last_eval["f1"],
                 **({"val_rating_mae": last_eval["rating_mae"]} if "rating_mae" in last_eval else {})}

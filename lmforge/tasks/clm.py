@@ -99,6 +99,20 @@ class CausalLMTask(CorpusTask):
             table.rows.append([prompt, self.tokenizer.decode(new).replace("\n", " ")])
         return table
 
+    def decode_batch(self, model: nn.Module, batch: Batch, rows: int = 4, max_tokens: int = 24) -> Table:
+        """A training batch as the overfit test shows it: each row's first input tokens, the next
+        tokens it should predict, and the model's predictions (greedy, position by position)."""
+        t = batch.tensors
+        logits = model(t["input_ids"], attention_mask=t.get("attention_mask")).logits
+        predicted = logits.argmax(-1).cpu()
+        table = Table(["input", "targets (next tokens)", "predicted"], [])
+        for r in range(min(rows, t["input_ids"].size(0))):
+            show = [self.tokenizer.decode([i]) for i in t["input_ids"][r, :max_tokens].tolist()]
+            targets = [self.tokenizer.decode([i]) for i in t["targets"][r, :max_tokens].tolist()]
+            preds = [self.tokenizer.decode([i]) for i in predicted[r, :max_tokens].tolist()]
+            table.rows.append(["|".join(show), "|".join(targets), "|".join(preds)])
+        return table
+
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         return {"val_loss": last_eval["loss"], "val_perplexity": last_eval["perplexity"],
                 "unigram_val_loss": last_eval["unigram_loss"], "val_accuracy": last_eval["accuracy"]}

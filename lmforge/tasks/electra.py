@@ -132,6 +132,13 @@ class ElectraTask(MaskedLMTask):
         table = self.electra_table(*first)
         return EvalResult(metrics, table.markdown(), table)
 
+    def decode_batch(self, model: nn.Module, batch: Batch) -> Table:
+        """A training batch as the overfit test shows it: the discriminator's input (replaced
+        tokens in bold), the originals there, and what it flagged as replaced."""
+        t = batch.tensors
+        out = model(t["masked_ids"], t["input_ids"], t["selected"], t["sample_seeds"], t.get("attention_mask"))
+        return self.electra_table(t, out)
+
     def electra_table(self, t: dict, out: ElectraOutput, rows: int = 4, max_tokens: int = 40) -> Table:
         """Per example: what the discriminator saw (replaced tokens in bold) and the tokens it
         flagged as replaced."""

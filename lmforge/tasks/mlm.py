@@ -273,6 +273,14 @@ class MaskedLMTask(CorpusTask):
             table.rows.append([" ".join(words), " ".join(targets), " ".join(predictions)])
         return table
 
+    def decode_batch(self, model: nn.Module, batch: Batch) -> Table:
+        """A training batch as the overfit test shows it (lmforge/train/overfit.py): input (the
+        selected tokens in bold) | targets | the model's predictions there."""
+        t = batch.tensors
+        out = model(t["masked_ids"], token_type_ids=t.get("token_type_ids"), attention_mask=t.get("attention_mask"),
+                    selected=t["selected"])
+        return self.decoded_table(batch, out.logits.argmax(-1).cpu())
+
     def summary(self, last_eval: dict[str, float]) -> dict[str, float]:
         out = {"val_loss": last_eval["loss"], "unigram_val_loss": last_eval["unigram_loss"],
                "val_accuracy": last_eval["accuracy"]}

@@ -41,10 +41,12 @@ from lmforge.rng import derive_seed
 from lmforge.train.interface import TrainableTask as Task
 from lmforge.runs.checkpoint import load_average, load_newest_good, save_checkpoint
 from lmforge.train.ema import WeightAverage
+from lmforge.train.layerstats import LayerStats, first_nonfinite
 from lmforge.train.recompute import checkpoint_blocks
 from lmforge.train.log import MetricsLogger, NullLogger
 from lmforge.train.machine import cpu_has_native_bf16, memory_mb, resolve_precision
 from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.overfit import OverfitBatches, OverfitWatch, decode_last
 from lmforge.train.schedule import StepShape
 
 
@@ -78,8 +80,9 @@ class TrainResult:
     steps: int
     tokens_seen: int
     wall_time_s: float
-    stopped_by: str  # max_steps | max_time_s | signal
+    stopped_by: str  # max_steps | max_time_s | signal | non-finite loss (overfit test)
     last_eval: dict
+    overfit: Optional[dict] = None  # train.overfit_batches: the verdict's summary entries (train/overfit.py)
 
 
 def step_counts(batches: list, par: Parallel, device: torch.device) -> dict[str, int]:
@@ -180,7 +183,7 @@ class RunState:
     last_log_tokens: int = 0
     signalled: bool = False  # with several ranks: any rank's flag, agreed in the last step's all-reduce
     timed_out: bool = False
-    stopped_by: str = "max_steps"  # max_steps | max_time_s | signal
+    stopped_by: str = "max_steps"  # max_steps | max_time_s | signal | non-finite loss
 
 
 @dataclass
@@ -223,6 +226,19 @@ class Trainer:
 
         self.precision = resolve_precision(device, t_cfg.precision, cfg.distributed.strategy, par.world)
         restored = self.read_checkpoint() if resume else None
+        # train.overfit_batches: the same N batches over and over, drawn from the run's start
+        # position (a resume has just restored it: an overfit run's checkpoints keep that one)
+        self.overfit = self.overfit_watch = None
+        if t_cfg.overfit_batches:
+            self.overfit = OverfitBatches(t_cfg.overfit_batches, task.data_state())
+            self.overfit_watch = OverfitWatch.for_model(self.model, t_cfg.overfit_batches, t_cfg.overfit_threshold)
+            if restored is not None and restored[2].get("overfit"):
+                self.overfit_watch.load_state_dict(restored[2]["overfit"])
+            self.say(f"lmforge: overfit test: training on the same {t_cfg.overfit_batches} batch(es) for "
+                     f"{t_cfg.max_steps} steps; the loss should fall under {t_cfg.overfit_threshold:.0%} of its first value")
+        self.last_batches: list = []
+        self.layer_stats = self.make_layer_stats()
+        self.layer_record: dict = {}  # the logging step's block statistics, logged with its train record
         self.precision = par.broadcast(self.precision)  # rank 0's choice (auto times bf16 on the CPU) holds everywhere
         if tuple(task.shard) != (par.rank, par.world):
             raise ValueError(f"the task was built for rank/world {task.shard}, but this process is {par.rank} of "
@@ -310,6 +326,19 @@ class Trainer:
                      f"{self.state.step} on")
         return average
 
+    def make_layer_stats(self) -> Optional[LayerStats]:
+        """log.layer_stats: the blocks to watch; refused where parameters are sharded."""
+        if not self.cfg.log.layer_stats:
+            return None
+        if self.par.world > 1 and self.cfg.distributed.strategy in ("fsdp", "deepspeed"):
+            raise LmforgeError(f"log.layer_stats needs whole parameters on every rank; distributed.strategy="
+                               f"{self.cfg.distributed.strategy} shards them: use ddp, or log.layer_stats=false")
+        stats = LayerStats(self.model)
+        if not stats.blocks:
+            raise LmforgeError("log.layer_stats=true found no transformer blocks in this model (no nn.ModuleList "
+                               "of layers); set it to false")
+        return stats
+
     def make_logger(self) -> MetricsLogger | NullLogger:
         """One writer (rank 0); on resume it drops what an interrupted process logged after the checkpoint."""
         if not self.par.main:
@@ -351,11 +380,34 @@ class Trainer:
             self.evaluate()
         if s.last_ckpt_step != s.step:
             self.checkpoint()
+        overfit = self.report_overfit() if self.overfit_watch is not None else None
         if self.average is not None:  # the run's model is the average from here on (finish, the reports)
             self.average.copy_to_model()
         self.logger.close()
         return TrainResult(steps=s.step, tokens_seen=s.tokens_seen, wall_time_s=self.elapsed(),
-                           stopped_by=s.stopped_by, last_eval=s.last_eval)
+                           stopped_by=s.stopped_by, last_eval=s.last_eval, overfit=overfit)
+
+    def report_overfit(self) -> dict:
+        """The overfit test's verdict: printed with the decoded last batch, written to overfit.md;
+        returns the summary's entries."""
+        watch = self.overfit_watch
+        result = watch.result({"lr": self.cfg.optim.lr})
+        table = (decode_last(self.task, self.eval_model, self.last_batches[0])
+                 if self.last_batches and self.evaluates else None)
+        if not self.par.main:
+            return result
+        line = watch.verdict()
+        text = f"# Overfit test\n\n{line}\n"
+        if "overfit_hint" in result:
+            text += f"\nWhat to look at: {result['overfit_hint']}\n"
+        if table is not None:
+            text += f"\nThe last step's batch (first micro-batch, its first rows):\n\n{table.markdown()}"
+        write_text_atomic(self.run_dir / "overfit.md", text)
+        self.say(f"lmforge: {line}" + (f"\nlmforge: what to look at: {result['overfit_hint']}"
+                                      if "overfit_hint" in result else ""))
+        if table is not None:
+            self.say(table.markdown().rstrip())
+        return result
 
     def checkpoint_or_trim_at_start(self) -> None:
         """A new run checkpoints step 0, so that one killed before its first periodic checkpoint can
@@ -379,6 +431,9 @@ class Trainer:
         s = self.state
         if self.par.world == 1:
             s.signalled, s.timed_out = self.stop.requested, self.out_of_time()
+        if self.overfit_watch is not None and self.overfit_watch.nonfinite_step is not None:
+            s.stopped_by = "non-finite loss"  # the overfit test has its answer: no need to skip more steps
+            return True
         if s.timed_out:
             s.stopped_by = "max_time_s"
             return True
@@ -395,21 +450,33 @@ class Trainer:
         # dropout: a function of the step (and of the rank: ranks' rows must not share masks)
         torch.manual_seed(derive_seed(t_cfg.seed, "step", s.step, *(("rank", par.rank) if par.rank else ())))
         step_start = time.perf_counter()
-        shape = self.schedule.at(s.step)
-        batches = [self.task.train_batch(s.step, micro) for micro in range(shape.micro_batches)]
+        data_step = s.step % self.overfit.count if self.overfit is not None else s.step
+        shape = self.schedule.at(data_step)
+        batches = self.draw_batches(s.step)
+        if self.overfit is not None:  # the verdict decodes the last step's batch
+            self.last_batches = batches
         s.data_wait += time.perf_counter() - step_start
-        loss_mean, means, _ = accumulate_gradients(self.task, self.forward_model, batches, self.device, self.amp,
-                                                   self.scaler, par, engine)
+        stats = self.layer_stats if self.layer_stats is not None and self.is_log_step(s.step + 1) else None
+        with stats.watching() if stats is not None else contextlib.nullcontext():
+            loss_mean, means, _ = accumulate_gradients(self.task, self.forward_model, batches, self.device, self.amp,
+                                                       self.scaler, par, engine)
         num_tokens = sum(b.num_tokens for b in batches)
         if par.world > 1:
             num_tokens, loss_mean, means = self.reduce_over_ranks(num_tokens, loss_mean, means)
+        if stats is not None:  # gradients as the backward left them, weights before the update
+            grads = stats.grad_norms()
+            stats.before_update()
         grad_norm, updated = engine.step(self.max_norm, loss_mean, self.scaler)
+        if stats is not None:
+            self.layer_record = stats.record(grads, stats.update_ratios())
+        if self.overfit_watch is not None:  # one sync a step: the test needs every step's loss
+            self.overfit_watch.observe(s.step + 1, loss_mean.item(), float(grad_norm))
         if updated:
             s.nonfinite_in_a_row = 0
             if self.average is not None:
                 self.average.update()
         else:
-            self.skip_nonfinite(loss_mean)
+            self.skip_nonfinite(loss_mean, batches)
         if self.scaler is not None:
             self.scaler.update()
         engine.zero_grad()
@@ -418,6 +485,12 @@ class Trainer:
         s.step_time += time.perf_counter() - step_start
         return StepOutput(lr=lr, shape=shape, num_tokens=num_tokens, loss_mean=loss_mean, means=means,
                           grad_norm=grad_norm)
+
+    def draw_batches(self, step: int) -> list:
+        """The step's micro-batches from the task, or, in an overfit test, the repeated ones."""
+        def draw(k: int) -> list:
+            return [self.task.train_batch(k, micro) for micro in range(self.schedule.at(k).micro_batches)]
+        return self.overfit.at(step, draw) if self.overfit is not None else draw(step)
 
     def reduce_over_ranks(self, num_tokens: int, loss_mean: torch.Tensor, means: dict[str, torch.Tensor]
                           ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
@@ -429,8 +502,9 @@ class Trainer:
         num_tokens, s.signalled, s.timed_out = (int(x) for x in packed[1:4].tolist())
         return num_tokens, packed[0], dict(zip(means, packed[4:]))
 
-    def skip_nonfinite(self, loss_mean: torch.Tensor) -> None:
-        """The engine skipped the update: warn, and stop with a clear error after too many non-finite losses."""
+    def skip_nonfinite(self, loss_mean: torch.Tensor, batches: list) -> None:
+        """The engine skipped the update: warn (with log.layer_stats, naming the first block whose
+        numbers left the finite range), and stop with a clear error after too many non-finite losses."""
         s, t_cfg = self.state, self.t_cfg
         s.nonfinite_steps += 1
         # fp16 gradient overflow with a finite loss is the loss scaler's business (it lowers
@@ -441,7 +515,17 @@ class Trainer:
         what = ("fp16 gradients overflowed" + (f" at loss scale {scale:g}" if scale is not None else "")
                 if overflow
                 else "loss or gradient is not finite")
-        self.say(f"lmforge: warning: step {s.step + 1}: {what}; update skipped")
+        where = ""
+        if self.layer_stats is not None and not overflow:
+            def replay() -> None:
+                with self.amp:
+                    self.task.loss(self.model, batches[0])
+            block = first_nonfinite(self.layer_stats, replay)
+            where = (f"; the first block whose numbers left the finite range: {block}" if block is not None
+                     else "; every block's output and gradient are finite (look at the embeddings, the head, "
+                          "the loss or the data)")
+            self.logger.log(s.step + 1, "layers", nonfinite_block=block or "none")
+        self.say(f"lmforge: warning: step {s.step + 1}: {what}; update skipped{where}")
         if s.nonfinite_in_a_row >= t_cfg.max_nonfinite_steps:
             raise LmforgeError(f"step {s.step + 1}: loss or gradient not finite for {s.nonfinite_in_a_row} steps in "
                                f"a row (train.max_nonfinite_steps={t_cfg.max_nonfinite_steps}); lower optim.lr, "
@@ -450,7 +534,7 @@ class Trainer:
     def maybe_log(self, out: StepOutput) -> None:
         """Every log_every steps and at the last: one train record, and the progress bar's numbers."""
         s, t_cfg, engine = self.state, self.t_cfg, self.engine
-        if not (s.step % t_cfg.log_every == 0 or s.step == t_cfg.max_steps):
+        if not self.is_log_step(s.step):
             return
         now = time.time()
         tokens_per_s = (s.tokens_seen - s.last_log_tokens) / max(now - s.last_log_time, 1e-9)
@@ -465,7 +549,14 @@ class Trainer:
                            if self.schedule.varies else {}),
                         **({"loss_scale": scale} if (scale := engine.loss_scale(self.scaler)) is not None else {}))
         s.data_wait = s.step_time = 0.0
+        if self.layer_record:
+            self.logger.log(s.step, "layers", **self.layer_record)
+            self.layer_record = {}
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def is_log_step(self, step: int) -> bool:
+        """Whether the step that ends at `step` (1-based) writes a train record."""
+        return step % self.t_cfg.log_every == 0 or step == self.t_cfg.max_steps
 
     def maybe_evaluate(self) -> None:
         """Every eval_every steps and at max_steps, before that step's checkpoint, which then holds it."""
@@ -503,11 +594,14 @@ class Trainer:
         full_state = engine.full_state()  # every rank: gathering sharded state is a collective
         if not self.par.main:  # one writer
             return
-        saved = {"tokens_seen": s.tokens_seen, "wall_time_s": self.elapsed(), "data": self.task.data_state(),
+        data = self.overfit.data_state() if self.overfit is not None else self.task.data_state()
+        saved = {"tokens_seen": s.tokens_seen, "wall_time_s": self.elapsed(), "data": data,
                  "last_eval": s.last_eval, "task": self.task.name, "precision": self.precision,
                  "nonfinite_steps": s.nonfinite_steps, "global_batch": self.global_batch}
         if (scale := engine.loss_scale_state(self.scaler)) is not None:
             saved["loss_scaler"] = scale
+        if self.overfit_watch is not None:
+            saved["overfit"] = self.overfit_watch.state_dict()
         average = None
         if self.average is not None:
             saved["ema_updates"] = self.average.updates
@@ -547,7 +641,7 @@ def trim_samples(path: Path, step: int) -> None:
 
 
 def write_summary(run_dir: Path, task: Task, result: TrainResult, extra: Optional[dict] = None) -> dict:
-    summary = {**task.summary(result.last_eval), **(extra or {}), "steps": result.steps,
+    summary = {**task.summary(result.last_eval), **(extra or {}), **(result.overfit or {}), "steps": result.steps,
                "tokens_seen": result.tokens_seen, "wall_time_s": round(result.wall_time_s, 2),
                "stopped_by": result.stopped_by}
     # Written last, and atomically: a run with summary.json and max_steps reached is finished
