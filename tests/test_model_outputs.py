@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from lmforge.config import ModelConfig
 from lmforge.models.bert import BertForMaskedLM, MaskedLMOutput
-from lmforge.models.classifier import Classifier, ClassifierOutput, PooledBertClassifier
+from lmforge.models.classifier import Classifier, ClassifierOutput
 from lmforge.models.electra import Electra, ElectraOutput
 from lmforge.models.gpt import GPT, CausalLMOutput
 
@@ -110,7 +110,7 @@ def test_electra_and_the_classifiers_set_every_field_they_document():
     assert out.sampled.shape == (int(selected.sum()),) and out.discriminator_logits.shape == (3, 12)
     rated = Classifier(_cfg(), 2, (-4.0, 4.0)).eval()(ids)
     unrated = Classifier(_cfg(), 3).eval()(ids)
-    pooled = PooledBertClassifier(_cfg(), 2).eval()(ids)
+    pooled = Classifier(_cfg(classifier_pooling="pooler"), 2).eval()(ids)  # a transformers classifier's shape
     for out in (rated, unrated, pooled):
         assert type(out) is ClassifierOutput and out.cls.shape == (3, 32)
     assert _set(rated) == {"logits", "rating", "cls"} and rated.rating.shape == (3,)
@@ -124,7 +124,7 @@ def _outputs() -> list:
     return [bert(ids, selected=selected, targets=ids[selected]), bert(ids, selected=selected, head_loss=_head_loss),
             GPT(_cfg(arch="gpt"))(ids, return_cache=True),
             Electra(_cfg())(ids.masked_fill(selected, 4), ids, selected, torch.arange(3)),
-            Classifier(_cfg(), 2, (-4.0, 4.0))(ids), PooledBertClassifier(_cfg(), 2)(ids)]
+            Classifier(_cfg(), 2, (-4.0, 4.0))(ids), Classifier(_cfg(classifier_pooling="pooler"), 2)(ids)]
 
 
 def test_outputs_are_pytree_nodes_whose_leaves_are_the_tensors_inside():

@@ -27,14 +27,14 @@ import torch.nn as nn
 from torch.utils._pytree import register_dataclass
 
 from lmforge.config import ModelConfig
-from lmforge.models.bert import BertModel
+
 from lmforge.models.registry import model_class
 from lmforge.ops.dropout import Dropout
 
 
 @dataclasses.dataclass
 class ClassifierOutput:
-    """What Classifier and PooledBertClassifier return (forward always returns this).
+    """What Classifier returns (forward always returns this).
 
     logits: (batch, labels) polarity logits.
     rating: (batch,) float, the rating head's prediction; None without a rating head.
@@ -97,26 +97,3 @@ class Classifier(nn.Module):
         if self.rating is not None:
             rating = self.rating_centre + self.rating_half_width * self.rating(cls).squeeze(-1)
         return ClassifierOutput(self.polarity(cls), rating, state)
-
-
-class PooledBertClassifier(nn.Module):
-    """transformers' `BertForSequenceClassification`, read from its directory to be a distillation
-    teacher: [CLS] -> pooler (dense, tanh) -> dropout -> classifier. Called like Classifier
-    (no rating head: `rating` is None), and its `cls` state is the final [CLS] hidden state before
-    the pooler, the one a Classifier student's own [CLS] state is compared with."""
-
-    def __init__(self, cfg: ModelConfig, num_labels: int):
-        super().__init__()
-        self.cfg = cfg
-        self.bert = BertModel(cfg)
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.dropout = Dropout(cfg.dropout)
-        self.polarity = nn.Linear(cfg.hidden_size, num_labels)
-        self.rating = None
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None) -> ClassifierOutput:
-        first = input_ids.new_zeros(input_ids.size(0), 1)
-        state = self.bert(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
-        logits = self.polarity(self.dropout(torch.tanh(self.pooler(state))))
-        return ClassifierOutput(logits, None, state)

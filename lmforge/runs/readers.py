@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.models.classifier import PooledBertClassifier
+from lmforge.models.classifier import Classifier
 from lmforge.models.hf import from_hf_state_dict, model_config_from_hf
 from lmforge.models.registry import family_for_model_type
 from lmforge.runs.checkpoint import checkpoints_newest_first, load_model_weights
@@ -213,9 +213,11 @@ def is_hf_classifier_dir(path: str | Path) -> bool:
 
 
 def load_hf_classifier(path: str | Path, labels: tuple[str, ...]) -> tuple[ModelConfig, TextTokenizer,
-                                                                            PooledBertClassifier, list[str]]:
+                                                                            Classifier, list[str]]:
     """(config, tokenizer, classifier in eval mode, notes) from a transformers
-    BertForSequenceClassification directory, its output rows put in the order of `labels`: by the
+    BertForSequenceClassification directory: a Classifier with BERT's pooler ([CLS] -> dense,
+    tanh -> dropout -> classifier) and no rating head, its `cls` state the final [CLS] hidden
+    state before the pooler; its output rows put in the order of `labels`: by the
     names of its id2label when they are those labels in any case (NEGATIVE / POSITIVE), else in its
     own order (LABEL_0, LABEL_1: said in the notes)."""
     path = Path(path)
@@ -238,7 +240,8 @@ def load_hf_classifier(path: str | Path, labels: tuple[str, ...]) -> tuple[Model
         state["polarity.weight"], state["polarity.bias"] = state["polarity.weight"][order], state["polarity.bias"][order]
     else:
         notes.append(f"{path} names its labels {', '.join(names)}: taken in that order as {', '.join(labels)}")
-    model = PooledBertClassifier(cfg, num_labels)
+    cfg.classifier_pooling = "pooler"
+    model = Classifier(cfg, num_labels)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LmforgeError(f"{path} is not a complete BertForSequenceClassification: "

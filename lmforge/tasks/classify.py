@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.config import Config, DataConfig, ModelConfig, load_config
+from lmforge.config import Config, DataConfig, load_config
 from lmforge.data.padding import mask_if_padded, pad_rows
 from lmforge.data.prepared import fill_vocab_size
 from lmforge.data.sentiment import (EVALUATION_ONLY, LABELS, LabeledData, load_labeled, stratified_split,
@@ -49,7 +49,7 @@ from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkp
                                   read_hf_dir, run_weights)
 from lmforge.tasks import registry
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
-from lmforge.tasks.loading import load_model, source_path
+from lmforge.tasks.loading import load_model, same_vocabulary, source_path, take_source_shape
 from lmforge.tasks.registry import register
 
 CHUNK_BATCHES = 50  # batches per length-sorted chunk
@@ -521,15 +521,12 @@ def init_source(cfg: Config) -> tuple[TextTokenizer, Optional[dict[str, torch.Te
                            f"or DeBERTa-v2)")
     if cfg.data.tokenizer != DataConfig().tokenizer:  # set on purpose: it must be the source's own
         given = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
-        if given.tok.get_vocab(with_added_tokens=True) != loaded.tokenizer.tok.get_vocab(with_added_tokens=True):
+        if not same_vocabulary(given, loaded.tokenizer):
             raise LmforgeError(f"data.tokenizer={cfg.data.tokenizer} ({given.vocab_size} tokens) does not match the "
                                f"tokenizer of model.init_from={spec} ({loaded.tokenizer.vocab_size} tokens); drop "
                                f"data.tokenizer: a model is fine-tuned with the tokenizer it was trained with")
     src = loaded.config
-    for f in dataclasses.fields(ModelConfig):  # the source's family and shape; dropout and the fine-tuning keys stay
-        if f.name not in ("dropout", "init_from", "reinit_layers", "next_sentence_head", "init_std",
-                          "classifier_pooling"):
-            setattr(cfg.model, f.name, getattr(src, f.name))
+    take_source_shape(cfg, src)  # the source's family and shape; dropout and the fine-tuning keys stay
     if cfg.data.seq_len > src.max_position_embeddings:
         raise LmforgeError(f"data.seq_len={cfg.data.seq_len} exceeds the {src.max_position_embeddings} positions "
                            f"of {spec}; set data.seq_len={src.max_position_embeddings} or lower")

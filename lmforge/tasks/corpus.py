@@ -14,7 +14,6 @@ only: no MLM head) starts from the family's seeded init, its decoder tied to the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,19 +21,16 @@ from typing import ClassVar
 
 import torch
 
-from lmforge.config import Config, DataConfig, ModelConfig
+from lmforge.config import Config, DataConfig
 from lmforge.data.prepared import fill_vocab_size, prepared_data
 from lmforge.data.shards import PreparedData
-from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
+from lmforge.data.tokenizers import load_tokenizer
 from lmforge.data.windows import Windows, WindowSampler, load_sampler_states, sampler_states
 from lmforge.errors import LmforgeError
 from lmforge.models.registry import build_model, check_family, family
 from lmforge.runs.readers import LoadedModel
 from lmforge.tasks.base import Task
-from lmforge.tasks.loading import load_model, source_path
-
-# ModelConfig keys a continued run keeps as configured; every other one is the source's
-KEPT_FROM_CONFIG = ("dropout", "init_from", "init_std", "reinit_layers", "next_sentence_head", "classifier_pooling")
+from lmforge.tasks.loading import load_model, same_vocabulary, source_path, take_source_shape
 
 
 class CorpusTask(Task):
@@ -104,9 +100,7 @@ class CorpusTask(Task):
         arch = loaded.config.arch
         check_family(cls.name, arch, cls.kind, cls.archs)
         cfg.data.tokenizer = source_tokenizer(cfg, spec, path, loaded)
-        for f in dataclasses.fields(ModelConfig):
-            if f.name not in KEPT_FROM_CONFIG:
-                setattr(cfg.model, f.name, getattr(loaded.config, f.name))
+        take_source_shape(cfg, loaded.config)
         longest = cfg.data.long_seq_len or cfg.data.seq_len
         if longest > loaded.config.max_position_embeddings:
             raise LmforgeError(f"data.seq_len={longest} exceeds the {loaded.config.max_position_embeddings} positions "
@@ -182,10 +176,6 @@ class CorpusTask(Task):
 
     def load_data_state(self, state: dict) -> None:
         load_sampler_states(self.samplers, self.cfg.data.seq_len, state)
-
-
-def same_vocabulary(a: TextTokenizer, b: TextTokenizer) -> bool:
-    return a.tok.get_vocab(with_added_tokens=True) == b.tok.get_vocab(with_added_tokens=True)
 
 
 def source_tokenizer(cfg: Config, spec: str, path: Path, loaded: LoadedModel) -> str:

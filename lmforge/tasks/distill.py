@@ -110,7 +110,7 @@ def student_from_teacher(teacher: nn.Module, cfg: ModelConfig,
                          rating_range: Optional[tuple[float, float]]) -> Classifier:
     """A classifier of shape `cfg` (the teacher's, with fewer layers; its own dropout) initialised
     from `teacher` (see the module docstring), a Classifier or a transformers
-    BertForSequenceClassification (PooledBertClassifier: its classifier becomes the polarity head,
+    BertForSequenceClassification (a Classifier with its pooler: its classifier becomes the polarity head,
     its pooler is left out). A rating head the teacher lacks starts from its init."""
     return copy_teacher(Classifier(cfg, teacher.polarity.out_features, rating_range), teacher, fresh=("rating.",))
 
@@ -371,5 +371,6 @@ def load_teacher(cfg: Config) -> tuple[TextTokenizer, torch.nn.Module]:
                                f"the student learns on the teacher's task: drop data.dataset")
         cfg.data.dataset, cfg.data.split_seed, cfg.data.seq_len = (t_cfg.data.dataset, t_cfg.data.split_seed,
                                                                    t_cfg.data.seq_len)
-    cfg.model = student_config(cfg, teacher.cfg)
+    # a transformers teacher's pooler is left out: its student reads the final [CLS] state
+    cfg.model = student_config(cfg, teacher.cfg, **({"classifier_pooling": "cls"} if t_cfg is None else {}))
     return tokenizer, teacher

@@ -8,17 +8,31 @@ its `ModelConfig` and its tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-
 from typing import Optional
 
-from lmforge.config import Config, load_config
-from lmforge.data.tokenizers import minilm_model_dir
+from lmforge.config import Config, ModelConfig, load_config
+from lmforge.data.tokenizers import TextTokenizer, minilm_model_dir
 from lmforge.errors import LmforgeError
 from lmforge.runs.readers import LoadedModel, is_hf_dir, load_hf_model
 from lmforge.tasks import registry
 
 BUNDLED_MODELS = {"minilm": minilm_model_dir}  # names model.init_from accepts besides paths
+# What a run starting from model.init_from keeps of its own model section (the source gives the
+# family and shape): dropout and the keys about starting and fine-tuning
+KEPT_FROM_CONFIG = ("dropout", "init_from", "init_std", "reinit_layers", "next_sentence_head", "classifier_pooling")
+
+
+def take_source_shape(cfg: Config, source: ModelConfig) -> None:
+    """cfg.model becomes `source`'s family and shape, but for KEPT_FROM_CONFIG."""
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in KEPT_FROM_CONFIG:
+            setattr(cfg.model, f.name, getattr(source, f.name))
+
+
+def same_vocabulary(a: TextTokenizer, b: TextTokenizer) -> bool:
+    return a.tok.get_vocab(with_added_tokens=True) == b.tok.get_vocab(with_added_tokens=True)
 
 
 def source_path(spec: str, cache_dir: Optional[str] = None) -> Path:
