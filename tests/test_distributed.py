@@ -39,6 +39,9 @@ FAMILY_OVERRIDES = {
     "deberta": ["model.arch=deberta", "model.position_buckets=8", "model.max_relative_positions=16"],
     "llama": ["task.name=clm", "model.arch=llama", "model.num_kv_heads=1", "model.qk_norm=true"],
     "llama-muon": ["task.name=clm", "model.arch=llama", "optim.name=muon"],
+    # train.activation_checkpointing: the recomputed blocks under DDP's hooks and FSDP2's shards
+    "bert-recompute": ["train.activation_checkpointing=true"],
+    "gpt-recompute": ["task.name=clm", "model.arch=gpt", "train.activation_checkpointing=true"],
 }
 
 # steps whose shape changes (lmforge/train/schedule.py): 32 -> 64 tokens after 4 of the 6 steps, and
@@ -58,9 +61,11 @@ SCHEDULES = ("data.long_seq_len=64", "data.short_seq_frac=0.67", "train.batch_ra
     pytest.param("modernbert", "fsdp", "torchrun", (), marks=pytest.mark.slow),  # slow: CI runs them (.ci/run)
     pytest.param("deberta", "ddp", "torchrun", (), marks=pytest.mark.slow), ("llama", "fsdp", "torchrun", ()),
     ("llama-muon", "ddp", "torchrun", ()),  # Muon's orthogonalised update of the all-reduced gradient
+    pytest.param("bert-recompute", "fsdp", "torchrun", (), marks=pytest.mark.slow),
+    pytest.param("gpt-recompute", "ddp", "torchrun", (), marks=pytest.mark.slow),
 ], ids=["bert-ddp", "gpt-ddp", "bert-fsdp", "gpt-fsdp", "bert-zero2", "gpt-zero3-offload", "bert-zero1-launcher",
         "bert-zero2-seq-schedule-and-ramp", "distill-mlm-fsdp", "modernbert-fsdp", "deberta-ddp", "llama-fsdp",
-        "llama-muon-ddp"])
+        "llama-muon-ddp", "bert-recompute-fsdp", "gpt-recompute-ddp"])
 def test_two_ranks_equal_one_process_with_the_whole_batch(tiny_prepared, tmp_path, arch, strategy, launcher,
                                                           schedules):
     extra = FAMILY_OVERRIDES.get(arch, [])

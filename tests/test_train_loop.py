@@ -154,11 +154,14 @@ def test_checkpoint_names_are_free_of_compile_and_ddp_prefixes(tiny_prepared, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["bert", "gpt"])
+@pytest.mark.parametrize("arch", ["bert", "gpt", "bert-recompute"])
 def test_compiled_training_on_cpu_matches_eager_and_saves_plain_names(tiny_prepared, tmp_path, arch):
     # torch.compile (inductor, C++ on CPU) through the fused loss and the cheap dropout; dropout off
-    # and fp32 so that eager and compiled runs differ only by kernel rounding.
+    # and fp32 so that eager and compiled runs differ only by kernel rounding. bert-recompute: the
+    # compiled model's blocks are the checkpointed ones (train.activation_checkpointing)
     overrides = ["model.dropout=0", "train.precision=fp32", "train.max_steps=6"]
+    if arch == "bert-recompute":
+        overrides += ["train.activation_checkpointing=true"]
     if arch == "gpt":
         overrides += ["model.arch=gpt", "task.name=clm", "model.layer_norm_eps=1e-5"]
     eager_dir, _ = pretrain(tiny_config(tiny_prepared, tmp_path / "eager", *overrides))
