@@ -219,8 +219,26 @@ def _plot_schedule(args) -> int:
 
 
 def _plan(args) -> int:
-    from lmforge.plan import format_plan, plan
+    from lmforge.plan import format_plan, measured_flops_per_s, plan
 
+    if args.config is not None:  # what this config's run costs
+        from lmforge.config import load_config
+        from lmforge.runplan import format_config_plan, plan_config
+
+        if args.flops is not None or args.hours is not None:
+            raise LmforgeError("--config plans that config's run: drop --flops / --hours (they plan a budget)")
+        cfg = load_config(args.config, args.overrides)
+        rate = None
+        if args.gpu is None:
+            print("lmforge: measuring this machine's training throughput (a few seconds)...", file=sys.stderr)
+            rate = measured_flops_per_s(device=args.device, precision=args.precision)
+        result = plan_config(cfg, args.config, gpu=args.gpu, world=args.world, mfu=args.mfu, flops_per_s=rate)
+        print(json.dumps(result, indent=1) if args.json else format_config_plan(result))
+        return 0
+    if args.overrides:
+        raise LmforgeError(f"key=value overrides ({args.overrides[0]}, ...) go with --config FILE")
+    if (args.flops is None) == (args.hours is None):
+        raise LmforgeError("give --config FILE (what a run costs), or exactly one of --flops F or --hours H (a budget)")
     if args.vocab < 1:
         raise LmforgeError(f"--vocab must be at least 1, got {args.vocab}")
     result = plan(flops=args.flops, hours=args.hours, tokens_per_s=args.tokens_per_s, arch=args.arch,
@@ -419,9 +437,18 @@ def _verb_plan(verbs) -> None:
                                      "2022, Approach 3 fit: L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28, C = 6ND), the "
                                      "closest lmforge model shape, and the expected training time on this machine "
                                      "from a measured throughput (a few seconds of training steps) or --tokens-per-s.")
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--flops", type=float, metavar="F", help="training compute in FLOPs, e.g. 1e17")
-    budget.add_argument("--hours", type=float, metavar="H", help="training time on this machine, in hours")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="plan this config's run instead: parameters, FLOPs, memory per rank under each strategy "
+                        "(activations measured), time on --gpu or here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --config: dotted config overrides")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="with --config: A100, A100-40GB, H100, H200, L40S, L4, A10G, RTX4090, V100, T4 (default: "
+                        "this machine, measured)")
+    p.add_argument("--world", type=int, default=1, help="with --config: ranks (GPUs) (default: %(default)s)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="with --gpu: the share of its bf16 peak a step reaches (default: %(default)s)")
+    p.add_argument("--flops", type=float, metavar="F", help="training compute in FLOPs, e.g. 1e17")
+    p.add_argument("--hours", type=float, metavar="H", help="training time on this machine, in hours")
     p.add_argument("--tokens-per-s", type=float, metavar="X",
                    help="the planned model's measured training throughput here (else measured on a small model)")
     p.add_argument("--arch", default="bert", metavar="ARCH",

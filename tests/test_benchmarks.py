@@ -133,3 +133,11 @@ def test_activation_checkpointing_benchmark_reports_the_ratios_of_its_own_rows()
         assert ckpt["time_vs_plain"] == ckpt["step_s"] / plain["step_s"]
         # the recomputation is counted: the checkpointed step runs more matmul FLOPs than the plain one
         assert ckpt["flops_per_step"] > plain["flops_per_step"]
+
+
+def test_plan_memory_benchmark_compares_the_plan_with_a_measured_run():
+    report = run_benchmark("bench_plan_memory.py")
+    assert [r["variant"] for r in report["results"]] == ["bert-tiny", "gpt-tiny", "llama-tiny"]
+    for r in report["results"]:
+        assert r["measured_mb"] > 0 and r["planned_mb"] == pytest.approx(r["static_mb"] + r["activations_mb"])
+        assert r["ratio"] == r["planned_mb"] / r["measured_mb"]
