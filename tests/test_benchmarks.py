@@ -141,3 +141,15 @@ def test_plan_memory_benchmark_compares_the_plan_with_a_measured_run():
     for r in report["results"]:
         assert r["measured_mb"] > 0 and r["planned_mb"] == pytest.approx(r["static_mb"] + r["activations_mb"])
         assert r["ratio"] == r["planned_mb"] / r["measured_mb"]
+
+
+@pytest.mark.slow  # ~45 s: three torchrun launches
+def test_the_gpu_check_runs_every_check_on_the_cpu_with_smoke():
+    report = run_benchmark("gpu_check.py")
+    statuses = {r["check"]: r["status"] for r in report["results"]}
+    assert list(statuses) == ["bf16", "tf32", "fused-adamw", "flash-sdpa", "compile", "fp16-resume", "ddp", "fsdp",
+                              "deepspeed", "speed bert-base", "speed gpt2-124m"]
+    assert "FAIL" not in statuses.values()
+    # what needs CUDA says so on a CPU; every path that runs on a CPU ran
+    assert statuses["tf32"] == statuses["flash-sdpa"] == "n/a" and statuses["compile"] == "skipped"
+    assert all(statuses[k] == "ok" for k in ("bf16", "fused-adamw", "fp16-resume", "ddp", "fsdp", "deepspeed"))
