@@ -9,8 +9,13 @@ vocabulary: the GPU machine may have no package registry, so nothing bundled is 
   flash-sdpa   the attention of a bf16 BERT forward runs the flash kernel (found in the profile)
   compile      train.compile=true trains; its checkpoints hold plain names (no _orig_mod.)
   fp16-resume  train.precision=fp16 with the loss scaler; stopped and resumed = uninterrupted
-  ddp / fsdp / deepspeed  torchrun --nproc_per_node=1 on NCCL, then a resume under the same
-               strategy (deepspeed: skipped where it is not installed)
+  ddp / fsdp / deepspeed  torchrun --nproc_per_node=1 on NCCL, stopped at step 5 and resumed to
+               10 under the same strategy, its losses equal to one plain process's (deepspeed:
+               skipped where it is not installed). NOTE: with one process lmforge runs its plain
+               engine whatever the strategy (lmforge/distributed make_engine wraps from 2 ranks
+               on), so these check the NCCL launch, the run directory and the resume under
+               torchrun, not the DDP / FSDP2 / ZeRO wrappers themselves: those need 2 GPUs (the
+               2-rank gloo tests run them on the CPU)
 Then it times a bert-base and a gpt2-124m training step (bf16, fused AdamW), lmforge's against
 transformers' BertForMaskedLM / GPT2LMHeadModel on the same shapes: tokens/s and MFU (FLOPs
 counted on the step / time / the GPU's bf16 dense peak, lmforge/runplan.py GPUS, else a measured
@@ -180,8 +185,10 @@ class Checks:
                 import deepspeed  # noqa: F401
             except ImportError:
                 return "skipped", "DeepSpeed is not installed here"
-        cfg = tiny(self.data["bert"], self.out(f"run-{strategy}"), "bert", self.device, "train.max_steps=10",
-                   "train.checkpoint_every=5", "train.eval_every=5")
+        # a constant rate: the run stopped at 5 and resumed to 10 trains as a 10-step run does
+        keys = ("train.max_steps=10", "train.checkpoint_every=5", "train.eval_every=5", "optim.schedule=constant",
+                "optim.warmup_frac=0")
+        cfg = tiny(self.data["bert"], self.out(f"run-{strategy}"), "bert", self.device, *keys)
         path = self.tmp / f"{strategy}.yaml"
         path.write_text(dump_yaml(cfg))
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -200,8 +207,12 @@ class Checks:
             return "FAIL", "resume: " + (again.stderr.strip().splitlines()[-1][:150] if again.stderr.strip() else "")
         backend = "gloo" if self.args.smoke else "nccl"
         steps = [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
-        ok = steps and steps[-1] == 10
-        return ("ok" if ok else "FAIL"), f"torchrun x1 ({backend}), stopped at 5, resumed to {steps[-1] if steps else '?'}"
+        plain, _ = pretrain(tiny(self.data["bert"], self.out(f"plain-{strategy}"), "bert", self.device, *keys))
+        a, b = losses(plain), losses(run_dir)
+        same = len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1, abs(x)) for x, y in zip(a, b))
+        ok = bool(steps) and steps[-1] == 10 and same
+        return ("ok" if ok else "FAIL"), (f"torchrun x1 ({backend}, plain engine at one process), stopped at 5, "
+                                          f"resumed to {steps[-1] if steps else '?'}, losses = one process: {same}")
 
     # -- speed -------------------------------------------------------------------------------------
     def speed(self, kind: str):

@@ -25,6 +25,7 @@ it). One process only: the curve does not depend on how a step is split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -118,6 +119,10 @@ def range_test(cfg: Config, steps: int = 200, start: float = 1e-7, end: float = 
         raise LmforgeError(f"lr-find needs 0 < --start < --end; got {start:g} and {end:g}")
     if steps < 10:
         raise LmforgeError(f"lr-find needs at least 10 steps to draw a curve; got --steps {steps}")
+    # every step at the config's full shape: a sequence-length switch or a batch ramp would put
+    # kinks in the curve that are not the learning rate's
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, long_seq_len=None),
+                              train=dataclasses.replace(cfg.train, batch_ramp_start_tokens=None))
     objective = registry.objective(cfg.task.name)
     objective.check_config(cfg)
     set_threads(cfg.train.num_threads)

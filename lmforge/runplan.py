@@ -6,15 +6,16 @@ starts — its parameters, FLOPs, memory per rank under each strategy, and time.
   GPT2LMHeadModel's 124.4M);
 - FLOPs per token of a training step: counted by torch's FlopCounterMode over one forward and
   backward of the config's model on this CPU (one row of each sequence length the run uses):
-  what lmforge really runs, e.g. the vocabulary projection on the masked positions only. For an
-  objective it does not run (classification, ELECTRA), the formula 6 x the matmul weights a token
-  goes through + 12 x layers x sequence x hidden (the PaLM / nanoGPT convention), which runs
-  above the counted figure (tests/test_runplan.py compares the two);
+  what lmforge really runs, e.g. the vocabulary projection on the masked positions only. For
+  ELECTRA and MLM distillation, the formula 6 x the matmul weights a token goes through + 12 x
+  layers x sequence x hidden (the PaLM / nanoGPT convention; tests/test_runplan.py compares the
+  two). Classification configs are not planned;
 - memory per rank: fp32 weights (4 bytes a parameter), gradients (4), the optimizer's state
   (AdamW 8; Muon 4 for the hidden matrices, AdamW's 8 for the rest), optim.ema_decay's average
   (4), as each strategy shards them (ddp: all of it, plus DDP's gradient buckets; fsdp: a 1/N
   share, plus the largest block gathered whole for its forward and backward; deepspeed ZeRO
-  stage 1/2/3: the optimizer, then the gradients, then the weights sharded), plus the
+  stage 1/2/3: the optimizer, then the gradients, then the weights sharded; Muon and the average
+  are refused by fsdp and deepspeed, lmforge/distributed), plus the
   activations a micro-batch keeps for its backward. Those are MEASURED, not modelled: one
   training forward of the config's model on this machine's CPU at one row of the longest step,
   in the run's precision (bf16 autocast where the GPU would use it), counting the bytes of every
@@ -54,6 +55,7 @@ GPUS = {"A100": (312e12, 80), "A100-40GB": (312e12, 40), "H100": (989e12, 80), "
         "L40S": (362e12, 48), "L4": (121e12, 24), "A10G": (125e12, 24), "RTX4090": (165e12, 24),
         "V100": (125e12, 32), "T4": (65e12, 16)}
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+PLANNED_TASKS = ("mlm", "clm", "electra", "distill-mlm")  # the objectives a plan builds a model for
 GiB = 2 ** 30
 
 
@@ -62,6 +64,9 @@ def _model_and_config(cfg: Config) -> tuple[Config, torch.nn.Module]:
     if cfg.model.vocab_size is None:
         fill_vocab_size(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir))
     objective = registry.objective(cfg.task.name)
+    if cfg.task.name not in PLANNED_TASKS:
+        raise LmforgeError(f"lmforge plan --config plans pretraining runs (task.name={', '.join(PLANNED_TASKS)}), not "
+                           f"task.name={cfg.task.name}")
     with torch.device("meta"):
         model = objective.build_model(cfg)
     return cfg, model
@@ -73,8 +78,11 @@ def parameter_counts(cfg: Config, model: torch.nn.Module) -> dict[str, int]:
     vocab = cfg.model.vocab_size
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
-    padding = sum((p.shape[0] - vocab) * math.prod(p.shape[1:]) for p in params
-                  if p.dim() >= 1 and vocab < p.shape[0] <= vocab + 256)
+    # the vocabulary's tensors (embedding, decoder, its bias), padded to a multiple of 64 rows; a
+    # position table of a similar length is not one of them
+    padding = sum((p.shape[0] - vocab) * math.prod(p.shape[1:]) for name, p in model.named_parameters()
+                  if p.dim() >= 1 and vocab < p.shape[0] <= vocab + 256 and p.shape[0] % 64 == 0
+                  and "position" not in name)
     blocks = [b for _, b in block_names(model)]
     hidden = sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
     return {"all": total, "unpadded": total - padding, "hidden_matrices": hidden}
@@ -200,9 +208,10 @@ def memory_per_rank(counts: dict[str, int], cfg: Config, world: int, activations
             grads = grads / world if stage >= 2 else grads
             weights = weights / world if stage >= 3 else weights
             extra = 2 * 4 * largest_block if stage >= 3 else 0.0
-        out[s] = {"weights": weights, "gradients": grads, "optimizer": opt, "average": average / (
-                  world if s in ("fsdp", "zero3") else 1), "gathered_or_buckets": extra, "activations": act,
-                  "total": weights + grads + opt + average + extra + act}
+        shared_average = average / world if s in ("fsdp", "zero3") else average
+        out[s] = {"weights": weights, "gradients": grads, "optimizer": opt, "average": shared_average,
+                  "gathered_or_buckets": extra, "activations": act,
+                  "total": weights + grads + opt + shared_average + extra + act}
     return out
 
 
@@ -223,7 +232,8 @@ def plan_config(cfg: Config, config_name: str = "", gpu: Optional[str] = None, w
     t = cfg.train
     shapes = step_shapes(cfg)
     tokens_per_micro = shapes[0][0] * shapes[0][1]
-    accumulation = t.tokens_per_step // (tokens_per_micro * world) if t.tokens_per_step else t.grad_accum_steps
+    # train.tokens_per_step sets each process's accumulation (config.py): a step is world x that
+    accumulation = t.grad_accum_steps
     step_tokens = tokens_per_micro * accumulation * world
     long_frac = (1 - cfg.data.short_seq_frac) if len(shapes) == 2 else 0.0
     if cfg.task.name in MEASURED_TASKS:  # counted on the real model; else the formula
@@ -234,8 +244,12 @@ def plan_config(cfg: Config, config_name: str = "", gpu: Optional[str] = None, w
     run_tokens = step_tokens * t.max_steps
     run_flops = per_token * run_tokens
     # the precision of the activations: a GPU's autocast dtype, or what train.precision resolves to here
-    precision = (("fp16" if gpu in ("V100", "T4") else "bf16") if gpu is not None
-                 else resolve_precision(torch.device("cpu"), t.precision, cfg.distributed.strategy, world))
+    if t.precision != "auto":
+        precision = t.precision
+    elif gpu is not None:
+        precision = "fp16" if gpu in ("V100", "T4") else "bf16"
+    else:
+        precision = resolve_precision(torch.device("cpu"), t.precision, cfg.distributed.strategy, world)
     activations = activation_bytes(cfg, precision)
     largest_block = max((sum(p.numel() for p in b.parameters()) for _, b in block_names(meta_model)), default=0)
     memory = memory_per_rank(counts, cfg, world, activations, largest_block)

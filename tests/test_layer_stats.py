@@ -94,8 +94,13 @@ def test_a_non_finite_loss_names_the_block_it_started_in(tiny_prepared, tmp_path
         ["bert.layers.1 (its output)"] * 2
 
 
-def test_first_nonfinite_says_none_when_every_block_is_finite():
+def test_first_nonfinite_says_none_when_every_block_is_finite_and_finds_a_backward_nan():
     model = Toy()
     stats = LayerStats(model)
-    model(torch.randn(2, 4)).sum().backward()
-    assert first_nonfinite(stats, lambda: model(torch.randn(2, 4))) is None
+    assert first_nonfinite(stats, lambda: model(torch.randn(2, 4)).sum()) is None
+    model.zero_grad()
+    # a NaN born in the backward of the top block: its output is finite, its gradient is not
+    model.layers[1].weight.register_hook(lambda g: g * float("nan"))
+    assert first_nonfinite(stats, lambda: model(torch.randn(2, 4)).sum()) == "layers.1 (its gradient)"
+    model.zero_grad()
+    assert first_nonfinite(stats, lambda: model(torch.randn(2, 4)).sum() * float("nan")) is None  # the loss's own

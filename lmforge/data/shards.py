@@ -129,6 +129,7 @@ class _Progress:
         self.docs = {s: 0 for s in SPLITS}
         self.counts = np.zeros(vocab_size, dtype=np.int64)
         self.val_ids: list[str] = []
+        self._ids_written = 0  # of val_ids, already in progress_val_ids.txt
 
     def save(self, writers: dict[str, "_ShardWriter"]) -> None:
         for w in writers.values():
@@ -137,8 +138,15 @@ class _Progress:
         # writes leaves the old record pointing at the old counts
         counts_file = f"progress_counts_{self.documents_done}.npy"
         np.save(self.folder / counts_file, self.counts)
+        # the validation ids are appended (a record rewriting them all would grow with the corpus,
+        # each time); the record says how many of the file's lines are its own
+        with open(self.folder / "progress_val_ids.txt", "a", encoding="utf-8") as f:
+            f.writelines(i + "\n" for i in self.val_ids[self._ids_written:])
+            f.flush()
+            os.fsync(f.fileno())
+        self._ids_written = len(self.val_ids)
         state = {"key": self.key, "documents_done": self.documents_done, "docs": self.docs, "counts": counts_file,
-                 "val_ids": self.val_ids, "shards": {s: w.shards for s, w in writers.items()}}
+                 "val_ids": len(self.val_ids), "shards": {s: w.shards for s, w in writers.items()}}
         (self.folder / "progress.json.tmp").write_text(json.dumps(state))
         os.replace(self.folder / "progress.json.tmp", self.folder / "progress.json")  # the record is whole or old
         for old in self.folder.glob("progress_counts_*.npy"):
@@ -156,7 +164,15 @@ class _Progress:
             return None
         if counts.shape != self.counts.shape:
             return None
-        self.documents_done, self.docs, self.val_ids = state["documents_done"], state["docs"], state["val_ids"]
+        try:  # the ids of the record; lines appended after it (a kill between the writes) are dropped
+            ids = (self.folder / "progress_val_ids.txt").read_text(encoding="utf-8").split("\n")[:state["val_ids"]]
+        except OSError:
+            return None
+        if len(ids) != state["val_ids"]:
+            return None
+        (self.folder / "progress_val_ids.txt").write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+        self.documents_done, self.docs, self.val_ids = state["documents_done"], state["docs"], ids
+        self._ids_written = len(ids)
         self.counts = counts
         return state
 
@@ -263,7 +279,7 @@ def prepare(corpus: Corpus, tokenizer: TextTokenizer, out_dir: str | Path, *, va
             "prepare_seconds": round(time.time() - started, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for leftover in [tmp / "progress.json", *tmp.glob("progress_counts_*.npy")]:
+        for leftover in [tmp / "progress.json", tmp / "progress_val_ids.txt", *tmp.glob("progress_counts_*.npy")]:
             leftover.unlink()
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + ".old")

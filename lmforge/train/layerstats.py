@@ -11,7 +11,7 @@ Networks"; the update-to-weight ratio of CS231n):
 They are logged as records of split "layers" (metrics.jsonl, TensorBoard `layers/<block>/...`),
 and report.png draws them. Off the logging steps nothing is done (no hooks, no copies), so the
 cost is a forward hook per block, one gradient norm per block and one copy of the block weights
-on one step in log_every (benchmarks/layer_stats.py measures it).
+on one step in log_every (benchmarks/bench_layer_stats.py measures it).
 
 When a step's loss is not finite, `first_nonfinite` names the first block (in forward order)
 whose output or gradient left the finite range, from a replay of the step's first micro-batch:
@@ -78,7 +78,9 @@ class LayerStats:
         out = {}
         for name, block in self.blocks:
             grads = [p.grad.detach().float() for p in block.parameters() if p.grad is not None]
-            out[name] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+            device = next(block.parameters()).device
+            out[name] = (torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads
+                         else torch.zeros((), device=device))
         return out
 
     def update_ratios(self) -> dict[str, torch.Tensor]:
@@ -102,20 +104,25 @@ class LayerStats:
         return dict(zip(names, torch.stack(values).tolist())) if values else {}
 
 
-def first_nonfinite(stats: LayerStats, replay: Callable[[], None]) -> Optional[str]:
-    """The block where the non-finite numbers start: the first, in forward order, whose output is
-    not finite (`replay()` runs the step's first micro-batch forward again, without gradients),
-    else the first, in backward order (top block first), whose gradient is not; None if every
-    block's numbers are finite (the NaN came from outside the blocks: embeddings, head,
-    loss or data)."""
-    with stats.watching(), torch.no_grad():
-        replay()
+def first_nonfinite(stats: LayerStats, replay: Callable[[], torch.Tensor], backward: bool = True) -> Optional[str]:
+    """The block where the non-finite numbers start. `replay()` runs the step's first micro-batch
+    forward again and returns its loss. The first block, in forward order, whose output is not
+    finite; else, if the loss is finite and `backward`, the replayed loss's backward (fresh
+    gradients, before any clipping: a NaN norm would have scaled every gradient to NaN) and the
+    first block, from the top down, whose gradient is not finite; None when every block's numbers
+    are finite (the NaN came from outside the blocks: embeddings, head, loss or data). The
+    caller zeroes the gradients first and after."""
+    with stats.watching(), torch.set_grad_enabled(backward):
+        loss = replay()
     for name, _ in stats.blocks:  # the forward runs first: a non-finite output is where it starts
         rms = stats._rms.get(name)
         if rms is not None and not math.isfinite(float(rms)):
             return f"{name} (its output)"
+    if not backward or not bool(torch.isfinite(loss)):
+        return None  # a finite forward through the blocks and a non-finite loss: the head or the loss
+    loss.backward()
     grads = stats.grad_norms()
-    for name, _ in reversed(stats.blocks):  # with a finite forward, the backward: from the top block down
+    for name, _ in reversed(stats.blocks):  # the backward runs from the top block down
         if not math.isfinite(float(grads[name])):
             return f"{name} (its gradient)"
     return None

@@ -465,6 +465,8 @@ class Trainer:
             num_tokens, loss_mean, means = self.reduce_over_ranks(num_tokens, loss_mean, means)
         if stats is not None:  # gradients as the backward left them, weights before the update
             grads = stats.grad_norms()
+            if self.scaler is not None:  # fp16: the backward ran on the scaled loss
+                grads = {k: v / self.scaler.get_scale() for k, v in grads.items()}
             stats.before_update()
         grad_norm, updated = engine.step(self.max_norm, loss_mean, self.scaler)
         if stats is not None:
@@ -517,10 +519,13 @@ class Trainer:
                 else "loss or gradient is not finite")
         where = ""
         if self.layer_stats is not None and not overflow:
-            def replay() -> None:
+            def replay() -> torch.Tensor:
                 with self.amp:
-                    self.task.loss(self.model, batches[0])
-            block = first_nonfinite(self.layer_stats, replay)
+                    return self.task.loss(self.model, batches[0]).loss_sum
+            self.engine.zero_grad()
+            # the backward replay runs on the plain model: one process only (DDP's hooks expect its forward)
+            block = first_nonfinite(self.layer_stats, replay, backward=self.par.world == 1)
+            self.engine.zero_grad()
             where = (f"; the first block whose numbers left the finite range: {block}" if block is not None
                      else "; every block's output and gradient are finite (look at the embeddings, the head, "
                           "the loss or the data)")

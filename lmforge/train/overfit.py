@@ -109,7 +109,8 @@ class OverfitWatch:
         lr_text = f"optim.lr={lr:g}" if lr is not None else "optim.lr"
         if not self.losses:
             return "no step was trained: raise train.max_steps"
-        if self.trainable == 0 or all(g == 0 for g in self.grad_norms if math.isfinite(g)):
+        finite_norms = [g for g in self.grad_norms if math.isfinite(g)]
+        if self.trainable == 0 or (finite_norms and all(g == 0 for g in finite_norms)):
             return (f"the gradients are all zero ({self.trainable:,} of {self.total:,} parameters are trainable): "
                     f"the model is frozen (requires_grad=False) or its output is detached from the loss")
         if self.trainable < self.total / 2:
@@ -118,6 +119,9 @@ class OverfitWatch:
         if self.nonfinite_step is not None:
             return (f"the loss went non-finite at step {self.nonfinite_step}: {lr_text} is far too high (try "
                     f"`lmforge lr-find`), or the data holds a bad value")
+        if not finite_norms:
+            return (f"every step's gradient was not finite (the loss was): the updates were skipped; look for an "
+                    f"overflow ({lr_text}, train.precision) or a bad value in the data")
         finite = [x for x in self.losses if math.isfinite(x)]
         peak = max(range(len(self.losses)), key=lambda i: self.losses[i] if math.isfinite(self.losses[i]) else -1)
         if self.losses[peak] > 1.5 * finite[0]:  # Adam at too high a rate throws the weights about first
