@@ -383,7 +383,8 @@ CASES = [
     Case("export-config-does-not-match-checkpoint", ["export", "{tmp}/clf", "--out", "{tmp}/out"],
          "does not match its checkpoint", run_copy("clf", edit_config(model__intermediate_size=32))),
     # -- plan, plot-schedule, report
-    Case("plan-without-budget", ["plan", "--tokens-per-s", "10"], "one of the arguments --flops --hours is required"),
+    Case("plan-without-budget", ["plan", "--tokens-per-s", "10"],
+         "give --config FILE (what a run costs), or exactly one of --flops F or --hours H (a budget)"),
     Case("plan-negative-hours", ["plan", "--hours", "-1", "--tokens-per-s", "10"], "--hours must be a positive number"),
     Case("plan-zero-throughput", ["plan", "--flops", "1e18", "--tokens-per-s", "0"],
          "--tokens-per-s must be a positive number"),
@@ -486,6 +487,8 @@ PATH_ARGUMENTS = [
     PathArgument("generate", ["generate", "{bad}", "the"]),
     PathArgument("report", ["report", "{bad}", "--out", "{tmp}/r"]),
     PathArgument("plot-schedule-config", ["plot-schedule", "--config", "{bad}", "--out", "{tmp}/lr.png"]),
+    PathArgument("lr-find-config", ["lr-find", "--config", "{bad}", "--out", "{tmp}/lr.png"]),
+    PathArgument("plan-config", ["plan", "--config", "{bad}", "--gpu", "H100"]),
     PathArgument("export", ["export", "{bad}", "--out", "{tmp}/out"]),
 ]
 PATH_CASES = [pytest.param(arg, kind, id=f"{arg.id}-given-{kind}")
@@ -496,8 +499,8 @@ def test_the_path_table_covers_every_verb_that_takes_a_path():
     from lmforge.cli import build_parser
 
     verbs = set(next(a for a in build_parser()._actions if a.dest == "verb").choices)
-    # plan takes no path; doctor reports on its paths (an error line, exit 1: tests/test_doctor.py)
-    assert verbs - {"plan", "doctor"} == {arg.argv[0] for arg in PATH_ARGUMENTS}
+    # doctor reports on its paths (an error line, exit 1: tests/test_doctor.py)
+    assert verbs - {"doctor"} == {arg.argv[0] for arg in PATH_ARGUMENTS}
 
 
 @pytest.mark.parametrize("arg, kind", PATH_CASES)
