@@ -552,6 +552,14 @@ def _launcher_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lmforge ...`: the verb's exit code (in a torchrun job the process ends here, see exit_job)."""
+    code = _main(argv)
+    if "lmforge.distributed.parallel" in sys.modules:  # only a verb that ran may have joined a job
+        return sys.modules["lmforge.distributed.parallel"].exit_job(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(_launcher_local_rank(sys.argv[1:] if argv is None else argv))

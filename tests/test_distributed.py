@@ -322,3 +322,26 @@ def test_distributed_timeout_s_is_the_process_groups_timeout(monkeypatch, tmp_pa
     with pytest.raises(Joined):
         {"pretrain": pretrain, "finetune": finetune}[verb](cfg)
     assert seen["timeout"] == datetime.timedelta(seconds=seconds)
+
+
+def test_a_cli_process_in_a_job_ends_with_its_verbs_code_and_its_output_flushed(tmp_path):
+    """exit_job ends a torchrun process without interpreter finalization (where gloo's threads
+    can abort it): the verb's code must come through and nothing printed (unflushed, to a pipe)
+    may be lost. A one-rank gloo group stands in for the job."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        "from lmforge.distributed.parallel import exit_job\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        "print('written before the end', end='')\n"  # buffered: a pipe is not a terminal
+        "sys.stderr.write('and to stderr')\n"
+        "exit_job(3)\n"
+        "print('never reached')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "written before the end" and "and to stderr" in proc.stderr
+
+
+def test_exit_job_outside_a_job_returns_the_code():
+    from lmforge.distributed.parallel import exit_job
+    assert exit_job(5) == 5

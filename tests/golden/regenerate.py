@@ -213,7 +213,7 @@ def regenerate(out_file: Path, workdir: Optional[Path] = None, only: Optional[li
         "generated_with": {"lmforge": str(Path(lmforge.__file__).resolve().parent), "commit": _commit(lmforge),
                            "python": sys.version.split()[0], "torch": _version("torch"),
                            "tokenizers": _version("tokenizers")},
-        "tolerance": {"rel": 1e-6},
+        "tolerance": TOLERANCE,
         "objectives": objectives,
     }
     if previous:  # a partial regeneration: the rest was made by the earlier code; say what was redone
@@ -222,6 +222,13 @@ def regenerate(out_file: Path, workdir: Optional[Path] = None, only: Optional[li
             f"regenerated {', '.join(only)} on {_commit(lmforge)} (tests/golden/regenerate.py --only)"]
     out_file.write_text(json.dumps(golden, indent=1) + "\n")
     return golden
+
+
+# rel 1e-6 held on the machine that made the file but not on every CI machine: other CPUs' kernels
+# round matmul reductions differently (measured on CI: distill 1.15e-6 at step 9; llama-relu2-muon up
+# to 1.0e-5, Muon's Newton-Schulz iteration amplifying the last bits). Anything a refactor changes
+# (masking, RNG order, a reduction, a default) moves these losses by 1e-3 or more.
+TOLERANCE = {"rel": 1e-5, "by_objective": {"llama-relu2-muon": 1e-4}}
 
 
 def _commit(module) -> Optional[str]:
