@@ -15,39 +15,46 @@ starts — its parameters, FLOPs, memory per rank under each strategy, and time.
   (4), as each strategy shards them (ddp: all of it, plus DDP's gradient buckets; fsdp: a 1/N
   share, plus the largest block gathered whole for its forward and backward; deepspeed ZeRO
   stage 1/2/3: the optimizer, then the gradients, then the weights sharded; Muon and the average
-  are refused by fsdp and deepspeed, lmforge/distributed), plus the
-  activations a micro-batch keeps for its backward. Those are MEASURED, not modelled: one
-  training forward of the config's model on this machine's CPU at one row of the longest step,
-  in the run's precision (bf16 autocast where the GPU would use it), counting the bytes of every
-  tensor autograd saves (each storage once), scaled to train.batch_size rows; with activation
-  checkpointing, the blocks' inputs plus one block's activations, recomputed in its backward.
+  are refused by fsdp and deepspeed, lmforge/distributed), plus the step's working memory.
+  That is MEASURED, not modelled (step_memory): one training step of the config's model on this
+  machine's CPU, in the run's precision (bf16 autocast where the GPU would use it), with the C
+  heap's bytes in use read after every op: the most of the forward (what autograd keeps, the
+  ops' transient outputs, the fused loss's logits chunk), of the backward beside the gradients
+  made so far, and of the optimizer's temporaries. It is measured at the micro-batch itself, or
+  at two smaller ones and extrapolated in the rows (_probe_rows), with and without activation
+  checkpointing. The step's peak is the largest of: the forward (plus the gradients when
+  micro-batches accumulate), the backward plus the gradients, the optimizer plus the gradients.
 - time: the run's FLOPs at --mfu (default 40%) of the GPU's dense bf16 peak, or at the FLOP/s a
   training step measures on this machine when no --gpu is given.
 
-The memory model does NOT hold yet: benchmarks/bench_plan_memory.py measures what a training
-run adds on this CPU, and on 2026-12-02 the plan came to 0.36-0.43 of it for bert-tiny, gpt-tiny
-and llama-tiny (tiny models, where the allocator's and the math libraries' fixed costs weigh
-most) and 0.65 for a 12-layer, H256, sequence-512 BERT. Not counted yet: the backward's
-transient gradients of the activations, the fused loss's chunk buffers, the optimizer's
-temporaries, allocator caching and library workspaces. Read its memory as a lower bound.
+benchmarks/bench_plan_memory.py checks the model against three whole training steps at the full
+micro-batch: on 2026-12-02 the plan came to 0.93, 1.03 and 1.05 of the measured peak for
+bert-tiny, gpt-tiny and llama-tiny. On a GPU the math libraries' caches and the allocator's
+rounding differ from this CPU's: leave a GPU 10% spare (the "fits" verdict does).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import math
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.config import Config
 from lmforge.data.prepared import fill_vocab_size
 from lmforge.data.tokenizers import load_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.ops.linear_cross_entropy import DEFAULT_CHUNK_ROWS
 from lmforge.tasks import registry
 from lmforge.train.layerstats import block_names
 from lmforge.train.loop import autocast_for
 from lmforge.train.machine import resolve_precision
+from lmforge.train.optim import make_optimizer
 from lmforge.train.recompute import checkpoint_blocks
 
 # dense bf16 (fp16 for V100 and T4) tensor-core peak FLOP/s and memory in GiB, from the vendors' sheets
@@ -140,60 +147,139 @@ def counted_flops_per_token(cfg: Config, seq_len: int) -> float:
     return counter.get_total_flops() / seq_len
 
 
-def saved_bytes(model: torch.nn.Module, cfg: Config, rows: int, seq_len: int, precision: str) -> int:
-    """Bytes of the tensors autograd keeps for the backward of one training forward (each storage
-    once), measured on the CPU at `rows` x `seq_len`. The parameters themselves are left out (the
-    weights are counted apart); their bf16 copies under autocast are in."""
-    seen: set[int] = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t: torch.Tensor):
-        nonlocal total
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        return t
-
-    amp = autocast_for(precision, torch.device("cpu"))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-        out = _forward(model, cfg, rows, seq_len)
-    del out
-    return total
-
-
 MEASURED_TASKS = ("mlm", "clm")  # the objectives whose activations `plan` measures
 
 
-def activation_bytes(cfg: Config, precision: str) -> Optional[dict[str, float]]:
-    """Activation memory of one micro-batch, without and with activation checkpointing, at the
-    step shape that keeps the most (measured at one row, scaled to the rows); None for an
-    objective it does not measure (MEASURED_TASKS)."""
-    if cfg.task.name not in MEASURED_TASKS:
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def malloc_in_use() -> Optional[Callable[[], int]]:
+    """A function giving the bytes the C heap has in use (glibc's mallinfo2: every arena's chunks in
+    use plus the mmapped ones), or None without glibc. Torch's CPU tensors and the math libraries'
+    workspaces are allocated there; freed memory the heap keeps for reuse is not counted: the CPU's
+    counterpart of torch.cuda.max_memory_allocated, where resident memory (RSS) also counts the
+    heap's fragmentation and the libraries' code."""
+    try:
+        info = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _MallInfo2
+
+    def in_use() -> int:
+        m = info()
+        return m.uordblks + m.hblkhd
+    return in_use
+
+
+class _PeakPerPhase(TorchDispatchMode):
+    """After every aten op (forward, backward and optimizer alike), the bytes in use above `floor`
+    less the gradients made so far; the most of it in each phase."""
+
+    def __init__(self, in_use: Callable[[], int], floor: int, grads: list[int]):
+        super().__init__()
+        self.in_use, self.floor, self.grads, self.phase, self.peak = in_use, floor, grads, "forward", {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        used = self.in_use() - self.floor - self.grads[0]
+        self.peak[self.phase] = max(self.peak.get(self.phase, 0), used)
+        return out
+
+
+def step_memory(cfg: Config, rows: int, seq_len: int, precision: str, checkpointing: bool) -> Optional[dict[str, int]]:
+    """Measured on this CPU: one training step of the config's model at `rows` x `seq_len` in
+    `precision`, from the freshly built model and optimizer. Bytes above what was in use before
+    the forward (the weights), less the parameters' gradients made so far:
+      forward   the most during the forward (what autograd keeps, plus each op's transient
+                outputs, e.g. the loss's chunk of logits; plus caches the math libraries keep
+                from then on, e.g. oneDNN's bf16 copies of the weights);
+      backward  the most during the backward (the activations not yet freed, the gradients of
+                the activations in flight);
+      optimizer the most during the optimizer step, less its state (its temporaries).
+    None where malloc_in_use is not available."""
+    in_use = malloc_in_use()
+    if in_use is None:
         return None
     objective = registry.objective(cfg.task.name)
     torch.manual_seed(0)
-    plain = objective.build_model(cfg).train()
-    layers = len(block_names(plain))
-    best = {"plain": 0.0, "checkpointed": 0.0}
-    for rows, seq in step_shapes(cfg):
-        a = saved_bytes(plain, cfg, 1, seq, precision)
-        ckpt = objective.build_model(cfg).train()
-        checkpoint_blocks(ckpt)
-        b = saved_bytes(ckpt, cfg, 1, seq, precision)
-        # checkpointed: what stays (block inputs, head) + one block's activations while it is recomputed
-        best["plain"] = max(best["plain"], rows * a)
-        best["checkpointed"] = max(best["checkpointed"], rows * (b + (a - b) / max(layers, 1)))
+    model = objective.build_model(cfg).train()
+    if checkpointing:
+        checkpoint_blocks(model)
+    optimizer = make_optimizer(model, cfg.optim, torch.device("cpu"))
+    grads = [0]
+
+    def count(p: torch.Tensor) -> None:
+        grads[0] += p.grad.untyped_storage().nbytes() if p not in counted else 0
+        counted.add(p)
+    counted: set = set()
+    handles = [p.register_post_accumulate_grad_hook(count) for p in model.parameters() if p.requires_grad]
+    gc.collect()
+    mode = _PeakPerPhase(in_use, in_use(), grads)
+    with mode:
+        with autocast_for(precision, torch.device("cpu")):
+            out = _forward(model, cfg, rows, seq_len)
+        mode.phase = "backward"
+        out.loss_sum.backward()
+        del out
+        mode.phase = "optimizer"
+        optimizer.step()
+    for h in handles:
+        h.remove()
+    state = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
+                if torch.is_tensor(t))
+    return {"forward": mode.peak["forward"], "backward": mode.peak["backward"],
+            "optimizer": max(0, mode.peak["optimizer"] - state)}
+
+
+def _probe_rows(cfg: Config, rows: int, seq_len: int) -> tuple[int, ...]:
+    """The micro-batch sizes step_memory measures to know `rows`: `rows` itself when small, else
+    two sizes r and 2r past the point where the fused loss's logits buffer stops growing (it holds
+    DEFAULT_CHUNK_ROWS predicted positions at most), between which memory grows with the rows."""
+    predicted = seq_len * (cfg.mlm.mask_prob if cfg.task.name == "mlm" else 1.0)
+    r = max(1, math.ceil(DEFAULT_CHUNK_ROWS / predicted))
+    return (rows,) if rows <= 2 * r else (r, 2 * r)
+
+
+def activation_bytes(cfg: Config, precision: str) -> Optional[dict[str, dict[str, float]]]:
+    """step_memory's phases at the run's micro-batch, without and with activation checkpointing,
+    for the step shape that needs the most: measured at the micro-batch itself when it is small,
+    else at two smaller ones (_probe_rows) and extrapolated linearly in the rows. None for an
+    objective it does not measure (MEASURED_TASKS), or without glibc."""
+    if cfg.task.name not in MEASURED_TASKS or malloc_in_use() is None:
+        return None
+    best: dict[str, dict[str, float]] = {}
+    steps = [(variant, checkpointing, rows, seq, _probe_rows(cfg, rows, seq))
+             for variant, checkpointing in (("plain", False), ("checkpointed", True)) for rows, seq in step_shapes(cfg)]
+    probes_total = sum(len(probes) for *_, probes in steps)
+    if probes_total * max(r * seq for *_, seq, probes in steps for r in probes) > 8192:  # more than a few seconds
+        print(f"lmforge: measuring a step's memory on this CPU ({probes_total} training steps of up to "
+              f"{max(r for *_, probes in steps for r in probes)} rows; minutes for a real-size model)...",
+              file=sys.stderr)
+    for variant, checkpointing, rows, seq, probes in steps:
+        measured = [step_memory(cfg, r, seq, precision, checkpointing) for r in probes]
+        if len(probes) == 1:
+            at = measured[0]
+        else:
+            (r1, r2), (m1, m2) = probes, measured
+            at = {k: m2[k] + max(0, m2[k] - m1[k]) * (rows - r2) / (r2 - r1) for k in m1}
+        if variant not in best or max(at.values()) > max(best[variant].values()):
+            best[variant] = at
     return best
 
 
-def memory_per_rank(counts: dict[str, int], cfg: Config, world: int, activations: dict[str, float],
+def memory_per_rank(counts: dict[str, int], cfg: Config, world: int, activations: Optional[dict],
                     largest_block: int) -> dict[str, dict[str, float]]:
-    """Bytes per rank under each strategy: weights, gradients, optimizer, average, activations."""
+    """Bytes per rank under each strategy: weights, gradients, optimizer, average, what the
+    strategy gathers or buckets, and the step's working memory beyond those ("activations": the
+    most of the forward, of the backward beside the gradients, and of the optimizer's temporaries,
+    step_memory). Gradients are there during the forward only when micro-batches accumulate."""
     p = counts["all"]
     optimizer = 8 * p if cfg.optim.name != "muon" else 4 * counts["hidden_matrices"] + 8 * (p - counts["hidden_matrices"])
     average = 4 * p if cfg.optim.ema_decay is not None else 0
-    act = activations["checkpointed" if cfg.train.activation_checkpointing else "plain"] if activations else 0.0
+    phases = activations["checkpointed" if cfg.train.activation_checkpointing else "plain"] if activations else None
+    accumulating = cfg.train.grad_accum_steps > 1
     out = {}
     for s in STRATEGIES:
         weights, grads, opt, extra = 4 * p, 4 * p, optimizer, 0.0
@@ -209,9 +295,14 @@ def memory_per_rank(counts: dict[str, int], cfg: Config, world: int, activations
             weights = weights / world if stage >= 3 else weights
             extra = 2 * 4 * largest_block if stage >= 3 else 0.0
         shared_average = average / world if s in ("fsdp", "zero3") else average
+        if phases:  # the step's peak: the forward (gradients only when accumulating), backward or optimizer
+            step = max(phases["forward"] + (grads if accumulating else 0.0),
+                       phases["backward"] + grads, phases["optimizer"] + grads)
+        else:
+            step = grads
         out[s] = {"weights": weights, "gradients": grads, "optimizer": opt, "average": shared_average,
-                  "gathered_or_buckets": extra, "activations": act,
-                  "total": weights + grads + opt + shared_average + extra + act}
+                  "gathered_or_buckets": extra, "activations": step - grads,
+                  "total": weights + opt + shared_average + extra + step}
     return out
 
 
@@ -272,6 +363,9 @@ def plan_config(cfg: Config, config_name: str = "", gpu: Optional[str] = None, w
 def format_config_plan(p: dict) -> str:
     def gib(x: float) -> str:
         return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2**20:.0f} MiB"
+
+    def phases(a: dict) -> str:
+        return " / ".join(gib(a[k]) for k in ("forward", "backward", "optimizer"))
     lines = [f"{p['config'] or 'config'}: {p['arch']} ({p['task']}), {p['parameters'] / 1e6:.1f}M parameters"
              + (f" ({p['parameters_with_padding'] / 1e6:.2f}M with the vocabulary's padding)"
                 if p["parameters_with_padding"] != p["parameters"] else ""),
@@ -279,10 +373,11 @@ def format_config_plan(p: dict) -> str:
              f"({p['micro_batches_per_rank']} micro-batch(es) per rank x {p['world']} rank(s)), {p['steps']:,} steps = "
              f"{p['tokens'] / 1e9:.3g}B tokens, {p['flops']:.3g} FLOPs",
              f"time on {p['throughput']}: {p['seconds_per_step']:.3g} s a step, {p['hours']:,.1f} h in all",
-             (f"activations of a micro-batch ({p['precision']}): {gib(p['activations']['plain'])}, "
-              f"{gib(p['activations']['checkpointed'])} with train.activation_checkpointing" if p["activations"]
-              else f"activations: not measured for task.name={p['task']} (only {', '.join(MEASURED_TASKS)}); "
-                   f"left out of the totals"),
+             (f"a micro-batch's working memory ({p['precision']}, measured on this CPU: forward / backward / "
+              f"optimizer): {phases(p['activations']['plain'])}; {phases(p['activations']['checkpointed'])} with "
+              f"train.activation_checkpointing" if p["activations"]
+              else f"activations: not measured for task.name={p['task']} (only {', '.join(MEASURED_TASKS)}, "
+                   f"where glibc's malloc counts are available); left out of the totals"),
              f"memory per rank (activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}):"]
     for s, m in p["memory_per_rank"].items():
         fits = ""
