@@ -45,7 +45,11 @@ def test_finetune_fixes_experiment_runs_both_settings_over_the_seeds_and_summari
 def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp_path):
     report = run_smoke(ROOT / "experiments" / "finetune_levers.py", "--out", str(tmp_path))
     assert [(r["variant"], r["seed"]) for r in report["rows"]] == [("shipped", 0), ("pooler", 0), ("dapt", 0)]
-    assert report["variants"]["pooler"]["overrides"] == ["model.classifier_pooling=pooler"]
+    # a lever changes the recipe it was measured on (v1), whatever configs/mr-minilm.yaml ships now
+    assert report["variants"]["pooler"]["overrides"] == [
+        "model.classifier_pooling=cls", "optim.lr=5e-5", "train.max_steps=792", "train.eval_every=264",
+        "train.checkpoint_every=264", "model.classifier_pooling=pooler"]
+    assert report["variants"]["shipped"]["overrides"] == []
     # dapt fine-tunes from its own continued-pretraining run, made on the train split's texts
     dapt_cfg = (Path(report["rows"][2]["run_dir"]) / "config.yaml").read_text()
     pretrained = next(Path(tmp_path / "dapt" / "pretrain").glob("mlm.*"))
