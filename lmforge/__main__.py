@@ -1,6 +1,6 @@
 """`python -m lmforge ...` is the same as the `lmforge` command (and what torchrun launches)."""
 
-from lmforge.cli import main
+from lmforge.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

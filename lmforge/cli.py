@@ -551,15 +551,18 @@ def _launcher_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`lmforge ...`: the verb's exit code (in a torchrun job the process ends here, see exit_job)."""
-    code = _main(argv)
+def entry() -> None:
+    """The `lmforge` command and `python -m lmforge`: main's exit code. In a torchrun job the
+    process ends in exit_job (no interpreter finalization, where gloo's threads can abort it);
+    code that calls main() itself (a driver that reports after it) gets the code back instead."""
+    code = main()
     if "lmforge.distributed.parallel" in sys.modules:  # only a verb that ran may have joined a job
-        return sys.modules["lmforge.distributed.parallel"].exit_job(code)
-    return code
+        code = sys.modules["lmforge.distributed.parallel"].exit_job(code)
+    raise SystemExit(code)
 
 
-def _main(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`lmforge ...` as a function: the verb's exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(_launcher_local_rank(sys.argv[1:] if argv is None else argv))
@@ -596,4 +599,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
