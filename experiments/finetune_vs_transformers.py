@@ -17,11 +17,16 @@ records in split.json). Both sides evaluate with the same texts and labels. Usag
     python experiments/finetune_vs_transformers.py --smoke                # tiny models: checks the script runs
 
 Each run is timed; the report gives each (side, precision)'s mean, standard deviation, min and
-max over the seeds. --json output of separate invocations can be merged by concatenating "rows".
+max over the seeds, and how often each side answers "positive" on each set (the out-of-domain
+sets are 69.0% and 44.6% positive). With --out, each finished run is appended to OUT/rows.jsonl
+at once, and a run already there (same side, precision, seed, length and overrides) is not run
+again: an interrupted comparison continues where it stopped. --json output of separate
+invocations can be merged by concatenating "rows".
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -48,9 +53,14 @@ def lmforge_run(seed: int, precision: str, out: Path, extra: list[str]) -> dict:
         f"out_dir={out / 'lmforge' / precision}", *extra])
     started = time.time()
     run_dir, s = finetune(cfg)
-    return {"side": "lmforge", "seed": seed, "precision": precision, "seconds": round(time.time() - started, 1),
-            "test": s["test_accuracy"], **{name: s[f"{name.replace('-', '_')}_accuracy"] for name in EVALUATION_ONLY},
-            "run_dir": str(run_dir)}
+    row = {"side": "lmforge", "seed": seed, "precision": precision, "seconds": round(time.time() - started, 1),
+           "test": s["test_accuracy"], **{name: s[f"{name.replace('-', '_')}_accuracy"] for name in EVALUATION_ONLY},
+           "run_dir": str(run_dir)}
+    from lmforge.tasks.classify import evaluate_run  # the confusion matrices: how often it answers "positive"
+    for name in SETS:
+        confusion = evaluate_run(run_dir, "movie-reviews" if name == "test" else name, write=False)["confusion"]
+        row[f"{name} positive"] = sum(r[1] for r in confusion) / sum(map(sum, confusion))
+    return row
 
 
 def transformers_run(seed: int, precision: str, out: Path, max_len: int, smoke: bool) -> dict:
@@ -98,6 +108,7 @@ def transformers_run(seed: int, precision: str, out: Path, max_len: int, smoke: 
         logits = trainer.predict(features(examples)).predictions
         predicted = torch.as_tensor(logits).argmax(-1)
         row[name] = float((predicted == torch.tensor([e.label for e in examples])).float().mean())
+        row[f"{name} positive"] = float(predicted.float().mean())
     return row
 
 
@@ -108,9 +119,22 @@ def summarise(rows: list[dict]) -> dict:
         for precision in PRECISIONS:
             rs = [r for r in rows if r["side"] == side and r["precision"] == precision]
             if rs:
-                out[f"{side} {precision}"] = {**{name: common.accuracy_summary([r[name] for r in rs]) for name in SETS},
-                                              "seconds": statistics.mean(r["seconds"] for r in rs), "runs": len(rs)}
+                out[f"{side} {precision}"] = {
+                    **{name: common.accuracy_summary([r[name] for r in rs]) for name in SETS},
+                    **{f"{name} positive": statistics.mean(r[f"{name} positive"] for r in rs)
+                       for name in SETS if all(f"{name} positive" in r for r in rs)},
+                    "seconds": statistics.mean(r["seconds"] for r in rs), "runs": len(rs)}
     return out
+
+
+def finished_rows(path: Path, key: dict) -> dict[tuple[str, str, int], dict]:
+    """{(side, precision, seed): row} of the runs in `path` (rows.jsonl) made with the same `key`
+    (the transformers side's input cut and the lmforge side's overrides)."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["side"], r["precision"], r["seed"]): {k: v for k, v in r.items() if k != "key"}
+            for r in rows if r.get("key") == key}
 
 
 def majority(smoke: bool) -> dict[str, float]:
@@ -128,6 +152,9 @@ def print_text(report: dict) -> None:
     for key, s in report["summary"].items():
         print(f"{key:<20} {s['seconds']:>8.0f} "
               + " ".join(f"{s[n]['mean']:>8.4f} ({s[n]['std']:.4f})" for n in SETS))
+    print("answered positive (mean over seeds)")
+    for key, s in report["summary"].items():
+        print(f"{key:<20} {'':>8} " + " ".join(f"{s.get(f'{n} positive', float('nan')):>16.3f}" for n in SETS))
     print(f"{'majority class':<20} {'':>8} {'':>16} " + " ".join(f"{report['majority'][n]:>16.4f}"
                                                                for n in EVALUATION_ONLY))
 
@@ -148,13 +175,24 @@ def main() -> int:
         extra += [*SMOKE_MODEL, "data.train_examples=64", "train.max_steps=2", "train.eval_every=2",
                   "train.checkpoint_every=2", "train.eval_batch_size=256"]
     rows = []
+    key = {"hf_max_len": args.hf_max_len, "lmforge_overrides": extra}
     with common.runs_folder(args, "lmforge-vs-transformers-") as (out, _):
+        done = finished_rows(out / "rows.jsonl", key)
         for seed in seeds:
             for precision in args.precisions:
-                if "lmforge" in args.sides:
-                    rows.append(lmforge_run(seed, precision, out, extra))
-                if "transformers" in args.sides:
-                    rows.append(transformers_run(seed, precision, out, args.hf_max_len, args.smoke))
+                for side in SIDES:
+                    if side not in args.sides:
+                        continue
+                    row = done.get((side, precision, seed))
+                    if row is None:
+                        row = (lmforge_run(seed, precision, out, extra) if side == "lmforge"
+                               else transformers_run(seed, precision, out, args.hf_max_len, args.smoke))
+                        out.mkdir(parents=True, exist_ok=True)
+                        with (out / "rows.jsonl").open("a") as f:
+                            f.write(json.dumps({**row, "key": key}) + "\n")
+                    else:
+                        print(f"finetune_vs_transformers: {side} {precision} seed {seed} was finished before")
+                    rows.append(row)
     report = {"seeds": seeds, "hf_max_len": args.hf_max_len, "lmforge_overrides": extra, "rows": rows,
               "summary": summarise(rows), "majority": majority(args.smoke)}
     return common.print_report(report, args.json, print_text)
