@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "mean+lr1e-4": ((*V1, "model.classifier_pooling=mean", "optim.lr=1e-4"), "mean pooling and 2x the learning rate"),
     "mean+lr1e-4+epochs5": ((*V1, "model.classifier_pooling=mean", "optim.lr=1e-4", *EPOCHS5),
                             "mean pooling, 2x the learning rate, 5 epochs"),
+    # levers for out of the domain (docs/finetuning.md, "Out of its domain"), on the shipped recipe
+    "noise0.1": (("classify.token_noise=0.1",), "shipped + 10% of the tokens replaced by random ones"),
+    "noise0.3": (("classify.token_noise=0.3",), "shipped + 30% of the tokens replaced by random ones"),
+    "lpft": (("classify.probe_first=true",), "shipped, the heads a linear probe first (LP-FT)"),
 }
 # the continued pretraining of `dapt` (Gururangan et al. 2020): ~3.4 passes over the train texts
 # (~240k tokens, in windows of 64: two or three snippets each), at BERT's continued-pretraining lr

@@ -300,8 +300,19 @@ class ClassifyConfig:
     # batches of similar lengths (chunks of 50 global batches sorted by length, the batches
     # shuffled: less padding, lmforge/tasks/classify.py); false = the plain seeded shuffle
     length_buckets: bool = True
+    # each text token of a training example is replaced, with this probability, by a token drawn
+    # uniformly from the vocabulary (never a special one), afresh each epoch: the classifier
+    # learns that a token it does not know is no evidence. Without it, one out-of-domain token
+    # can flip a verdict: "People are great. http://url_removed" reads as 98% negative (docs/
+    # finetuning.md, "Out of its domain"). 0 = off
+    token_noise: float = 0.0
+    # LP-FT (Kumar et al. 2022): before fine-tuning, set the heads to a linear probe of the
+    # starting encoder (logistic and ridge regression on the train split's pooled states; a few
+    # seconds to a minute), so the first updates do not come from a random head
+    probe_first: bool = False
 
     def check(self, cfg: Config) -> None:
+        _require(0.0 <= self.token_noise < 1.0, f"classify.token_noise={self.token_noise} must be in [0, 1)")
         _require(0.0 <= self.label_smoothing < 1.0, f"classify.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _require(math.isfinite(self.rdrop) and self.rdrop >= 0, f"classify.rdrop={self.rdrop} must be a number >= 0")
         _require(math.isfinite(self.rating_weight) and self.rating_weight >= 0,

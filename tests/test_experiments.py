@@ -79,6 +79,9 @@ def test_finetune_vs_transformers_runs_both_sides_in_both_precisions():
         rows = [r for r in report["rows"] if r["side"] == side and r["precision"] == precision]
         for name in ("test", "vader-tweets", "vader-nyt"):
             assert_summarises(s[name], [r[name] for r in rows])
+            # how often it answered "positive", from its predictions: 1 - that is the other class's share
+            assert all(0 <= r[f"{name} positive"] <= 1 for r in rows)
+            assert s[f"{name} positive"] == pytest.approx(sum(r[f"{name} positive"] for r in rows) / len(rows))
     assert 0.5 <= report["majority"]["vader-tweets"] <= 1 and report["hf_max_len"] == 64
 
 
@@ -173,3 +176,23 @@ def test_when_it_does_not_learn_reports_each_tool_on_both_learning_rates():
     shipped, broken = (report["rates"][k]["layer_stats"]["first_update_ratio"] for k in ("shipped", "broken"))
     assert all(broken[b] > shipped[b] for b in shipped)
     assert report["lr_find"]["stopped"] in ("end", "diverged", "non-finite")
+
+
+def test_ood_diagnosis_breaks_each_set_down_consistently_for_a_run_and_its_probe():
+    report = run_smoke(ROOT / "experiments" / "ood_diagnosis.py", "--probe")
+    (run, probe), diagnoses = report["diagnoses"], list(report["diagnoses"].values())
+    assert probe == f"{run} (linear probe of its start)"
+    for d in diagnoses:
+        assert set(d["sentences"]) and all(0 <= v <= 1 for p in d["sentences"].values() for v in p.values())
+        for name in ("vader-tweets", "vader-nyt"):
+            r, n = d[name], d[name]["examples"]
+            assert n == 64 and 0 <= r["answered positive"] <= 1 and 0.3 < r["positive"] < 0.8
+            # the bands of |rating| cover every example (none is rated exactly 0), so their
+            # accuracies weighted by their sizes are the set's accuracy
+            bands = r["by rating strength"].values()
+            assert sum(b["examples"] for b in bands) == n
+            assert sum(b["accuracy"] * b["examples"] for b in bands) == pytest.approx(r["accuracy"] * n)
+            for m in r["markers"].values():  # with and without a marker split the set
+                assert m["accuracy with"] * m["examples"] + m["accuracy without"] * (n - m["examples"]) == \
+                    pytest.approx(r["accuracy"] * n)
+    assert "http://url_removed" in diagnoses[0]["vader-tweets"]["markers"]

@@ -171,7 +171,7 @@ def test_hf_dataset_names_load_the_configs_train_split_through_real_datasets_wit
 RAMP = ("train.grad_accum_steps=2", "train.batch_ramp_start_tokens=512", "train.batch_ramp_tokens=4000")
 
 
-@pytest.mark.parametrize("extra", [(), RAMP], ids=["plain", "batch-ramp"])
+@pytest.mark.parametrize("extra", [(), RAMP, ("classify.token_noise=0.2",)], ids=["plain", "batch-ramp", "token-noise"])
 def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch, extra):
     from lmforge.jobs import resume_finetune
     from lmforge.tasks.classify import ClassifyTask

@@ -97,10 +97,10 @@ def test_pooler_pooling_is_tanh_of_a_dense_layer_on_the_cls_state():
 
 
 def _varied_task(tmp_path, *overrides):
-    """A ClassifyTask on texts of many lengths (1 to 12 words)."""
+    """A ClassifyTask on texts of many lengths (1 to 12 words), with ratings."""
     path = tmp_path / "lengths.tsv"
-    path.write_text("text\tlabel\n" + "".join(f"{' '.join(['good'] * (1 + i % 12))} film\t{i % 2}\n"
-                                              for i in range(400)))
+    path.write_text("text\tlabel\trating\n" + "".join(
+        f"{' '.join(['good'] * (1 + i % 12))} film\t{i % 2}\t{(i % 7 - 3) * 0.5 + (i % 2)}\n" for i in range(400)))
     cfg = load_config(None, ["task.name=classify", f"data.dataset={path}", "data.tokenizer=bert-base-uncased",
                              "data.seq_len=16", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
                              "model.intermediate_size=32", "model.max_position_embeddings=16",
@@ -124,3 +124,75 @@ def test_length_buckets_off_is_the_plain_seeded_shuffle_and_pads_more(tmp_path):
         return 1 - sum(b.num_tokens for b in batches) / sum(b.tensors["input_ids"].numel() for b in batches)
 
     assert padding(bucketed) < 0.5 * padding(plain)
+
+
+def test_token_noise_replaces_text_tokens_by_random_ordinary_ones_afresh_each_epoch(tmp_path):
+    clean = _varied_task(tmp_path)
+    task = _varied_task(tmp_path, "classify.token_noise=0.3")
+    again = _varied_task(tmp_path, "classify.token_noise=0.3")
+    special = set(map(int, task.tokenizer.special_mask.nonzero()[0]))
+    changed = total = 0
+    for i in task.split["train"]:
+        ids, noisy = task.ids[i], task.noisy_ids(i, 0)
+        assert clean.noisy_ids(i, 0) == ids  # off: the example as it is
+        assert len(noisy) == len(ids) and noisy[0] == ids[0] and noisy[-1] == ids[-1]  # [CLS] ... [SEP] kept
+        assert noisy == again.noisy_ids(i, 0)  # the seed, epoch and example decide it
+        replaced = [b for a, b in zip(ids[1:-1], noisy[1:-1]) if a != b]
+        assert not special & set(replaced)
+        changed, total = changed + len(replaced), total + len(ids) - 2
+    assert 0.25 < changed / total < 0.35  # ~30% (a replacement can draw the same token: rarely)
+    i = task.split["train"][0]
+    assert any(task.noisy_ids(i, 0) != task.noisy_ids(i, e) for e in (1, 2, 3))  # a fresh draw each epoch
+    # training batches are noisy, evaluation's are not
+    step = task.train_batch(0, 0)
+    rows = {int(k): r[:len(task.ids[int(k)])].tolist() for k, r in zip(step.tensors["index"], step.tensors["input_ids"])}
+    assert rows == {k: task.noisy_ids(k, 0) for k in rows}
+    assert task.collate(list(rows)).tensors["input_ids"].tolist() == clean.collate(list(rows)).tensors["input_ids"].tolist()
+
+
+def test_token_noise_depends_on_the_global_batch_not_its_micro_batches(tmp_path):
+    def rows_of_step(task, step, micro_batches):
+        out = {}
+        for micro in range(micro_batches):
+            b = task.train_batch(step, micro)
+            out.update({int(k): r.tolist()[:len(task.ids[int(k)])]
+                        for k, r in zip(b.tensors["index"], b.tensors["input_ids"])})
+        return out
+
+    whole = _varied_task(tmp_path, "classify.token_noise=0.3")
+    split = _varied_task(tmp_path, "classify.token_noise=0.3", "train.batch_size=4", "train.grad_accum_steps=2")
+    for step in range(whole.steps_per_epoch() + 3):  # into the second epoch
+        assert rows_of_step(whole, step, 1) == rows_of_step(split, step, 2)
+
+
+def test_probe_first_fits_the_heads_to_the_frozen_encoder_and_nothing_else(tmp_path):
+    from lmforge.tasks.classify import PROBE_L2
+
+    plain = _varied_task(tmp_path, "model.dropout=0.1")
+    probed = _varied_task(tmp_path, "model.dropout=0.1", "classify.probe_first=true")
+    a, b = plain.model.state_dict(), probed.model.state_dict()
+    heads = {"polarity.weight", "polarity.bias", "rating.weight", "rating.bias"}
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in heads)  # the encoder is untouched
+    assert not any(torch.equal(a[k], b[k]) for k in heads)
+    train = probed.split["train"]
+    x, y = probed.pooled_features(train), probed.labels[torch.tensor(train)]
+    # the polarity head is the regularised logistic regression's optimum: its gradient is ~0
+    w = probed.model.polarity.weight.detach().clone().requires_grad_()
+    c = probed.model.polarity.bias.detach().clone().requires_grad_()
+    loss = F.cross_entropy(x @ w.T + c, y) + PROBE_L2 * w.pow(2).sum()
+    gw, gc = torch.autograd.grad(loss, (w, c))
+    assert gw.abs().max() < 1e-4 and gc.abs().max() < 1e-4
+    untrained = F.cross_entropy(plain.model.polarity(x), y)
+    assert F.cross_entropy(probed.model.polarity(x), y) < untrained
+    # the rating head solves the ridge regression's normal equations
+    m = probed.model
+    target = (probed.ratings[torch.tensor(train)] - m.rating_centre) / m.rating_half_width
+    residual = (m.rating(x).squeeze(1) - target).detach()
+    assert abs(float(residual.mean())) < 1e-4  # the (unshrunk) bias: residuals sum to zero
+    normal = x.T @ residual + PROBE_L2 * len(x) * m.rating.weight.detach().squeeze(0)
+    assert normal.abs().max() < 1e-4 * (x.T @ target).abs().max()  # ~0 against the equations' scale
+    # the features are the model's own pooled state, in example order, without dropout
+    assert probed.model.training == plain.model.training
+    ids, mask = probed.collate(train[:5]).tensors["input_ids"], probed.collate(train[:5]).tensors["attention_mask"]
+    probed.model.eval()
+    assert torch.allclose(probed.model.pool(ids, attention_mask=mask)[0], x[:5], atol=1e-5)

@@ -74,11 +74,10 @@ class Classifier(nn.Module):
     def encoder(self) -> nn.Module:
         return getattr(self, self.encoder_attr)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None) -> ClassifierOutput:
-        """input_ids: (batch, seq) int64 starting with [CLS]; attention_mask: (batch, seq), or None
-        when nothing is padded. Returns a ClassifierOutput: polarity logits, rating (None without
-        a rating head) and the final [CLS] state."""
+    def pool(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled, state): the pooled state the heads read (before dropout), and the final [CLS]
+        state. Also what the linear probe of classify.probe_first is fitted on."""
         if self.cfg.classifier_pooling == "mean":  # the mean of the real tokens' final states
             hidden = self.encoder(input_ids, token_type_ids, attention_mask)
             state = hidden[:, 0]
@@ -92,6 +91,14 @@ class Classifier(nn.Module):
             state = pooled = self.encoder(input_ids, token_type_ids, attention_mask, positions=first)[:, 0]
             if self.pooler is not None:
                 pooled = torch.tanh(self.pooler(state))
+        return pooled, state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> ClassifierOutput:
+        """input_ids: (batch, seq) int64 starting with [CLS]; attention_mask: (batch, seq), or None
+        when nothing is padded. Returns a ClassifierOutput: polarity logits, rating (None without
+        a rating head) and the final [CLS] state."""
+        pooled, state = self.pool(input_ids, attention_mask, token_type_ids)
         cls = self.dropout(pooled)
         rating = None
         if self.rating is not None:

@@ -23,6 +23,7 @@ import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -89,7 +90,10 @@ class ClassifyTask(Task):
                                    f"for this classifier ({', '.join((unexpected + lacking)[:4])} do not fit); start "
                                    f"from a pretraining run, minilm or a transformers encoder directory")
         reinit_top_layers(model, cfg)
-        return cls(cfg, data, split, tokenizer, model)
+        task = cls(cfg, data, split, tokenizer, model)
+        if cfg.classify.probe_first:
+            task.fit_probe()
+        return task
 
     @classmethod
     def reopen(cls, cfg: Config, run_dir: Path, **extra) -> "ClassifyTask":
@@ -171,11 +175,78 @@ class ClassifyTask(Task):
                                     dtype=torch.float32)
         self.consumed = 0  # train examples handed out so far, in epoch order
         self._epoch, self._epoch_order = -1, []
-        self._step, self._step_examples = -1, []
+        self._step, self._step_examples, self._step_epoch = -1, [], 0
+        self._noise_ids = np.flatnonzero(~tokenizer.special_mask)  # what classify.token_noise draws from
+
+    @torch.no_grad()
+    def pooled_features(self, indices: list[int], batch_size: int = 256) -> torch.Tensor:
+        """(n, hidden) float32: the model's pooled state (Classifier.pool, no dropout) of examples
+        `indices`, in that order; fp32, the model's mode restored."""
+        model, was_training = self.model, self.model.training
+        model.eval()
+        order = sorted(range(len(indices)), key=lambda k: len(self.ids[indices[k]]))  # little padding
+        out = torch.empty(len(indices), self.cfg.model.hidden_size)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = self.collate([indices[k] for k in chunk])
+            mask = mask_if_padded(batch.tensors["attention_mask"], batch.num_tokens)
+            out[chunk] = model.pool(batch.tensors["input_ids"], attention_mask=mask)[0].float()
+        model.train(was_training)
+        return out
+
+    def fit_probe(self) -> None:
+        """classify.probe_first (LP-FT, Kumar et al. 2022): set the heads to a linear probe of the
+        starting encoder before fine-tuning: the polarity head by L2-regularised logistic
+        regression (L-BFGS), the rating head by ridge regression, both on the pooled states of the
+        train split. A random head's first gradients would distort the pretrained features;
+        features the movie reviews never exercise are then left closer to where they were."""
+        started = time.time()
+        train = self.split["train"]
+        x, y = self.pooled_features(train), self.labels[torch.tensor(train)]
+        head = nn.Linear(x.size(1), len(self.data.labels))
+        nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=PROBE_ITERS, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(head(x), y) + PROBE_L2 * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        model = self.model
+        model.polarity.weight.data.copy_(head.weight.data), model.polarity.bias.data.copy_(head.bias.data)
+        accuracy = float((head(x).argmax(-1) == y).float().mean())
+        if model.rating is not None:  # rating = centre + half_width * (w . x + b): ridge for (w, b)
+            target = (self.ratings[torch.tensor(train)] - model.rating_centre) / model.rating_half_width
+            a = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+            ridge = PROBE_L2 * len(x) * torch.eye(a.size(1), dtype=torch.float64)
+            ridge[-1, -1] = 0  # the bias is not shrunk
+            w = torch.linalg.solve(a.T @ a + ridge, a.T @ target.double().unsqueeze(1)).float().squeeze(1)
+            model.rating.weight.data.copy_(w[:-1].unsqueeze(0)), model.rating.bias.data.fill_(float(w[-1]))
+        print(f"lmforge: linear probe (classify.probe_first): heads fitted on the starting encoder's pooled states "
+              f"of {len(train):,} train examples, train accuracy {accuracy:.4f} ({time.time() - started:.0f} s)",
+              file=sys.stderr)
 
     # -- batches ---------------------------------------------------------------------------------
-    def collate(self, indices: list[int]) -> Batch:
-        input_ids, attention = pad_rows([self.ids[i] for i in indices], self.tokenizer.pad_id)
+    def noisy_ids(self, i: int, epoch: int) -> list[int]:
+        """Example i's ids as training sees them in `epoch`: each text token replaced with
+        probability classify.token_noise by a random non-special token ([CLS] and [SEP] kept). The
+        draw depends on the seed, the epoch and the example alone, not on the batch it lands in."""
+        ids, p = self.ids[i], self.cfg.classify.token_noise
+        if p == 0:
+            return ids
+        rng = np.random.default_rng(derive_seed(self.cfg.train.seed, "classify-noise", epoch, i))
+        text = np.array(ids[1:-1])
+        hit = rng.random(len(text)) < p
+        text[hit] = rng.choice(self._noise_ids, int(hit.sum()))
+        return [ids[0], *text.tolist(), ids[-1]]
+
+    def collate(self, indices: list[int], epoch: Optional[int] = None) -> Batch:
+        """Examples `indices` padded into one batch; with `epoch` (training), under classify.token_noise."""
+        rows = [self.ids[i] if epoch is None else self.noisy_ids(i, epoch) for i in indices]
+        input_ids, attention = pad_rows(rows, self.tokenizer.pad_id)
         index = torch.tensor(indices)
         tensors = {"input_ids": input_ids, "attention_mask": attention, "labels": self.labels[index],
                    "ratings": self.ratings[index], "index": index}
@@ -216,7 +287,7 @@ class ClassifyTask(Task):
             epoch, offset = divmod(self.consumed, len(self.split["train"]))
             examples = self._order_of_epoch(epoch)[offset:offset + wanted]
             self.consumed += len(examples)
-            self._step, self._step_examples = step, examples
+            self._step, self._step_examples, self._step_epoch = step, examples, epoch
         return self._step_examples
 
     def train_batch(self, step: int, micro: int) -> Batch:
@@ -228,10 +299,10 @@ class ClassifyTask(Task):
         micro_rows = np.array_split(np.array(examples), self.step_shape(step).micro_batches)[micro]
         mine = [int(i) for i in np.array_split(micro_rows, world)[rank]]
         if not mine:
-            batch = self.collate(examples[:1])
+            batch = self.collate(examples[:1], self._step_epoch)
             batch.num_targets = batch.num_tokens = 0
             return batch
-        return self.collate(mine)
+        return self.collate(mine, self._step_epoch)
 
     def data_state(self) -> dict:
         return {"consumed_examples": self.consumed, "epoch": self.consumed / len(self.split["train"])}
@@ -407,6 +478,9 @@ class ClassifyTask(Task):
                             f"{key}_majority_accuracy": ood["majority_accuracy"], f"{key}_ece": ood["ece"]})
         return out
 
+
+# classify.probe_first's fit: L-BFGS iterations, and the L2 weight of both heads (on states of RMS ~1)
+PROBE_ITERS, PROBE_L2 = 200, 1e-3
 
 CALIBRATION = "calibration.json"  # in a fine-tuning run: the temperature, fitted on validation at the end
 
