@@ -117,7 +117,8 @@ def main() -> int:
     if not args.runs and not args.smoke:
         p.error("give a fine-tuning run directory (or --smoke)")
     report = {"diagnoses": {}}
-    with common.runs_folder(argparse_out(args), "ood-diagnosis-") as (_, scratch):
+    args.out = None  # nothing is kept: the --smoke run goes to a scratch folder
+    with common.runs_folder(args, "ood-diagnosis-") as (_, scratch):
         runs = [Path(r) for r in args.runs]
         if args.smoke:
             cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [
@@ -134,12 +135,6 @@ def main() -> int:
             if args.probe:
                 report["diagnoses"][f"{run_dir} (linear probe of its start)"] = diagnose(*probe_of(run_dir), limit)
     return common.print_report(report, args.json, print_text)
-
-
-def argparse_out(args):
-    """common.runs_folder's view of these arguments: no --out (the smoke run goes to scratch)."""
-    args.out = None
-    return args
 
 
 if __name__ == "__main__":
