@@ -180,10 +180,10 @@ def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, mon
     full_dir, _ = finetune(_cfg(tiny_prepared, tmp_path / "full", tiny_reviews, "train.max_steps=12",
                                 "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
                                 "model.dropout=0.1", *extra))
-    if extra:  # one micro-batch of 16 examples a step at first, two at the end
+    if extra == RAMP:  # one micro-batch of 16 examples a step at first, two at the end
         step_tokens = [r["step_tokens"] for r in read_metrics(full_dir) if r["split"] == "train"]
         assert max(step_tokens[:3]) < min(step_tokens[-3:])
-    interrupt_during_step(monkeypatch, ClassifyTask, 3 if extra else 8)
+    interrupt_during_step(monkeypatch, ClassifyTask, 3 if extra == RAMP else 8)
     cut_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "cut", tiny_reviews, "train.max_steps=12",
                                      "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
                                      "model.dropout=0.1", *extra))
