@@ -63,6 +63,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "noise0.1": (("classify.token_noise=0.1",), "shipped + 10% of the tokens replaced by random ones"),
     "noise0.3": (("classify.token_noise=0.3",), "shipped + 30% of the tokens replaced by random ones"),
     "lpft": (("classify.probe_first=true",), "shipped, the heads a linear probe first (LP-FT)"),
+    "lpft+noise0.1": (("classify.probe_first=true", "classify.token_noise=0.1"), "LP-FT and 10% token noise together"),
 }
 # the continued pretraining of `dapt` (Gururangan et al. 2020): ~3.4 passes over the train texts
 # (~240k tokens, in windows of 64: two or three snippets each), at BERT's continued-pretraining lr
