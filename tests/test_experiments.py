@@ -48,7 +48,8 @@ def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp
     # a lever changes the recipe it was measured on (v1), whatever configs/mr-minilm.yaml ships now
     assert report["variants"]["pooler"]["overrides"] == [
         "model.classifier_pooling=cls", "optim.lr=5e-5", "train.max_steps=792", "train.eval_every=264",
-        "train.checkpoint_every=264", "model.classifier_pooling=pooler"]
+        "train.checkpoint_every=264", "classify.probe_first=false", "classify.token_noise=0",
+        "model.classifier_pooling=pooler"]
     assert report["variants"]["shipped"]["overrides"] == []
     # dapt fine-tunes from its own continued-pretraining run, made on the train split's texts
     dapt_cfg = (Path(report["rows"][2]["run_dir"]) / "config.yaml").read_text()
