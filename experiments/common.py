@@ -46,6 +46,24 @@ def add_run_options(parser: argparse.ArgumentParser, *, rounds: Optional[int] = 
         parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides for {overrides}")
 
 
+def add_run_dir_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that studies finished fine-tuning runs: the run directories,
+    --json and --smoke (a tiny run of its own instead)."""
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="fine-tuning runs of a negative/positive classifier")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run on made-up reviews, 64 examples a set")
+
+
+def parse_run_dir_options(parser: argparse.ArgumentParser):
+    """parser's arguments, refused in one line without a run directory or --smoke; args.out is None
+    (what --smoke trains goes to a scratch folder, removed)."""
+    args = parser.parse_args()
+    if not args.runs and not args.smoke:
+        parser.error("give a fine-tuning run directory (or --smoke)")
+    args.out = None
+    return args
+
+
 @contextlib.contextmanager
 def runs_folder(args, prefix: str) -> Iterator[tuple[Path, Path]]:
     """(out, scratch): the folder the runs go to (args.out, or else `scratch`) and a temporary
@@ -61,6 +79,15 @@ def tiny_reviews(path: Path) -> Path:
                                for w, label in (("good" if i % 2 else "great", 1), ("bad" if i % 2 else "dull", 0))]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tiny_classifier(scratch: Path) -> list[str]:
+    """Overrides of configs/mr-minilm.yaml for a --smoke classifier: a 1-layer, hidden-32 BERT from
+    random weights, 2 steps on tiny_reviews (written under `scratch`), runs in `scratch`."""
+    return [f"data.dataset={tiny_reviews(scratch / 'reviews.tsv')}", "model.init_from=null",
+            "data.tokenizer=bert-base-uncased", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+            "model.intermediate_size=64", "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+            "classify.evaluate_ood=false", "train.progress=false", f"out_dir={scratch}"]
 
 
 def median_seconds(models: dict, rounds: int, work: Callable[[object], object]) -> dict[str, float]:

@@ -28,9 +28,12 @@ import common
 from lmforge.config import load_config
 from lmforge.jobs import finetune
 
+# classify.wise_alpha=1 in both: "fixed" re-initialises a layer, which WiSE-FT's start cannot have
 SETTINGS = {
-    "original": {"overrides": ["optim.bias_correction=false", "model.reinit_layers=0"], "epochs": 3},
-    "fixed": {"overrides": ["optim.bias_correction=true", "model.reinit_layers=1"], "epochs": 10},
+    "original": {"overrides": ["optim.bias_correction=false", "model.reinit_layers=0", "classify.wise_alpha=1"],
+                 "epochs": 3},
+    "fixed": {"overrides": ["optim.bias_correction=true", "model.reinit_layers=1", "classify.wise_alpha=1"],
+              "epochs": 10},
 }
 
 

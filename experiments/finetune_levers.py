@@ -19,13 +19,14 @@ The seed changes the heads' initialisation, the dropout masks and the batch orde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
 from pathlib import Path
 
 import common
-from lmforge.config import load_config
+from lmforge.config import load_config, to_dict
 from lmforge.data.sentiment import EVALUATION_ONLY
 from lmforge.jobs import finetune, pretrain
 
@@ -34,13 +35,15 @@ from lmforge.jobs import finetune, pretrain
 # pooling, lr 5e-5, 3 epochs); they keep that base, so that every recorded row means what it did.
 # The recipe they chose (mean pooling, lr 1e-4, 5 epochs: "S2") was configs/mr-minilm.yaml from
 # then until 2026-12-03, when LP-FT and 10% token noise were added to it (lpft+noise0.1, chosen on
-# validation); the out-of-domain levers were measured on S2 and keep it.
-S2 = ("classify.probe_first=false", "classify.token_noise=0")
+# validation); the out-of-domain levers were measured on S2 and keep it. On 2026-12-04 WiSE-FT at
+# alpha 0.9 was added (wise0.9, chosen on validation over 3 seeds with experiments/wise_ft.py).
+S2 = ("classify.probe_first=false", "classify.token_noise=0", "classify.wise_alpha=1")
 V1 = ("model.classifier_pooling=cls", "optim.lr=5e-5", "train.max_steps=792", "train.eval_every=264",
       "train.checkpoint_every=264", *S2)
 EPOCHS5 = ("train.max_steps=1320", "train.eval_every=1320", "train.checkpoint_every=1320")
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "shipped": ((), "configs/mr-minilm.yaml as shipped (= lpft+noise0.1; until 2026-12-03 = mean+lr1e-4+epochs5)"),
+    "shipped": ((), "configs/mr-minilm.yaml as shipped (= wise0.9; 2026-12-03 = lpft+noise0.1; until then "
+                    "mean+lr1e-4+epochs5)"),
     "v1": (V1, "the recipe shipped before: [CLS] pooling, lr 5e-5, 3 epochs; the levers below change it"),
     "mean": ((*V1, "model.classifier_pooling=mean"), "mean of the tokens' final states (MiniLM's own pooling)"),
     "pooler": ((*V1, "model.classifier_pooling=pooler"), "BERT's pretrained pooler on [CLS] (transformers')"),
@@ -65,9 +68,17 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     # levers for out of the domain (docs/finetuning.md, "Out of its domain"), on S2
     "noise0.1": ((*S2, "classify.token_noise=0.1"), "S2 + 10% of the tokens replaced by random ones"),
     "noise0.3": ((*S2, "classify.token_noise=0.3"), "S2 + 30% of the tokens replaced by random ones"),
-    "lpft": (("classify.probe_first=true", "classify.token_noise=0"), "S2, the heads a linear probe first (LP-FT)"),
-    "lpft+noise0.1": (("classify.probe_first=true", "classify.token_noise=0.1"),
-                      "LP-FT and 10% token noise together: shipped since 2026-12-03"),
+    "lpft": (("classify.probe_first=true", "classify.token_noise=0", "classify.wise_alpha=1"),
+             "S2, the heads a linear probe first (LP-FT)"),
+    "lpft+noise0.1": (("classify.probe_first=true", "classify.token_noise=0.1", "classify.wise_alpha=1"),
+                      "LP-FT and 10% token noise together: shipped 2026-12-03 to 12-04"),
+    "lpft+noise0.3": (("classify.probe_first=true", "classify.token_noise=0.3", "classify.wise_alpha=1"),
+                      "LP-FT and 30% token noise: an end point for WiSE-FT (experiments/wise_ft.py)"),
+    "epochs15": (("classify.probe_first=true", "classify.token_noise=0.1", "classify.wise_alpha=1",
+                  "train.max_steps=3960", "train.eval_every=3960", "train.checkpoint_every=3960"),
+                 "lpft+noise0.1 for 15 epochs: the compute of a soup of three 5-epoch runs in one run"),
+    "wise0.9": (("classify.probe_first=true", "classify.token_noise=0.1", "classify.wise_alpha=0.9"),
+                "lpft+noise0.1, then the weights 0.1 of the way back to the start (WiSE-FT): shipped since 2026-12-04"),
 }
 # the continued pretraining of `dapt` (Gururangan et al. 2020): ~3.4 passes over the train texts
 # (~240k tokens, in windows of 64: two or three snippets each), at BERT's continued-pretraining lr
@@ -106,13 +117,24 @@ def run(name: str, seed: int, out: Path, extra: list[str], smoke: bool = False) 
             "test_ece": s["test_ece"], "test_ece_calibrated": s["test_ece_calibrated"], "run_dir": str(run_dir)}
 
 
+def recipe_id(name: str, extra: list[str]) -> str:
+    """A digest of what variant `name` trains with these overrides: the resolved config (but the
+    seed and where runs go) and its continued pretraining. A row is reused only for the same one,
+    so a row recorded before configs/mr-minilm.yaml changed is never taken for the new recipe."""
+    cfg = to_dict(load_config(common.CONFIGS / "mr-minilm.yaml", [*VARIANTS[name][0], *extra]))
+    cfg["train"].pop("seed"), cfg.pop("out_dir")
+    return hashlib.sha256(json.dumps([cfg, PRETRAINED.get(name)], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _finished_rows(path: Path, extra: list[str]) -> dict[tuple[str, int], dict]:
-    """{(variant, seed): row} of the runs in `path` (rows.jsonl) made with the same overrides."""
+    """{(variant, seed): row} of the runs in `path` (rows.jsonl) made with the same overrides and
+    recipe (recipe_id)."""
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["variant"], r["seed"]): {k: v for k, v in r.items() if k != "overrides"}
-            for r in rows if r.get("overrides") == extra}
+    return {(r["variant"], r["seed"]): {k: v for k, v in r.items() if k not in ("overrides", "recipe")}
+            for r in rows if r.get("overrides") == extra and r["variant"] in VARIANTS
+            and r.get("recipe") == recipe_id(r["variant"], extra)}
 
 
 def _append_row(path: Path, row: dict) -> None:
@@ -161,7 +183,7 @@ def main() -> int:
                 row = done.get((name, seed))
                 if row is None:
                     row = run(name, seed, out, extra, args.smoke)
-                    _append_row(out / "rows.jsonl", {**row, "overrides": extra})
+                    _append_row(out / "rows.jsonl", {**row, "overrides": extra, "recipe": recipe_id(name, extra)})
                 else:
                     print(f"finetune_levers: {name} seed {seed} was finished before: {row['run_dir']}")
                 rows.append(row)

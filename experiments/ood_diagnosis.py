@@ -109,24 +109,15 @@ def print_text(report: dict) -> None:
 
 def main() -> int:
     p = common.parser(__doc__)
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="fine-tuning runs of a negative/positive classifier")
     p.add_argument("--probe", action="store_true", help="also diagnose a linear probe of each run's starting encoder")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--smoke", action="store_true", help="a tiny run on made-up reviews, 64 examples a set")
-    args = p.parse_args()
-    if not args.runs and not args.smoke:
-        p.error("give a fine-tuning run directory (or --smoke)")
+    common.add_run_dir_options(p)
+    args = common.parse_run_dir_options(p)
     report = {"diagnoses": {}}
-    args.out = None  # nothing is kept: the --smoke run goes to a scratch folder
     with common.runs_folder(args, "ood-diagnosis-") as (_, scratch):
         runs = [Path(r) for r in args.runs]
         if args.smoke:
-            cfg = load_config(common.CONFIGS / "mr-minilm.yaml", [
-                f"data.dataset={common.tiny_reviews(scratch / 'reviews.tsv')}", "model.init_from=null",
-                "data.tokenizer=bert-base-uncased", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-                "model.intermediate_size=64", "train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
-                "classify.evaluate_ood=false", "classify.rating_weight=0", "train.progress=false",
-                f"out_dir={scratch}"])
+            cfg = load_config(common.CONFIGS / "mr-minilm.yaml",
+                              [*common.tiny_classifier(scratch), "classify.rating_weight=0"])
             runs.append(finetune(cfg)[0])
         limit = 64 if args.smoke else None
         for run_dir in runs:

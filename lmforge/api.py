@@ -56,7 +56,8 @@ class Run:
         return [r for r in records if split is None or r.get("split") == split]
 
     def load(self):
-        """(model, tokenizer, config) of this run's newest checkpoint: `lmforge.load(run.dir)`."""
+        """(model, tokenizer, config) of this run's newest checkpoint (a classifier run's model:
+        interpolated toward its start where classify.wise_alpha did so): `lmforge.load(run.dir)`."""
         return load(self.dir)
 
     def __repr__(self) -> str:

@@ -310,8 +310,21 @@ class ClassifyConfig:
     # starting encoder (logistic and ridge regression on the train split's pooled states; a few
     # seconds to a minute), so the first updates do not come from a random head
     probe_first: bool = False
+    # WiSE-FT (Wortsman et al. 2022): when training ends, the weights become (1 - a) x the start
+    # (the pretrained encoder with its probe heads: needs classify.probe_first) + a x the
+    # fine-tuned ones, a = wise_alpha; the start is kept in the run as start.safetensors, the result
+    # is what classify, evaluate and export read (wise.safetensors). 1 = off. task.name=distill
+    # ignores it and probe_first (its student starts from the teacher's layers and heads)
+    wise_alpha: float = 1.0
 
     def check(self, cfg: Config) -> None:
+        _require(0.0 <= self.wise_alpha <= 1.0, f"classify.wise_alpha={self.wise_alpha} must be in [0, 1] (1 = off)")
+        if self.wise_alpha < 1.0 and cfg.task.name == "classify":
+            _require(self.probe_first, f"classify.wise_alpha={self.wise_alpha} interpolates toward the start, whose "
+                                       f"heads must be a probe of the encoder: set classify.probe_first=true")
+            _require(cfg.model.reinit_layers == 0, f"classify.wise_alpha={self.wise_alpha} interpolates toward the "
+                                                   f"start, which model.reinit_layers={cfg.model.reinit_layers} makes "
+                                                   f"partly random; use one or the other")
         _require(0.0 <= self.token_noise < 1.0, f"classify.token_noise={self.token_noise} must be in [0, 1)")
         _require(0.0 <= self.label_smoothing < 1.0, f"classify.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _require(math.isfinite(self.rdrop) and self.rdrop >= 0, f"classify.rdrop={self.rdrop} must be a number >= 0")

@@ -23,6 +23,7 @@ from lmforge.errors import LmforgeError
 from lmforge.files import write_text_atomic
 from lmforge.eval.report import write_report
 from lmforge.runs.checkpoint import checkpoints_newest_first, load_model_weights
+from lmforge.runs.readers import summary_covers
 from lmforge.runs.run_dir import check_out_dir, create_run_dir, flatten
 from lmforge.tasks import registry
 from lmforge.tasks.base import Task
@@ -168,7 +169,7 @@ def _check_steps_left(run_dir: Path, cfg: Config) -> None:
                            f"checkpoint was written); start the run again")
     step = (_newest_state(run_dir) or {}).get("step")
     # at max_steps without summary.json: killed before its final reports; the loop writes them
-    if isinstance(step, int) and step >= cfg.train.max_steps and (run_dir / "summary.json").is_file():
+    if isinstance(step, int) and step >= cfg.train.max_steps and summary_covers(run_dir, step):
         raise LmforgeError(f"{run_dir} already finished at step {step} (train.max_steps={cfg.train.max_steps}); "
                            f"to train longer, resume with a larger train.max_steps=N")
 

@@ -218,9 +218,11 @@ def test_a_transformers_sequence_classifier_teaches_with_its_labels_in_our_order
     # distillation from it: the student is a Classifier from its top layer, classifier and embeddings
     run_dir, summary = finetune(_cfg(tiny_prepared, tmp_path / "s", tiny_reviews, "task.name=distill",
                                      f"distill.teacher={hf_dir}", "train.max_steps=4", "train.eval_every=4",
-                                     "train.checkpoint_every=4", "model.dropout=0.1"))
+                                     "train.checkpoint_every=4", "model.dropout=0.1",
+                                     "classify.wise_alpha=0.5"))  # as configs/mr-minilm.yaml has one: ignored
     cfg, _, student = load_classifier(run_dir)
     assert cfg.model.num_layers == 1 and cfg.model.dropout == 0.1 and student.rating is not None
+    assert "wise_alpha" not in summary and not (run_dir / "start.safetensors").exists()
     assert 0 <= summary["test_accuracy"] <= 1
     with pytest.raises(LmforgeError, match="not a BertForSequenceClassification"):
         finetune(_cfg(tiny_prepared, tmp_path / "x", tiny_reviews, "task.name=distill",

@@ -5,6 +5,7 @@ from the two numbers it compares."""
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp
     # a lever changes the recipe it was measured on (v1), whatever configs/mr-minilm.yaml ships now
     assert report["variants"]["pooler"]["overrides"] == [
         "model.classifier_pooling=cls", "optim.lr=5e-5", "train.max_steps=792", "train.eval_every=264",
-        "train.checkpoint_every=264", "classify.probe_first=false", "classify.token_noise=0",
+        "train.checkpoint_every=264", "classify.probe_first=false", "classify.token_noise=0", "classify.wise_alpha=1",
         "model.classifier_pooling=pooler"]
     assert report["variants"]["shipped"]["overrides"] == []
     # dapt fine-tunes from its own continued-pretraining run, made on the train split's texts
@@ -69,6 +70,11 @@ def test_finetune_levers_experiment_runs_each_lever_and_summarises_every_set(tmp
     again = run_smoke(ROOT / "experiments" / "finetune_levers.py", "--out", str(tmp_path), "--only", "shipped")
     assert again["rows"] == report["rows"][:1]
     assert len(list((tmp_path / "shipped").glob("classify.*"))) == 1  # no second run directory
+    # a row of another recipe (configs/mr-minilm.yaml changed since) is not taken for this one
+    recorded[0]["recipe"] = "an older recipe"
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recorded))
+    run_smoke(ROOT / "experiments" / "finetune_levers.py", "--out", str(tmp_path), "--only", "shipped")
+    assert len(list((tmp_path / "shipped").glob("classify.*"))) == 2
 
 
 def test_finetune_vs_transformers_runs_both_sides_in_both_precisions():
@@ -197,3 +203,55 @@ def test_ood_diagnosis_breaks_each_set_down_consistently_for_a_run_and_its_probe
                 assert m["accuracy with"] * m["examples"] + m["accuracy without"] * (n - m["examples"]) == \
                     pytest.approx(r["accuracy"] * n)
     assert "http://url_removed" in diagnoses[0]["vader-tweets"]["markers"]
+
+
+def _experiment_module(name: str, monkeypatch):
+    """experiments/NAME.py imported, with its own `common` (benchmarks/ has one too) only for now."""
+    import importlib.util
+
+    def load(stem):
+        spec = importlib.util.spec_from_file_location(stem, ROOT / "experiments" / f"{stem}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    monkeypatch.setitem(sys.modules, "common", load("common"))
+    return load(name)
+
+
+def test_wise_ft_interpolates_tensor_by_tensor_and_chooses_alpha_on_validation(monkeypatch, tmp_path):
+    import torch
+    wise = _experiment_module("wise_ft", monkeypatch)
+    start = {"w": torch.zeros(3), "steps": torch.tensor([1])}
+    end = {"w": torch.tensor([2.0, 4.0, -2.0]), "steps": torch.tensor([7])}
+    assert torch.equal(wise.interpolate(start, end, 0.0)["w"], start["w"])
+    assert torch.equal(wise.interpolate(start, end, 1.0)["w"], end["w"])
+    assert wise.interpolate(start, end, 0.25)["w"].tolist() == [0.5, 1.0, -0.5]
+    assert wise.interpolate(start, end, 0.25)["steps"].tolist() == [7]  # integer buffers are the run's own
+
+    # a soup is the mean of its ingredients; they must differ in their seed alone
+    soup = wise.soup_of([{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([3])},
+                         {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor([5])}])
+    assert soup["w"].tolist() == [2.0, 4.0] and soup["n"].tolist() == [3]
+    from lmforge.config import dump_yaml
+    runs = []
+    for name, keys in [("a", ["train.seed=0"]), ("b", ["train.seed=1", "out_dir=elsewhere/"]), ("c", ["optim.lr=1e-5"])]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(dump_yaml(load_config(None, ["task.name=classify", *keys])))
+        runs.append(tmp_path / name)
+    wise.same_start(runs[:2])
+    with pytest.raises(SystemExit, match="not an ingredient of the same soup"):
+        wise.same_start([runs[0], runs[2]])
+
+    report = run_smoke(ROOT / "experiments" / "wise_ft.py", "--alphas", "0", "0.5", "1")
+    (study,) = report["runs"].values()
+    assert list(study["alphas"]) == ["0", "0.5", "1"]
+    best = max(r["val"]["accuracy"] for r in study["alphas"].values())
+    assert study["alphas"][study["chosen on val"]]["val"]["accuracy"] == best
+    for a, row in report["mean"].items():  # one run: its mean is its own row
+        assert row == {s: study["alphas"][a][s]["accuracy"] for s in ("val", "test", "vader-tweets", "vader-nyt")}
+    soup = run_smoke(ROOT / "experiments" / "wise_ft.py", "--soup", "--alphas", "0", "1")
+    (name,) = soup["runs"]  # one study of the two ingredients' average
+    assert name.startswith("soup of 2: ") and len(name.split()) == 5
+    # alpha 0 is the first ingredient's start whatever the ingredients are: the single run's probe
+    assert soup["runs"][name]["alphas"]["0"] == study["alphas"]["0"]

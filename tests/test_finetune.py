@@ -171,7 +171,11 @@ def test_hf_dataset_names_load_the_configs_train_split_through_real_datasets_wit
 RAMP = ("train.grad_accum_steps=2", "train.batch_ramp_start_tokens=512", "train.batch_ramp_tokens=4000")
 
 
-@pytest.mark.parametrize("extra", [(), RAMP, ("classify.token_noise=0.2",)], ids=["plain", "batch-ramp", "token-noise"])
+WISE = ("classify.probe_first=true", "classify.wise_alpha=0.5")
+
+
+@pytest.mark.parametrize("extra", [(), RAMP, ("classify.token_noise=0.2",), WISE],
+                         ids=["plain", "batch-ramp", "token-noise", "wise-ft"])
 def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, monkeypatch, extra):
     from lmforge.jobs import resume_finetune
     from lmforge.tasks.classify import ClassifyTask
@@ -197,6 +201,90 @@ def test_finetune_resume_is_bit_exact(tiny_prepared, tiny_reviews, tmp_path, mon
     assert losses(cut_dir) == losses(full_dir)
     assert json.loads((cut_dir / "summary.json").read_text())["test_accuracy"] == \
         json.loads((full_dir / "summary.json").read_text())["test_accuracy"]
+    if extra == WISE:  # the start is the first run's, kept across the resume: the same interpolation
+        from safetensors.torch import load_file
+        for name in ("start.safetensors", "wise.safetensors"):
+            a, b = load_file(full_dir / name), load_file(cut_dir / name)
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_wise_alpha_interpolates_toward_the_probed_start_and_readers_load_the_result(tiny_prepared, tiny_reviews,
+                                                                                      tmp_path):
+    from safetensors.torch import load_file
+    from lmforge.runs.readers import run_weights
+    from lmforge.tasks.classify import ClassifyTask, evaluate_run
+    from lmforge.train.log import read_metrics
+    from lmforge.train.loop import autocast_for
+
+    cfg = _cfg(tiny_prepared, tmp_path, tiny_reviews, "classify.probe_first=true", "classify.wise_alpha=0.25",
+               "train.max_steps=10", "train.eval_every=10", "train.checkpoint_every=10", "model.dropout=0.1")
+    run_dir, summary = finetune(cfg)
+    start, mixed, tuned = (load_file(run_dir / "start.safetensors"), load_file(run_dir / "wise.safetensors"),
+                           run_weights(run_dir))
+    # the start is what the run began from: the same config's task before any update (probe heads)
+    task = ClassifyTask.create(cfg)
+    begun = task.model.state_dict()
+    assert set(start) == set(begun) and all(torch.equal(start[k], begun[k]) for k in start)
+    # the last checkpoint stays the fine-tuned model; the run's model is 0.75 x start + 0.25 x it
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)
+    for k in start:
+        assert torch.allclose(mixed[k], 0.75 * start[k] + 0.25 * tuned[k], atol=1e-6), k
+    _, _, model = load_classifier(run_dir)
+    assert all(torch.equal(v, mixed[k]) for k, v in model.state_dict().items())
+    evaluated = evaluate_run(run_dir, str(tiny_reviews), write=False)  # the run's test split, of that model
+    assert evaluated["checkpoint"] == "step_00000010-wise"
+    # the summary's validation figures: the fine-tuned model's as the loop logged them, and the
+    # interpolated model's measured the same way (the run's precision)
+    last_eval = [r for r in read_metrics(run_dir) if r["split"] == "validation"][-1]
+    assert summary["fine_tuned_val_accuracy"] == last_eval["accuracy"]
+    precision = json.loads((run_dir / "checkpoints" / "step_00000010" / "state.json").read_text())["precision"]
+    with autocast_for(precision, torch.device("cpu")):
+        ours = task.metrics(task.predict_split(model, "validation", torch.device("cpu")))
+    assert summary["val_accuracy"] == ours["accuracy"] and summary["val_rating_mae"] == ours["rating_mae"]
+    assert summary["fine_tuned_val_rating_mae"] != summary["val_rating_mae"]  # two models, two figures
+    assert summary["wise_alpha"] == 0.25
+    # a run whose start was deleted cannot interpolate: one line, and wise.safetensors is left as it was
+    before = (run_dir / "wise.safetensors").read_bytes()
+    (run_dir / "start.safetensors").rename(tmp_path / "kept.safetensors")
+    with pytest.raises(LmforgeError, match="start.safetensors is missing"):
+        task.interpolate_toward_start(task.model, run_dir, torch.device("cpu"))
+    assert (run_dir / "wise.safetensors").read_bytes() == before
+    # off by default; refused where it cannot mean anything
+    plain_dir, plain = finetune(_cfg(tiny_prepared, tmp_path, tiny_reviews, "train.max_steps=2",
+                                     "train.eval_every=2", "train.checkpoint_every=2"))
+    assert "wise_alpha" not in plain and not (plain_dir / "start.safetensors").exists()
+    for bad, message in [(["classify.wise_alpha=0.5"], "set classify.probe_first=true"),
+                         (["classify.probe_first=true", "classify.wise_alpha=1.5"], "must be in \\[0, 1\\]"),
+                         (["classify.probe_first=true", "classify.wise_alpha=0.5", "model.reinit_layers=1"],
+                          "makes partly random")]:
+        with pytest.raises(LmforgeError, match=message):
+            _cfg(tiny_prepared, tmp_path, tiny_reviews, *bad)
+
+
+def test_a_run_resumed_to_train_longer_interpolates_its_new_end_and_is_not_stuck_by_its_old_summary(
+        tiny_prepared, tiny_reviews, tmp_path, monkeypatch, capsys):
+    from lmforge.jobs import resume_finetune
+    from lmforge.tasks.classify import ClassifyTask, evaluate_run
+
+    wise = ("classify.probe_first=true", "classify.wise_alpha=0.5", "train.eval_every=4", "train.checkpoint_every=4")
+    run_dir, first = finetune(_cfg(tiny_prepared, tmp_path, tiny_reviews, "train.max_steps=4", *wise))
+    assert first["steps"] == 4
+    # resumed to 12 steps and killed after its last checkpoint, inside its final reports: summary.json
+    # and wise.safetensors are still the 4-step run's
+    monkeypatch.setattr(ClassifyTask, "finish", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        resume_finetune(run_dir, ["train.max_steps=12"])
+    monkeypatch.undo()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    # the readers take checkpoint 12 as it is, not the old end's mix, and say so
+    capsys.readouterr()
+    assert evaluate_run(run_dir, str(tiny_reviews), write=False)["checkpoint"] == "step_00000012"
+    assert "interpolates checkpoint 'step_00000004'" in capsys.readouterr().err
+    _, summary = resume_finetune(run_dir)  # not "already finished": it writes the reports of step 12
+    assert summary["steps"] == 12 and summary["wise_alpha"] == 0.5
+    assert evaluate_run(run_dir, str(tiny_reviews), write=False)["checkpoint"] == "step_00000012-wise"
+    with pytest.raises(LmforgeError, match="already finished at step 12"):
+        resume_finetune(run_dir)
 
 
 def test_reinit_layers_restarts_only_the_top_layers_from_berts_init(tiny_prepared, tmp_path):

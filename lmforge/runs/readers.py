@@ -94,6 +94,20 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 # ---------------------------------------------------------------------------------------------
 # lmforge run directories
 
+def summary_covers(run_dir: Path, step: int) -> bool:
+    """Whether the run's summary.json is of its training up to `step`: a run resumed to train
+    longer keeps its earlier summary until it finishes again, and a kill in between must not make
+    it look finished. A summary that cannot be read counts as covering (the run is left alone)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        steps = json.loads(path.read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return not isinstance(steps, int) or steps >= step
+
+
 def run_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model tensors of the newest whole checkpoint of the lmforge run `run_dir`."""
     if not checkpoints_newest_first(run_dir / "checkpoints"):

@@ -13,7 +13,8 @@ to the model without an attention mask (the same result, less work).
 The loss per example is cross-entropy on the polarity plus `classify.rating_weight` x |rating error|
 (when the data has ratings); the loop averages it over the examples of a step. Validation gives
 accuracy, F1 (positive class), rating MAE; `finish` evaluates the test split once at the end
-and writes errors.md (the most confidently wrong test examples) and confusion.png.
+and writes errors.md (the most confidently wrong test examples) and confusion.png; with
+classify.wise_alpha < 1 it first interpolates the weights back toward the run's start (WiSE-FT).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lmforge.config import Config, DataConfig, load_config
 from lmforge.data.padding import mask_if_padded, pad_rows
@@ -41,17 +44,18 @@ from lmforge.data.tokenizers import TextTokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.evaluate import evaluate_examples, plot_confusion, write_evaluation
 from lmforge.eval.metrics import confusion_matrix, expected_calibration_error, f1_per_class, fit_temperature
-from lmforge.files import write_text_atomic
+from lmforge.files import atomic_path, write_text_atomic
 from lmforge.models.classifier import Classifier
 from lmforge.models.registry import check_family, family, model_class
 from lmforge.rng import derive_seed
-from lmforge.runs.checkpoint import checkpoints_newest_first
+from lmforge.runs.checkpoint import checkpoints_newest_first, load_newest_good
 from lmforge.runs.readers import (LoadedModel, check_tokenizer_fits, load_checkpoint_weights, load_run_tokenizer,
-                                  read_hf_dir, run_weights)
+                                  read_hf_dir)
 from lmforge.tasks import registry
 from lmforge.tasks.base import Batch, EvalResult, LossOutput, Table, Task
 from lmforge.tasks.loading import load_model, same_vocabulary, source_path, take_source_shape
 from lmforge.tasks.registry import register
+from lmforge.train.loop import autocast_for
 
 CHUNK_BATCHES = 50  # batches per length-sorted chunk
 
@@ -104,7 +108,15 @@ class ClassifyTask(Task):
         split = json.loads((run_dir / "split.json").read_text())
         tokenizer = load_tokenizer(str(run_dir / "tokenizer.json"))
         model = Classifier(cfg.model, len(data.labels), rating_head_range(cfg, data))
-        return cls(cfg, data, split, tokenizer, model, **extra)
+        task = cls(cfg, data, split, tokenizer, model, **extra)
+        if task.interpolates:  # found out now, not after the steps left
+            task.read_start(run_dir)
+        return task
+
+    @property
+    def interpolates(self) -> bool:
+        """classify.wise_alpha < 1: the run ends by interpolating toward its start (WiSE-FT)."""
+        return self.cfg.classify.wise_alpha < 1
 
     def fresh_model(self) -> nn.Module:
         return Classifier(self.cfg.model, len(self.data.labels), rating_head_range(self.cfg, self.data))
@@ -119,6 +131,8 @@ class ClassifyTask(Task):
             "rating_head": rating_head_range(cfg, data) is not None, "split_seed": cfg.data.split_seed,
             "tokenizer_sha256": tokenizer.sha256, "split": {k: len(v) for k, v in split.items()}}, indent=2) + "\n")
         (run_dir / "split.json").write_text(json.dumps(split) + "\n")
+        if self.interpolates:  # what finish interpolates toward, kept before any update
+            save_weights(self.model.state_dict(), run_dir / WISE_START)
         if self.truncated:
             print(f"warning: {self.truncated} examples are longer than data.seq_len={cfg.data.seq_len} and were "
                   f"truncated", file=sys.stderr)
@@ -134,7 +148,8 @@ class ClassifyTask(Task):
 
     @classmethod
     def load_run(cls, run_dir: Path, cfg: Config, *, mlm_head_required: bool = True) -> LoadedModel:
-        """The classifier with the run's newest weights, in eval mode, and its tokenizer."""
+        """The classifier with the run's model (final_weights: its newest checkpoint, interpolated
+        toward its start where classify.wise_alpha did so), in eval mode, and its tokenizer."""
         try:
             info = json.loads((run_dir / "dataset.json").read_text())
             rating_range = tuple(info["rating_range"]) if info["rating_range"] else None
@@ -147,7 +162,7 @@ class ClassifyTask(Task):
         except (ValueError, KeyError, TypeError) as e:  # not JSON, or not what `finetune` writes
             raise LmforgeError(f"{run_dir / 'dataset.json'} is damaged ({type(e).__name__}: {e}); it is written by "
                                f"`lmforge finetune` when the run starts") from None
-        weights = run_weights(run_dir)  # first: a run without a checkpoint may not have its shape filled in yet
+        weights, _ = final_weights(run_dir)  # first: a run without a checkpoint may not have its shape filled in yet
         model = Classifier(cfg.model, num_labels, rating_range)
         load_checkpoint_weights(model, weights, run_dir)
         tokenizer = load_run_tokenizer(run_dir, "dataset.json")
@@ -437,7 +452,9 @@ class ClassifyTask(Task):
         """Fit the temperature on validation (calibration.json), evaluate the test split once,
         write errors.md, confusion.png and test_predictions.json, and, for a sentiment classifier,
         evaluate the out-of-domain sets (classify.evaluate_ood). Returns the summary's test_*,
-        calibration and out-of-domain entries."""
+        calibration and out-of-domain entries. With classify.wise_alpha < 1 the model is first
+        interpolated toward its start (`interpolate_toward_start`), and all of that is of the result."""
+        out = self.interpolate_toward_start(model, run_dir, device) if self.interpolates else {}
         val = self.predict_split(model, "validation", device)
         temperature = fit_temperature(val["logits"], val["labels"])
         pred = self.predict_split(model, "test", device)
@@ -464,8 +481,8 @@ class ClassifyTask(Task):
             "index": pred["index"].tolist(), "labels": list(self.data.labels),
             "probabilities": calibrated.tolist(), "temperature": temperature,
             "rating": [None if math.isnan(r) else r for r in pred["ratings"].tolist()]}) + "\n")
-        out = {"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_macro_f1": m["macro_f1"],
-               "test_examples": m["examples"], **{k: v for k, v in calibration.items() if k != "fitted_on"}}
+        out.update({"test_accuracy": m["accuracy"], "test_f1": m["f1"], "test_macro_f1": m["macro_f1"],
+                    "test_examples": m["examples"], **{k: v for k, v in calibration.items() if k != "fitted_on"}})
         if "rating_mae" in m:
             out["test_rating_mae"] = m["rating_mae"]
         if tuple(self.data.labels) == LABELS and self.cfg.classify.evaluate_ood:  # how it does out of its domain
@@ -478,11 +495,103 @@ class ClassifyTask(Task):
                             f"{key}_majority_accuracy": ood["majority_accuracy"], f"{key}_ece": ood["ece"]})
         return out
 
+    @torch.no_grad()
+    def interpolate_toward_start(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, float]:
+        """classify.wise_alpha (WiSE-FT, Wortsman et al. 2022): set `model` to (1 - a) x the run's
+        start (start.safetensors: the pretrained encoder with its probe heads) + a x its fine-tuned
+        weights, and write the result to wise.safetensors, which the run's readers load instead of
+        the last checkpoint (that one stays the fine-tuned model: a resumed run trains on from it
+        and interpolates again at its end). The fine-tuned model's validation entries are kept in
+        the summary as fine_tuned_val_*, and val_* become the interpolated model's."""
+        alpha = self.cfg.classify.wise_alpha
+        start = self.read_start(run_dir)
+        newest = checkpoints_newest_first(run_dir / "checkpoints")
+        # validation as the loop measured it: under the run's precision (its checkpoint says which)
+        state = json.loads((newest[0] / "state.json").read_text()) if newest else {}
+        # (two autocast blocks: one caches its casts of the weights, which would outlive the change)
+        with autocast_for(state.get("precision", "fp32"), device):
+            before = self.metrics(self.predict_split(model, "validation", device))
+        model.load_state_dict(interpolate(start, model.state_dict(), alpha))
+        with autocast_for(state.get("precision", "fp32"), device):
+            after = self.metrics(self.predict_split(model, "validation", device))
+        save_weights(model.state_dict(), run_dir / WISE_WEIGHTS,
+                     {"checkpoint": newest[0].name if newest else "", "wise_alpha": repr(alpha)})
+        print(f"lmforge: WiSE-FT (classify.wise_alpha={alpha:g}): the weights are {1 - alpha:g} x the start + "
+              f"{alpha:g} x the fine-tuned ones; validation accuracy {before['accuracy']:.4f} -> "
+              f"{after['accuracy']:.4f}", file=sys.stderr)
+        out = {"wise_alpha": alpha, "fine_tuned_val_accuracy": before["accuracy"], "fine_tuned_val_f1": before["f1"],
+               "val_accuracy": after["accuracy"], "val_f1": after["f1"]}
+        if "rating_mae" in after:
+            out.update(fine_tuned_val_rating_mae=before["rating_mae"], val_rating_mae=after["rating_mae"])
+        return out
+
+    def read_start(self, run_dir: Path) -> dict[str, torch.Tensor]:
+        """start.safetensors, the weights classify.wise_alpha interpolates toward, checked to be
+        this model's tensors."""
+        path = run_dir / WISE_START
+        if not path.is_file():
+            raise LmforgeError(f"{path} is missing: the run wrote it when it started, for classify.wise_alpha="
+                               f"{self.cfg.classify.wise_alpha}, and cannot interpolate without it; train again")
+        start, _ = read_weights(path)
+        expected = self.model.state_dict()
+        if set(start) != set(expected) or any(start[k].shape != v.shape for k, v in expected.items()):
+            raise LmforgeError(f"{path} is not this run's start (its tensors are not the model's); put back the file "
+                               f"the run wrote, or train again")
+        return start
+
+
+def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) x start + alpha x end, tensor by tensor on end's devices and dtypes; tensors
+    that are not floating point (counters, ids) are end's."""
+    return {k: torch.lerp(start[k].to(v.device, v.dtype), v, alpha) if v.is_floating_point() else v
+            for k, v in end.items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """A state dict as safetensors, written atomically (CPU, contiguous copies)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file a run wrote, or a one-line error for a damaged one."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        again = ("delete summary.json and `lmforge finetune --resume` the run to write it again"
+                 if path.name == WISE_WEIGHTS else "train again")
+        raise LmforgeError(f"{path} is damaged ({e}); {again}") from None
+
+
+def final_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, name) of a fine-tuning run's model: its newest whole checkpoint, or, where the run
+    interpolated that checkpoint toward its start (classify.wise_alpha), wise.safetensors. A
+    wise.safetensors of an earlier checkpoint (the run was resumed to train longer and has not
+    finished again) is left aside, with a warning."""
+    if not checkpoints_newest_first(run_dir / "checkpoints"):
+        raise LmforgeError(f"{run_dir} has no checkpoint (it stopped before its first one was written); "
+                           f"continue it with `--resume {run_dir}` or train it again")
+    found = load_newest_good(run_dir / "checkpoints", with_optimizer=False, average=True)
+    if found is None:
+        raise LmforgeError(f"{run_dir} has no usable checkpoint")
+    path, weights = found[0], found[1]
+    wise = run_dir / WISE_WEIGHTS
+    if wise.is_file():
+        tensors, meta = read_weights(wise)
+        if meta.get("checkpoint") == path.name:
+            return tensors, f"{path.name}-wise"
+        print(f"lmforge: warning: {wise} interpolates checkpoint {meta.get('checkpoint')!r}, not the newest one "
+              f"({path.name}), which is used as it is; the run interpolates again when it finishes", file=sys.stderr)
+    return weights, path.name
+
 
 # classify.probe_first's fit: L-BFGS iterations, and the L2 weight of both heads (on states of RMS ~1)
 PROBE_ITERS, PROBE_L2 = 200, 1e-3
 
 CALIBRATION = "calibration.json"  # in a fine-tuning run: the temperature, fitted on validation at the end
+# classify.wise_alpha < 1: the weights the run started from, and the interpolated model its readers load
+WISE_START, WISE_WEIGHTS = "start.safetensors", "wise.safetensors"
 
 
 def read_labels(run_dir: Path) -> tuple[str, ...]:
@@ -532,7 +641,7 @@ def load_training_data(cfg: Config) -> LabeledData:
 
 
 def load_classifier(run_dir: str | Path) -> tuple[Config, TextTokenizer, nn.Module]:
-    """(config, tokenizer, classifier with the latest weights, in eval mode) of a fine-tuning run."""
+    """(config, tokenizer, classifier with the run's model (final_weights), in eval mode) of a fine-tuning run."""
     run_dir = Path(run_dir)
     if not (run_dir / "dataset.json").is_file() or not (run_dir / "config.yaml").is_file():
         raise LmforgeError(f"{run_dir} is not an lmforge fine-tuning run directory (no dataset.json); give a run "
@@ -561,7 +670,7 @@ def evaluation_data(run_dir: Path, cfg: Config, spec: str) -> tuple[LabeledData,
 
 
 def evaluate_run(run_dir: str | Path, spec: str, out_dir: Optional[str | Path] = None, write: bool = True) -> dict:
-    """`lmforge evaluate`: the fine-tuning run's classifier (newest checkpoint, the run's fitted
+    """`lmforge evaluate`: the fine-tuning run's classifier (final_weights, the run's fitted
     temperature) on dataset `spec` (evaluation_data says which examples); the result of
     eval/evaluate.py's evaluate_examples plus `part`, `checkpoint` and, with `write`, `files`:
     OUT_DIR (default RUN_DIR/evaluations)/NAME.CHECKPOINT.json, -reliability.png, -confusion.png."""
@@ -570,7 +679,7 @@ def evaluate_run(run_dir: str | Path, spec: str, out_dir: Optional[str | Path] =
     data, part = evaluation_data(run_dir, cfg, spec)
     result = evaluate_examples(model, tokenizer, data, read_labels(run_dir), cfg.data.seq_len,
                                read_temperature(run_dir), cfg.train.eval_batch_size or 4 * cfg.train.batch_size)
-    checkpoint = checkpoints_newest_first(run_dir / "checkpoints")[0].name
+    _, checkpoint = final_weights(run_dir)  # its name: ...-wise for one interpolated toward the start
     result.update(part=part, checkpoint=checkpoint)
     if write:
         stem = f"{Path(spec).stem if Path(spec).suffix else spec.replace(':', '_').replace('/', '_')}.{checkpoint}"

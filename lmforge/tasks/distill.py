@@ -158,6 +158,10 @@ class DistillClassifyTask(ClassifyTask):
         model = student_from_teacher(teacher, cfg.model, rating_head_range(cfg, data))  # every other teacher layer
         return cls(cfg, data, split, tokenizer, model, teacher=teacher)
 
+    # the student starts from its teacher's layers and heads, not from a probe of a pretrained
+    # encoder: classify.probe_first and classify.wise_alpha do not apply (config.py says so)
+    interpolates = False
+
     @classmethod
     def reopen(cls, cfg: Config, run_dir: Path, **extra) -> "DistillClassifyTask":
         teacher = _read_teacher(cfg.distill.teacher)[2]  # read again, and it must be the same teacher

@@ -40,6 +40,7 @@ from lmforge.files import write_text_atomic
 from lmforge.rng import derive_seed
 from lmforge.train.interface import TrainableTask as Task
 from lmforge.runs.checkpoint import load_average, load_newest_good, save_checkpoint
+from lmforge.runs.readers import summary_covers
 from lmforge.train.ema import WeightAverage
 from lmforge.train.layerstats import LayerStats, first_nonfinite
 from lmforge.train.recompute import checkpoint_blocks
@@ -287,7 +288,7 @@ class Trainer:
         s.nonfinite_steps = saved.get("nonfinite_steps", 0)
         if t_cfg.precision == "auto":  # keep the precision the run started with, so resume stays exact
             self.precision = saved.get("precision", self.precision)
-        if s.step >= t_cfg.max_steps and (run_dir / "summary.json").is_file():
+        if s.step >= t_cfg.max_steps and summary_covers(run_dir, s.step):
             raise LmforgeError(f"{run_dir} already finished at step {s.step} (train.max_steps={t_cfg.max_steps}); "
                                f"to train longer, resume with a larger train.max_steps=N")
         if s.step >= t_cfg.max_steps:  # killed after its last checkpoint, before summary.json was written
